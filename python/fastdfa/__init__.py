@@ -1,0 +1,14 @@
+"""fastdfa: Direct Feedback Alignment and its successors, faster than backprop.
+
+``import fastdfa`` needs only torch: triton and the compiled extension are
+looked for lazily (``python -m fastdfa info`` reports them).
+"""
+
+from .backends import BackendUnavailableError
+from .dfa import DFA, NonFiniteErrorSignal, Site, backprop
+from .layers import Conv2d, Linear
+
+__version__ = "0.1.0"
+
+__all__ = ["DFA", "Site", "Linear", "Conv2d", "backprop", "NonFiniteErrorSignal",
+           "BackendUnavailableError", "__version__"]

@@ -1,0 +1,125 @@
+"""Backend availability and the dispatch rule.
+
+Backends: ``torch`` (the reference; always available, runs on CPU),
+``triton`` and ``cuda``. Availability is checked once and cached (xformers'
+rule): importing fastdfa never imports triton or the compiled extension.
+
+Dispatch rule (DESIGN.md section 2):
+  * ``"auto"`` picks the first available of cuda, triton, torch for the
+    device, falling back silently;
+  * an explicitly requested backend (argument or ``FASTDFA_BACKEND``) that is
+    not available raises ``BackendUnavailableError`` saying why and how to
+    get it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+ENV_VAR = "FASTDFA_BACKEND"
+
+# Ops each backend implements. The torch reference implements them all; a
+# kernel backend registers its ops here when its kernels exist, and a backend
+# with no registered op is reported unavailable with that reason.
+OPS: dict[str, set[str]] = {"torch": {"dfa_project"}, "triton": set(), "cuda": set()}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str  # why it is unavailable, or what it runs on
+
+
+@functools.lru_cache(maxsize=None)
+def _module_version(name: str) -> str | None:
+    try:
+        module = importlib.import_module(name)
+    except Exception:  # any import failure means "not usable", reported with its reason
+        return None
+    return getattr(module, "__version__", "unknown")
+
+
+def _triton_status() -> BackendStatus:
+    version = _module_version("triton")
+    if version is None:
+        return BackendStatus("triton", False, "the triton package is not installed (pip install triton)")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not torch.cuda.is_available() and not interpret:
+        return BackendStatus("triton", False, f"triton {version} is installed but no CUDA GPU is visible "
+                                              "(set TRITON_INTERPRET=1 to run its kernels on the CPU interpreter)")
+    if not OPS["triton"]:
+        return BackendStatus("triton", False, f"triton {version} is installed, but this fastdfa version "
+                                              "registers no Triton kernels")
+    return BackendStatus("triton", True, f"triton {version}" + (" (interpreter)" if interpret else ""))
+
+
+def _cuda_status() -> BackendStatus:
+    if os.environ.get("FASTDFA_SKIP_CUDA_BUILD") == "1":
+        skipped = " (FASTDFA_SKIP_CUDA_BUILD=1 was set)"
+    else:
+        skipped = ""
+    try:
+        importlib.import_module("fastdfa._C")
+    except ImportError:
+        if torch.version.cuda is None:
+            why = "torch is a CPU build (torch.version.cuda is None), so the extension fastdfa._C was not built"
+        elif shutil.which("nvcc") is None:
+            why = "the extension fastdfa._C is not built and nvcc is not on PATH"
+        else:
+            why = ("the extension fastdfa._C is not built; rebuild with "
+                   "`FASTDFA_FORCE_CUDA=1 pip install --no-build-isolation -e .`")
+        return BackendStatus("cuda", False, why + skipped)
+    if not torch.cuda.is_available():
+        return BackendStatus("cuda", False, "fastdfa._C is built but no CUDA GPU is visible")
+    if not OPS["cuda"]:
+        return BackendStatus("cuda", False, "fastdfa._C is built but registers no ops")
+    return BackendStatus("cuda", True, f"CUDA {torch.version.cuda}")
+
+
+@functools.lru_cache(maxsize=None)
+def backend_status(name: str) -> BackendStatus:
+    """Availability of one backend, checked once per process."""
+    if name == "torch":
+        return BackendStatus("torch", True, f"torch {torch.__version__} (reference, CPU and GPU)")
+    if name == "triton":
+        return _triton_status()
+    if name == "cuda":
+        return _cuda_status()
+    raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+
+
+def resolve_backend(requested: str | None, device: torch.device) -> str:
+    """The backend to run on ``device`` for a request of ``"auto"``, a name, or None.
+
+    None means: ``FASTDFA_BACKEND`` if set, else "auto".
+    """
+    explicit_source = "argument"
+    if requested is None:
+        requested = os.environ.get(ENV_VAR, "auto")
+        explicit_source = ENV_VAR
+    if requested == "auto":
+        if device.type == "cuda":
+            for name in ("cuda", "triton"):
+                if backend_status(name).available:
+                    return name
+        return "torch"
+    status = backend_status(requested)  # raises on unknown names
+    if not status.available:
+        raise BackendUnavailableError(
+            f"backend {requested!r} was requested ({explicit_source}) but is unavailable: {status.reason}. "
+            f"Use backend='auto' or 'torch', or see `python -m fastdfa info`.")
+    if requested != "torch" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendUnavailableError(f"backend {requested!r} needs CUDA tensors, but the model is on {device}")
+    return requested

@@ -1,0 +1,138 @@
+"""Command line: ``python -m fastdfa {train,compare,info}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .info import info_text, machine_info
+from .train import METHODS, TrainConfig, train
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(",") if w.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--hidden takes comma-separated widths like 256,256, got {text!r}")
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"--hidden needs at least one positive width, got {text!r}")
+    return widths
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="digits",
+                   help="digits (bundled with scikit-learn), fashion-mnist (Debian's dataset-fashion-mnist), "
+                        "or a directory of MNIST-layout IDX files (default: digits)")
+    p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    p.add_argument("--hidden", type=_hidden, default=(256, 256, 256), help="MLP hidden widths (default 256,256,256)")
+    p.add_argument("--activation", choices=("relu", "tanh", "gelu", "sigmoid"), default="relu")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--feedback", choices=("uniform", "gaussian"), default="uniform")
+    p.add_argument("--conv-feedback", choices=("dense", "channel"), default="dense")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", type=Path, default=None, help="write the results as JSON to this path")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None,
+                     help="show a progress bar (default: when stderr is a terminal)")
+    bar.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _config(args: argparse.Namespace, method: str) -> TrainConfig:
+    return TrainConfig(method=method, model=args.model, hidden=args.hidden, activation=args.activation,
+                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                       weight_decay=args.weight_decay, seed=args.seed, feedback=args.feedback,
+                       conv_feedback=args.conv_feedback, device=args.device)
+
+
+def _load(args: argparse.Namespace):
+    from .data import load_dataset
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    data = load_dataset(args.data)
+    print(f"data: {data.name}, {len(data.x_train)} train / {len(data.x_test)} test, input {data.input_shape}, "
+          f"{data.n_classes} classes; model {args.model}; device {args.device}; threads {torch.get_num_threads()}")
+    return data
+
+
+def _write_json(path: Path | None, payload: dict) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = _config(args, args.method)
+    config.validate()
+    data = _load(args)
+    result = train(config, data, progress=args.progress)
+    print(f"{args.method}: final test accuracy {result.test_accuracy:.4f}, "
+          f"median step {result.step_ms_median:.2f} ms")
+    _write_json(args.json, {"machine": machine_info(), **result.to_json()})
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        print(f"error: --methods takes a comma-separated subset of {','.join(METHODS)}, got {args.methods!r}",
+              file=sys.stderr)
+        return 2
+    base = _config(args, methods[0])
+    for m in methods:
+        replace(base, method=m).validate()
+    data = _load(args)
+    results = {m: train(replace(base, method=m), data, progress=args.progress) for m in methods}
+    print()
+    print(f"{'method':<8}{'test acc':>10}{'median step ms':>16}{'ratio to bp':>13}")
+    bp_ms = results["bp"].step_ms_median if "bp" in results else None
+    for m, r in results.items():
+        ratio = f"{r.step_ms_median / bp_ms:.3f}" if bp_ms else "-"
+        print(f"{m:<8}{r.test_accuracy:>10.4f}{r.step_ms_median:>16.3f}{ratio:>13}")
+    if bp_ms and "dfa" in results:
+        print(f"\nDFA/BP step-time ratio: {results['dfa'].step_ms_median / bp_ms:.3f} "
+              "(median step over epochs 2..N, measured while training; bench/ measures it side by side)")
+    _write_json(args.json, {"machine": machine_info(),
+                            "results": {m: r.to_json() for m, r in results.items()}})
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    print(info_text())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastdfa",
+                                     description="Train networks with DFA, FA or BP; compare them; report backends.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train one model with one learning rule")
+    p_train.add_argument("--method", choices=METHODS, default="dfa")
+    _add_training_args(p_train)
+    p_train.set_defaults(func=cmd_train)
+    p_cmp = sub.add_parser("compare", help="train the same model with several rules and compare accuracy and speed")
+    p_cmp.add_argument("--methods", default="bp,dfa", help="comma-separated rules (default bp,dfa)")
+    _add_training_args(p_cmp)
+    p_cmp.set_defaults(func=cmd_compare)
+    p_info = sub.add_parser("info", help="versions and backend availability")
+    p_info.set_defaults(func=cmd_info)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

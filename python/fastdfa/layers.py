@@ -1,0 +1,164 @@
+"""Drop-in ``fastdfa.Linear`` and ``fastdfa.Conv2d``.
+
+They are ``torch.nn.Linear`` / ``torch.nn.Conv2d`` with the same constructor,
+forward result and state_dict keys (a torch checkpoint loads into them and a
+fastdfa one loads back into torch), plus one non-persistent buffer,
+``feedback_weight``, with the shape of ``weight``: the fixed random matrix that
+Feedback Alignment (FA, Lillicrap et al. 2016) uses in place of the weight for
+the input gradient. ``fastdfa.DFA`` seeds it and saves it in its own
+state_dict; the layer alone never does, so its keys stay torch's.
+
+Modes (set by the owning ``fastdfa.DFA``):
+    bp / dfa: ``F.linear`` / ``F.conv2d``; in DFA the graph cut is done by the
+              wrapper (the layer's input arrives detached).
+    fa:       forward identical; backward computes
+              ``dX = dY @ B`` (Linear) or ``conv2d_input(dY, B)`` (Conv2d) with
+              ``B = feedback_weight``, and the usual ``dW``, ``db``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .feedback import feedback_matrix, seeded_generator
+
+
+def _init_feedback_weight(layer: nn.Module, seed: int, index: int) -> None:
+    """Seed ``layer.feedback_weight`` with U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    That is the bound of torch's default weight init (kaiming_uniform with
+    a=sqrt(5)), so B and W have the same scale and FA's dX has BP's magnitude.
+    """
+    buf = layer.feedback_weight
+    if buf.device.type == "meta":
+        return
+    fan_in = buf[0].numel()
+    gen = seeded_generator(seed, "fa", index)
+    # feedback_matrix has variance 1/fan; U(-1/sqrt(fan_in), ..) has 1/(3 fan_in).
+    values = feedback_matrix(tuple(buf.shape), 3 * fan_in, "uniform", gen, dtype=buf.dtype, device=buf.device)
+    with torch.no_grad():
+        buf.copy_(values)
+
+
+class _FALinearFn(torch.autograd.Function):
+    """y = x W^T + b; backward uses B (feedback_weight) for dX, exact dW, db."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback_weight):
+        ctx.save_for_backward(x, feedback_weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, feedback_weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ feedback_weight  # [..., out] @ [out, in] -> [..., in]
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = g2.t() @ x.reshape(-1, x.shape[-1])  # [out, N] @ [N, in]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
+class _FAConv2dFn(torch.autograd.Function):
+    """Conv2d whose input gradient is computed with B (feedback_weight) in place of W.
+
+    ``aten.convolution_backward`` gives dX from the weight it is handed and dW
+    from the input and dY alone, so one call with B yields FA's dX and the true
+    dW and db.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback_weight, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, feedback_weight)
+        ctx.conf = (stride, padding, dilation, groups, bias is not None)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, feedback_weight = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias = ctx.conf
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out, x, feedback_weight,
+            [feedback_weight.shape[0]] if has_bias else None,
+            list(stride), list(padding), list(dilation), False, [0, 0], groups, mask,
+        )
+        return (grad_x if mask[0] else None, grad_w if mask[1] else None,
+                grad_b if mask[2] else None, None, None, None, None, None)
+
+
+class Linear(nn.Linear):
+    """``torch.nn.Linear`` that can train with FA and DFA.
+
+    Same signature, forward and state_dict keys as ``torch.nn.Linear``. Adds
+    the buffer ``feedback_weight`` (shape of ``weight``, not in the layer's own
+    state_dict) used for dX in FA mode.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("feedback_weight", torch.empty_like(self.weight), persistent=False)
+        self._fa_active = False  # set by fastdfa.DFA when its mode is "fa"
+        _init_feedback_weight(self, seed=0, index=0)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self._fa_active and torch.is_grad_enabled():
+            return _FALinearFn.apply(input, self.weight, self.bias, self.feedback_weight)
+        return F.linear(input, self.weight, self.bias)
+
+
+def _explicit_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad ``x`` the way ``conv`` would and return it with the remaining symmetric padding.
+
+    ``aten.convolution_backward`` only takes symmetric integer padding, so
+    non-zero padding modes and the string paddings ("same" may be asymmetric
+    when dilation*(k-1) is odd) are applied to ``x`` here first.
+    """
+    if conv.padding_mode != "zeros":
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), (0, 0)
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return x, (0, 0)
+        left, extra = [], [0, 0, 0, 0]
+        for dim, (k, d) in enumerate(zip(conv.kernel_size, conv.dilation)):
+            total = d * (k - 1)
+            left.append(total // 2)
+            extra[2 * (1 - dim) + 1] = total - 2 * (total // 2)  # F.pad order: W then H, (left, right)
+        if any(extra):
+            x = F.pad(x, extra)
+        return x, (left[0], left[1])
+    return x, tuple(conv.padding)
+
+
+class Conv2d(nn.Conv2d):
+    """``torch.nn.Conv2d`` that can train with FA and DFA.
+
+    Same signature, forward and state_dict keys as ``torch.nn.Conv2d``. Adds
+    the buffer ``feedback_weight`` (shape of ``weight``, not in the layer's own
+    state_dict) used for dX in FA mode.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
+                         device=device, dtype=dtype)
+        self.register_buffer("feedback_weight", torch.empty_like(self.weight), persistent=False)
+        self._fa_active = False
+        _init_feedback_weight(self, seed=0, index=0)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self._fa_active and torch.is_grad_enabled():
+            x, padding = _explicit_padding(self, input)
+            return _FAConv2dFn.apply(x, self.weight, self.bias, self.feedback_weight,
+                                     self.stride, padding, self.dilation, self.groups)
+        return super().forward(input)
+
+
+FASTDFA_LAYERS = (Linear, Conv2d)

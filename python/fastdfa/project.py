@@ -1,0 +1,45 @@
+"""``dfa_project``: all sites' projected errors from the output error, in ONE GEMM.
+
+Math: with the output error ``e`` (``[N, n_out]``, N = batch rows) and the
+feedback of all sites stacked row-wise into ``F_all`` (``[R, n_out]``,
+R = sum of the sites' rows), ``P = e @ F_all^T`` (``[N, R]``); site ``s`` owns
+columns ``[offset_s, offset_s + rows_s)`` of ``P``:
+
+    dense site:        delta_s = P[:, cols].view(N, *site_shape)
+    channel-wise site: delta_s = P[:, cols].view(N, C, 1, 1).expand(N, C, H, W)
+
+Equivalent per-site PyTorch code (the definition the tests check):
+``(e @ F_s.T).reshape(site_tensor.shape)``.
+
+Layout: ``F_all`` is row-major ``[R, n_out]``, so each site's ``F_s`` is a
+contiguous block of rows (``site.feedback``) and ``P``'s per-site slices are
+views: no copy of the feedback and none of the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def dfa_project_reference(
+    error: torch.Tensor,          # [N, n_out]
+    feedback_all: torch.Tensor,   # [R, n_out], the sites' feedback stacked row-wise
+    layout: Sequence[tuple[int, int, tuple[int, ...], bool]],  # (offset, rows, site_shape, channelwise)
+    batch_shape: tuple[int, ...],  # leading dims of the site tensors, prod == N
+) -> list[torch.Tensor]:
+    """Projected error of every site; torch reference of ``dfa_project``."""
+    if error.dtype != feedback_all.dtype:
+        error = error.to(feedback_all.dtype)
+    projected = torch.mm(error, feedback_all.t())  # [N, R]: the one GEMM for all sites
+    out = []
+    for offset, rows, site_shape, channelwise in layout:
+        block = projected[:, offset:offset + rows]
+        if channelwise:
+            channels = site_shape[0]
+            ones = (1,) * (len(site_shape) - 1)
+            out.append(block.reshape(*batch_shape, channels, *ones).expand(*batch_shape, *site_shape))
+        else:
+            out.append(block.reshape(*batch_shape, *site_shape))
+    return out

@@ -1,0 +1,158 @@
+"""The training loop behind ``python -m fastdfa train`` and ``compare``."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Dataset
+from .dfa import DFA
+from .models import make_model
+
+METHODS = ("bp", "fa", "dfa")
+
+
+@dataclass
+class TrainConfig:
+    method: str = "dfa"
+    model: str = "mlp"
+    hidden: tuple[int, ...] = (256, 256, 256)
+    activation: str = "relu"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    seed: int = 0
+    feedback: str = "uniform"
+    conv_feedback: str = "dense"
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch size must be positive")
+        if not self.lr > 0:
+            raise ValueError(f"learning rate must be positive, got {self.lr}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    test_accuracy: float
+    step_ms_mean: float
+    step_ms_median: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    config: dict
+    dataset: str
+    test_accuracy: float
+    epochs: list[EpochResult] = field(default_factory=list)
+    skipped_steps: int = 0
+
+    @property
+    def step_ms_median(self) -> float:
+        """Median step time over all epochs after the first (the first holds warm-up)."""
+        tail = self.epochs[1:] or self.epochs
+        return statistics.median(e.step_ms_median for e in tail)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["step_ms_median"] = self.step_ms_median
+        return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+    model.train(was_training)
+    return correct / len(x)
+
+
+def build(config: TrainConfig, data: Dataset) -> tuple[DFA, torch.optim.Optimizer]:
+    """Model (seeded by config.seed: the same init for every method), wrapper and optimizer."""
+    torch.manual_seed(config.seed)
+    model = make_model(config.model, data.input_shape, data.n_classes, config.hidden, config.activation)
+    dfa = DFA(model, mode=config.method, seed=config.seed, feedback=config.feedback,
+              conv_feedback=config.conv_feedback).to(config.device)
+    dfa.build(data.x_train[:2].to(config.device))
+    if config.optimizer == "adam":
+        opt = torch.optim.Adam(dfa.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.SGD(dfa.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    return dfa, opt
+
+
+def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=print) -> TrainResult:
+    """Train with ``config.method``; per epoch: train loss, test accuracy, step times.
+
+    A step is forward, loss, backward and optimizer step, timed with
+    ``time.perf_counter`` (after ``torch.cuda.synchronize`` on a GPU).
+    """
+    from tqdm.auto import tqdm
+
+    config.validate()
+    device = torch.device(config.device)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    dfa, opt = build(config, data)
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    gen = torch.Generator().manual_seed(config.seed)
+    result = TrainResult(config=asdict(config), dataset=data.name, test_accuracy=0.0)
+    n = len(x_train)
+    for epoch in range(1, config.epochs + 1):
+        dfa.train()
+        order = torch.randperm(n, generator=gen).to(device)
+        step_ms, losses = [], []
+        start = time.perf_counter()
+        batches = range(0, n, config.batch_size)
+        bar = tqdm(batches, desc=f"{config.method} epoch {epoch}/{config.epochs}", disable=not progress,
+                   leave=False, unit="step")
+        for i in bar:
+            idx = order[i:i + config.batch_size]
+            xb, yb = x_train[idx], y_train[idx]
+            _sync(device)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(dfa(xb), yb)
+            loss.backward()
+            opt.step()
+            _sync(device)
+            step_ms.append((time.perf_counter() - t0) * 1e3)
+            losses.append(loss.detach())
+            if progress and len(losses) % 20 == 0:
+                bar.set_postfix(loss=f"{float(losses[-1]):.4f}")
+        bar.close()
+        acc = evaluate(dfa, x_test, y_test)
+        epoch_result = EpochResult(epoch, float(torch.stack(losses).mean()), acc, statistics.fmean(step_ms),
+                                   statistics.median(step_ms), time.perf_counter() - start)
+        result.epochs.append(epoch_result)
+        if log is not None:
+            log(f"{config.method:>4} epoch {epoch:>3}/{config.epochs}  loss {epoch_result.train_loss:.4f}  "
+                f"test acc {acc:.4f}  step {epoch_result.step_ms_median:.2f} ms (median)")
+    result.test_accuracy = result.epochs[-1].test_accuracy
+    result.skipped_steps = dfa.skipped_steps
+    return result

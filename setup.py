@@ -1,0 +1,58 @@
+"""Build fastdfa: the Python package, plus the CUDA extension fastdfa._C when it can be built.
+
+Build switches (xformers' rule, DESIGN.md section 4):
+  * the extension is built when torch has CUDA and nvcc exists, or when
+    FASTDFA_FORCE_CUDA=1;
+  * FASTDFA_SKIP_CUDA_BUILD=1 skips it;
+  * on a CPU-only torch it is skipped with a one-line notice.
+Sources: csrc/*.cu (free of torch headers) and csrc/*.cpp (the one binding).
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_extension_decision():
+    """(build, reason, sources) for the CUDA extension."""
+    sources = sorted(glob.glob(os.path.join(HERE, "csrc", "*.cu")) + glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
+    if os.environ.get("FASTDFA_SKIP_CUDA_BUILD") == "1":
+        return False, "FASTDFA_SKIP_CUDA_BUILD=1", sources
+    if not sources:
+        return False, "csrc/ has no CUDA sources in this version", sources
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is not installed (install torch first, then pip install --no-build-isolation -e .)", sources
+    if os.environ.get("FASTDFA_FORCE_CUDA") == "1":
+        return True, "FASTDFA_FORCE_CUDA=1", sources
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU build", sources
+    if shutil.which("nvcc") is None:
+        return False, "nvcc is not on PATH", sources
+    return True, f"torch CUDA {torch.version.cuda} and nvcc found", sources
+
+
+build, reason, sources = cuda_extension_decision()
+ext_modules, cmdclass = [], {}
+if build:
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    ext_modules = [CUDAExtension("fastdfa._C", sources, include_dirs=[os.path.join(HERE, "csrc")])]
+    cmdclass = {"build_ext": BuildExtension}
+    print(f"fastdfa: building the CUDA extension ({reason})", file=sys.stderr)
+else:
+    print(f"fastdfa: skipping the CUDA extension: {reason}", file=sys.stderr)
+
+setup(
+    packages=find_packages("python"),
+    package_dir={"": "python"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
