@@ -257,6 +257,9 @@ class DFA(nn.Module):
             raise ValueError("the model has no fastdfa layer (fastdfa.Linear / fastdfa.Conv2d) and no "
                              "sites= were given: nothing for DFA to train. Replace torch.nn.Linear/Conv2d "
                              "with fastdfa.Linear/Conv2d, or name blocks with sites=[...].")
+        if backend not in (None, "auto"):  # an explicit request fails now, before the model is touched
+            params = list(model.parameters())
+            resolve_backend(backend, params[0].device if params else torch.device("cpu"))
 
         self.model = model
         self.seed = int(seed)
@@ -281,9 +284,6 @@ class DFA(nn.Module):
         for i, layer in enumerate(layers):
             _init_feedback_weight(layer, self.seed, i)
         self._hooks = [m.register_forward_pre_hook(self._pre_hook) for m in self._candidates]
-        if backend not in (None, "auto"):  # an explicit request fails now, not at the first forward
-            params = [p for p in model.parameters()]
-            resolve_backend(backend, params[0].device if params else torch.device("cpu"))
         self._mode = "bp"
         self.mode = mode
         if example_input is not None:

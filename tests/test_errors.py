@@ -1,0 +1,190 @@
+"""Bad input gets a clear error and leaves the model and its weights untouched."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastdfa
+from fastdfa.models import make_mlp
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def _assert_untouched(module, snap):
+    now = module.state_dict()
+    for k, v in snap.items():
+        assert torch.equal(now[k], v), k
+    assert all(p.grad is None for p in module.parameters())
+
+
+def test_model_without_fastdfa_layer():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="no fastdfa layer"):
+        fastdfa.DFA(model)
+    _assert_untouched(model, snap)
+    assert not model[0]._forward_pre_hooks  # no hook left behind
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mode="backprop"), "mode must be one of"),
+    (dict(feedback="normal"), "feedback must be one of"),
+    (dict(conv_feedback="sparse"), "conv_feedback must be one of"),
+    (dict(nonfinite="ignore"), "nonfinite must be one of"),
+    (dict(batch_dims=0), "batch_dims"),
+    (dict(feedback_scale=float("nan")), "feedback_scale"),
+    (dict(sites=[nn.Linear(2, 2)]), "not a submodule"),
+])
+def test_bad_arguments(kwargs, match):
+    model = make_mlp(5, (4,), 3)
+    snap = _snapshot(model)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fastdfa.DFA(model, **kwargs)
+    _assert_untouched(model, snap)
+
+
+def test_nested_user_sites_are_rejected():
+    inner = nn.Linear(4, 4)
+    outer = nn.Sequential(inner, nn.ReLU())
+    model = nn.Sequential(fastdfa.Linear(3, 4), outer, fastdfa.Linear(4, 2))
+    with pytest.raises(ValueError, match="inside site"):
+        fastdfa.DFA(model, sites=[outer, inner])
+
+
+def test_output_shape_change_after_build():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = make_mlp(5, (4,), 6)
+            self.n = 6
+
+        def forward(self, x):
+            return self.body(x)[:, :self.n]
+
+    model = Head()
+    dfa = fastdfa.DFA(model, example_input=torch.randn(2, 5))
+    snap = _snapshot(dfa)
+    model.n = 3
+    with pytest.raises(ValueError, match="output changed"):
+        dfa(torch.randn(2, 5))
+    _assert_untouched(dfa, snap)
+
+
+def test_site_shape_change_after_build():
+    model = nn.Sequential(fastdfa.Conv2d(1, 2, 3, padding=1), fastdfa.Conv2d(2, 2, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), fastdfa.Linear(2, 3))
+    dfa = fastdfa.DFA(model, example_input=torch.randn(1, 1, 6, 6))
+    snap = _snapshot(dfa)
+    with pytest.raises(ValueError, match="per-sample shape"):
+        dfa(torch.randn(1, 1, 7, 7))
+    _assert_untouched(dfa, snap)
+
+
+def test_site_dtype_mismatch():
+    model = make_mlp(5, (4, 4), 3)
+    dfa = fastdfa.DFA(model, example_input=torch.randn(2, 5))
+    model.double()  # the inner model only: the feedback stays float32
+    snap = _snapshot(dfa)
+    with pytest.raises(TypeError, match="dtype"):
+        dfa(torch.randn(2, 5, dtype=torch.float64))
+    _assert_untouched(dfa, snap)
+    dfa.double()  # the fix the message names
+    dfa(torch.randn(2, 5, dtype=torch.float64)).sum().backward()
+
+
+def test_site_device_mismatch():
+    model = make_mlp(5, (4, 4), 3)
+    dfa = fastdfa.DFA(model, example_input=torch.randn(2, 5))
+    dfa.feedback.to("meta")  # the feedback elsewhere than the activations
+    snap = _snapshot(dfa.model)
+    with pytest.raises(RuntimeError, match="dfa.to"):
+        dfa(torch.randn(2, 5))
+    _assert_untouched(dfa.model, snap)
+
+
+def test_site_order_change_is_detected():
+    class Switch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = fastdfa.Linear(3, 3), fastdfa.Linear(3, 3), fastdfa.Linear(3, 2)
+            self.swap = False
+
+        def forward(self, x):
+            x = self.b(self.a(x)) if not self.swap else self.a(self.b(x))
+            return self.c(x)
+
+    model = Switch()
+    dfa = fastdfa.DFA(model, example_input=torch.randn(1, 3))
+    model.swap = True
+    with pytest.raises(RuntimeError, match="different order"):
+        dfa(torch.randn(1, 3))
+
+
+def test_module_running_twice_is_rejected():
+    lin = fastdfa.Linear(3, 3)
+    model = nn.Sequential(fastdfa.Linear(3, 3), lin, lin, fastdfa.Linear(3, 2))
+    with pytest.raises(RuntimeError, match="ran twice"):
+        fastdfa.DFA(model)(torch.randn(1, 3))
+
+
+def test_non_tensor_output():
+    class TupleOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = fastdfa.Linear(3, 3), fastdfa.Linear(3, 2)
+
+        def forward(self, x):
+            return self.b(self.a(x)), 0
+
+    with pytest.raises(TypeError, match="one tensor"):
+        fastdfa.DFA(TupleOut())(torch.randn(1, 3))
+
+
+def _nan_setup(**kw):
+    torch.manual_seed(0)
+    model = make_mlp(5, (4, 4), 3)
+    dfa = fastdfa.DFA(model, **kw)
+    opt = torch.optim.Adam(dfa.parameters(), lr=0.1)
+    x, t = torch.randn(4, 5), torch.randn(4, 3)
+    return dfa, opt, x, t
+
+
+def _nan_loss(dfa, x, t):
+    y = dfa(x)
+    return ((y - t) ** 2 * torch.tensor([1.0, float("nan"), 1.0])).mean()
+
+
+def test_nonfinite_error_raises_by_default():
+    dfa, opt, x, t = _nan_setup()
+    snap = _snapshot(dfa)
+    with pytest.raises(fastdfa.NonFiniteErrorSignal, match="NaN or inf"):
+        _nan_loss(dfa, x, t).backward()
+    _assert_untouched(dfa, snap)  # no gradient reached any layer, the output layer's neither
+
+
+def test_nonfinite_error_skipped_on_request():
+    dfa, opt, x, t = _nan_setup(nonfinite="skip")
+    snap = _snapshot(dfa)
+    opt.zero_grad()
+    _nan_loss(dfa, x, t).backward()
+    opt.step()  # parameters with no gradient are skipped by torch.optim
+    _assert_untouched(dfa, snap)
+    assert dfa.skipped_steps == 1
+    opt.zero_grad()
+    F.mse_loss(dfa(x), t).backward()  # the next finite step trains as usual
+    opt.step()
+    assert not torch.equal(dfa.model[1].weight, snap["model.1.weight"])
+    assert dfa.skipped_steps == 1
+
+
+def test_explicit_unavailable_backend_raises_before_touching_the_model():
+    model = make_mlp(5, (4,), 3)
+    snap = _snapshot(model)
+    with pytest.raises(fastdfa.BackendUnavailableError, match="unavailable"):
+        fastdfa.DFA(model, backend="cuda")
+    _assert_untouched(model, snap)
+    assert not model[1]._forward_pre_hooks
+    assert torch.equal(model[3].feedback_weight, fastdfa.Linear(4, 3).feedback_weight)  # not re-seeded
