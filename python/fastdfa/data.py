@@ -1,7 +1,7 @@
 """Datasets that need no download.
 
 * ``digits``: scikit-learn's bundled 8x8 digits (1797 images), the embedded
-  default; a fixed seeded split of 1437 train / 360 test.
+  default; a fixed seeded split of 1438 train / 359 test.
 * ``fashion-mnist``: Debian's ``dataset-fashion-mnist`` package
   (``apt-get install dataset-fashion-mnist``), IDX files under
   ``/usr/share/datasets/fashion-mnist``.

@@ -1,0 +1,60 @@
+"""``python -m fastdfa``: train, compare, info, and its errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastdfa.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_train_writes_json(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    assert main(["train", "--method", "dfa", "--data", "digits", "--epochs", "2", "--hidden", "32",
+                 "--no-progress", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+    assert [e["epoch"] for e in result["epochs"]] == [1, 2]
+    assert result["test_accuracy"] == result["epochs"][-1]["test_accuracy"]
+    assert result["epochs"][0]["step_ms_median"] > 0
+    assert result["config"]["method"] == "dfa" and result["machine"]["torch"]
+    printed = capsys.readouterr().out
+    assert "epoch   2/2" in printed and "test acc" in printed
+
+
+def test_train_cnn_fa(tmp_path):
+    out = tmp_path / "cnn.json"
+    assert main(["train", "--method", "fa", "--model", "cnn", "--epochs", "1", "--no-progress",
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["config"]["model"] == "cnn"
+
+
+def test_compare_prints_ratio(tmp_path, capsys):
+    out = tmp_path / "cmp.json"
+    assert main(["compare", "--epochs", "2", "--hidden", "16", "--no-progress", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "DFA/BP step-time ratio" in printed
+    result = json.loads(out.read_text())
+    assert set(result["results"]) == {"bp", "dfa"}
+
+
+def test_bad_input_exits_2_with_message(capsys):
+    assert main(["train", "--data", "nowhere", "--epochs", "1", "--no-progress"]) == 2
+    assert "unknown dataset" in capsys.readouterr().err
+    assert main(["compare", "--methods", "bp,xyz", "--epochs", "1"]) == 2
+    assert "--methods" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--hidden", "0"])
+
+
+def test_info_subprocess():
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    proc = subprocess.run([sys.executable, "-m", "fastdfa", "info"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for word in ("torch", "triton", "cuda", "backends:"):
+        assert word in proc.stdout
