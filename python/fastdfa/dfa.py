@@ -365,7 +365,8 @@ class DFA(nn.Module):
         rec = self._recording
         if rec is None:
             return None
-        if any(m is module for m in rec.order):
+        # Once built, the order check below also catches a module running twice.
+        if not self.built and any(m is module for m in rec.order):
             raise RuntimeError(f"module {self._names[id(module)]!r} ran twice in one forward; a DFA site "
                                "must run once per forward (weight sharing is not supported in mode 'dfa')")
         position = len(rec.order)
@@ -388,7 +389,7 @@ class DFA(nn.Module):
     # ---------------------------------------------------------------- checks
     def _check_site_input(self, position: int, module: nn.Module, x: torch.Tensor) -> None:
         """Validate a site input against the built feedback before the module runs."""
-        expected = [self._first_module] + [s.module for s in self._sites]
+        expected = self._expected_order
         if position >= len(expected) or expected[position] is not module:
             want = self._names[id(expected[position])] if position < len(expected) else "nothing"
             raise RuntimeError(f"DFA sites ran in a different order than when the feedback was built: "
@@ -456,6 +457,9 @@ class DFA(nn.Module):
         store._sites_ref = sites
         self._sites = sites
         object.__setattr__(self, "_first_module", rec.order[0])
+        # Built once: the module order every forward must follow, and the projection layout.
+        self._expected_order = tuple(rec.order)
+        self._layout = [(s.offset, s.rows, s.shape, s.channelwise) for s in sites]
         self._n_out = n_out
         self._backend = resolve_backend(self._requested_backend, device)
 
@@ -472,8 +476,7 @@ class DFA(nn.Module):
             return None
         if not self._sites:
             return []
-        layout = [(s.offset, s.rows, s.shape, s.channelwise) for s in self._sites]
-        projected = dfa_project_reference(e, self.feedback.flat, layout, batch_shape)
+        projected = dfa_project_reference(e, self.feedback.flat, self._layout, batch_shape)
         return [p if p.dtype == dt else p.to(dt) for p, dt in zip(projected, site_dtypes)]
 
     def extra_repr(self) -> str:

@@ -1,0 +1,87 @@
+"""pytest-benchmark plumbing: the DFA/BP ratio of one run, and its record under bench/results/.
+
+    python -m pytest bench --fastdfa-record bench/results/core-step-cpu.json
+
+prints the ratio of median step times measured side by side in this run, fails
+the session when it exceeds the target, and writes a JSON record (machine,
+versions, commit, date, per-method stats).
+"""
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+
+RATIO_TARGET = 0.80  # issue "Core": DFA/BP step time on CPU; the graph-cut FLOP floor here is ~0.72
+_MEDIANS: dict = {}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fastdfa-record", default=None, help="write the measured step times and ratio to this JSON")
+
+
+@pytest.fixture
+def record_step():
+    """Tests call record_step(group, method, benchmark) after timing."""
+
+    def _record(group, method, benchmark):
+        stats = getattr(benchmark, "stats", None)
+        if stats is None:  # --benchmark-disable: ran once, untimed
+            return
+        s = stats.stats
+        _MEDIANS.setdefault(group, {})[method] = {"median_ms": s.median * 1e3, "iqr_ms": s.iqr * 1e3,
+                                                  "mean_ms": s.mean * 1e3, "rounds": s.rounds}
+
+    return _record
+
+
+def _commit():
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def _ratios():
+    out = {}
+    for group, methods in _MEDIANS.items():
+        if "bp" in methods and "dfa" in methods:
+            out[group] = methods["dfa"]["median_ms"] / methods["bp"]["median_ms"]
+    return out
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    ratios = _ratios()
+    for group, ratio in ratios.items():
+        verdict = "meets" if ratio <= RATIO_TARGET else "MISSES"
+        m = _MEDIANS[group]
+        terminalreporter.write_line(
+            f"[fastdfa] {group}: BP {m['bp']['median_ms']:.2f} ms, DFA {m['dfa']['median_ms']:.2f} ms (medians), "
+            f"DFA/BP = {ratio:.3f}: {verdict} the target <= {RATIO_TARGET}")
+    path = config.getoption("--fastdfa-record")
+    if path and _MEDIANS:
+        from fastdfa.info import machine_info
+
+        record = {"machine": machine_info(), "commit": _commit(),
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "command": "python -m pytest bench --fastdfa-record " + path,
+                  "results": _MEDIANS, "ratios": ratios, "target": RATIO_TARGET}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
+        terminalreporter.write_line(f"[fastdfa] wrote {path}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if any(r > RATIO_TARGET for r in _ratios().values()) and session.exitstatus == 0:
+        session.exitstatus = 1
