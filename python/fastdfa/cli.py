@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from .info import info_text, machine_info
-from .train import METHODS, TrainConfig, train
+from .steptime import interleaved_step_ms
+from .train import METHODS, TrainConfig, make_step, train
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -33,7 +34,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation", choices=("relu", "tanh", "gelu", "sigmoid"), default="relu")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: 1e-3 for bp, 3e-4 for fa and dfa, whose non-gradient updates "
+                        "were unstable at 1e-3 with Adam)")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -42,6 +45,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON to this path")
+    p.add_argument("--keep-denormals", action="store_true",
+                   help="do not flush denormal floats to zero on the CPU (flushing is the default: Adam moments "
+                        "of units with zero gradient decay into denormals, which slowed CPU steps by up to 40%%)")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None,
                      help="show a progress bar (default: when stderr is a terminal)")
@@ -60,6 +66,8 @@ def _load(args: argparse.Namespace):
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if not args.keep_denormals and args.device == "cpu":
+        torch.set_flush_denormal(True)
     data = load_dataset(args.data)
     print(f"data: {data.name}, {len(data.x_train)} train / {len(data.x_test)} test, input {data.input_shape}, "
           f"{data.n_classes} classes; model {args.model}; device {args.device}; threads {torch.get_num_threads()}")
@@ -97,16 +105,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
         replace(base, method=m).validate()
     data = _load(args)
     results = {m: train(replace(base, method=m), data, progress=args.progress) for m in methods}
+    # Step times side by side: the trained models take turns, step for step, on the same batches.
+    device = torch.device(args.device)
+    x, y = data.x_train.to(device), data.y_train.to(device)
+    steps = {m: make_step(r.model, r.optimizer, x, y, args.batch_size) for m, r in results.items()}
+    timing = interleaved_step_ms(steps, rounds=args.timing_rounds, device=device)
     print()
-    print(f"{'method':<8}{'test acc':>10}{'median step ms':>16}{'ratio to bp':>13}")
-    bp_ms = results["bp"].step_ms_median if "bp" in results else None
+    print(f"{'method':<8}{'test acc':>10}{'step ms (median, IQR)':>26}{'ratio to bp':>13}")
+    bp_ms = timing["bp"]["median_ms"] if "bp" in timing else None
     for m, r in results.items():
-        ratio = f"{r.step_ms_median / bp_ms:.3f}" if bp_ms else "-"
-        print(f"{m:<8}{r.test_accuracy:>10.4f}{r.step_ms_median:>16.3f}{ratio:>13}")
-    if bp_ms and "dfa" in results:
-        print(f"\nDFA/BP step-time ratio: {results['dfa'].step_ms_median / bp_ms:.3f} "
-              "(median step over epochs 2..N, measured while training; bench/ measures it side by side)")
-    _write_json(args.json, {"machine": machine_info(),
+        t = timing[m]
+        ratio = f"{t['median_ms'] / bp_ms:.3f}" if bp_ms else "-"
+        spread = f"{t['median_ms']:.3f} ({t['q1_ms']:.2f}-{t['q3_ms']:.2f})"
+        print(f"{m:<8}{r.test_accuracy:>10.4f}{spread:>26}{ratio:>13}")
+    if bp_ms and "dfa" in timing:
+        print(f"\nDFA/BP step-time ratio: {timing['dfa']['median_ms'] / bp_ms:.3f} "
+              f"(medians of {args.timing_rounds} interleaved steps after training)")
+    _write_json(args.json, {"machine": machine_info(), "step_timing": timing,
                             "results": {m: r.to_json() for m, r in results.items()}})
     return 0
 
@@ -126,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p_train.set_defaults(func=cmd_train)
     p_cmp = sub.add_parser("compare", help="train the same model with several rules and compare accuracy and speed")
     p_cmp.add_argument("--methods", default="bp,dfa", help="comma-separated rules (default bp,dfa)")
+    p_cmp.add_argument("--timing-rounds", type=int, default=50,
+                       help="interleaved steps per method timed after training (default 50)")
     _add_training_args(p_cmp)
     p_cmp.set_defaults(func=cmd_compare)
     p_info = sub.add_parser("info", help="versions and backend availability")
