@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "python"))
 
 RATIO_TARGET = 0.80  # issue "Core": DFA/BP step time on CPU; the graph-cut FLOP floor here is ~0.72
-_MEDIANS: dict = {}
+_MEDIANS: dict = {}      # pytest-benchmark stats per group and method (methods timed one after the other)
+_INTERLEAVED: dict = {}  # interleaved_step_ms per group: the ratio the target is checked on
 
 
 def pytest_addoption(parser):
@@ -41,6 +42,14 @@ def record_step():
     return _record
 
 
+@pytest.fixture
+def record_interleaved():
+    def _record(group, timing):
+        _INTERLEAVED[group] = timing
+
+    return _record
+
+
 def _commit():
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -51,30 +60,36 @@ def _commit():
         return "unknown"
 
 
-def _ratios():
+def _ratios(source):
     out = {}
-    for group, methods in _MEDIANS.items():
+    for group, methods in source.items():
         if "bp" in methods and "dfa" in methods:
             out[group] = methods["dfa"]["median_ms"] / methods["bp"]["median_ms"]
     return out
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    ratios = _ratios()
-    for group, ratio in ratios.items():
-        verdict = "meets" if ratio <= RATIO_TARGET else "MISSES"
+    for group, ratio in _ratios(_MEDIANS).items():
         m = _MEDIANS[group]
         terminalreporter.write_line(
-            f"[fastdfa] {group}: BP {m['bp']['median_ms']:.2f} ms, DFA {m['dfa']['median_ms']:.2f} ms (medians), "
-            f"DFA/BP = {ratio:.3f}: {verdict} the target <= {RATIO_TARGET}")
+            f"[fastdfa] {group}, timed one method after the other: BP {m['bp']['median_ms']:.2f} ms, "
+            f"DFA {m['dfa']['median_ms']:.2f} ms (medians), DFA/BP = {ratio:.3f}")
+    ratios = _ratios(_INTERLEAVED)
+    for group, ratio in ratios.items():
+        verdict = "meets" if ratio <= RATIO_TARGET else "MISSES"
+        m = _INTERLEAVED[group]
+        terminalreporter.write_line(
+            f"[fastdfa] {group}, interleaved: BP {m['bp']['median_ms']:.2f} ms, DFA {m['dfa']['median_ms']:.2f} ms "
+            f"(medians of {m['bp']['rounds']}), DFA/BP = {ratio:.3f}: {verdict} the target <= {RATIO_TARGET}")
     path = config.getoption("--fastdfa-record")
-    if path and _MEDIANS:
+    if path and (_MEDIANS or _INTERLEAVED):
         from fastdfa.info import machine_info
 
         record = {"machine": machine_info(), "commit": _commit(),
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "command": "python -m pytest bench --fastdfa-record " + path,
-                  "results": _MEDIANS, "ratios": ratios, "target": RATIO_TARGET}
+                  "pytest_benchmark": _MEDIANS, "sequential_ratios": _ratios(_MEDIANS),
+                  "interleaved": _INTERLEAVED, "ratios": ratios, "target": RATIO_TARGET}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(record, f, indent=2)
@@ -83,5 +98,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if any(r > RATIO_TARGET for r in _ratios().values()) and session.exitstatus == 0:
+    if any(r > RATIO_TARGET for r in _ratios(_INTERLEAVED).values()) and session.exitstatus == 0:
         session.exitstatus = 1
