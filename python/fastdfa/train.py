@@ -180,7 +180,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
         result.epochs.append(epoch_result)
         if log is not None:
             log(f"{config.method:>4} epoch {epoch:>3}/{config.epochs}  loss {epoch_result.train_loss:.4f}  "
-                f"test acc {acc:.4f}  step {epoch_result.step_ms_median:.2f} ms (median)")
+                f"test acc {acc:.4f}  step {epoch_result.step_ms_mean:.2f} ms mean, {epoch_result.step_ms_median:.2f} median")
     result.test_accuracy = result.epochs[-1].test_accuracy
     result.skipped_steps = dfa.skipped_steps
     result.model, result.optimizer = dfa, opt  # for side-by-side timing after training
