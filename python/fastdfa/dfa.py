@@ -99,15 +99,16 @@ class _FeedbackStore(nn.Module):
         self.register_buffer("flat", None, persistent=False)
         self.site_names: list[str] | None = None
         self.fa_layers: list[nn.Module] = []  # plain list: not submodules, the model owns them
-        self.pending: dict[str, torch.Tensor] = {}
+        self._sites_ref: list[Site] | None = None  # set by DFA when the sites are built
+        self.pending: dict[str, torch.Tensor] = {}  # loaded before the build, used by it
+        self.pending_names: list[str] | None = None
 
     def site_tensors(self, sites: list[Site]) -> dict[str, torch.Tensor]:
         return {str(s.index): s.feedback for s in sites}
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        owner_sites = getattr(self, "_sites_ref", None)
-        if self.flat is not None and owner_sites:
-            for key, value in self.site_tensors(owner_sites).items():
+        if self.flat is not None and self._sites_ref:
+            for key, value in self.site_tensors(self._sites_ref).items():
                 destination[prefix + key] = value if keep_vars else value.detach()
         for i, layer in enumerate(self.fa_layers):
             value = layer.feedback_weight
@@ -135,7 +136,7 @@ class _FeedbackStore(nn.Module):
         for k in mine:
             if not k.isdigit() and strict:
                 unexpected_keys.append(prefix + k)
-        sites = getattr(self, "_sites_ref", None)
+        sites = self._sites_ref
         if extra is not None and self.site_names is not None and list(extra["sites"]) != self.site_names:
             error_msgs.append(f"{prefix}: checkpoint sites {extra['sites']} differ from this model's "
                               f"sites {self.site_names}")
@@ -429,7 +430,7 @@ class DFA(nn.Module):
         dtype = params[0].dtype if params else output.dtype
         device = output.device
         store = self.feedback
-        pending_names = getattr(store, "pending_names", None)
+        pending_names = store.pending_names
         sites, offset, blocks = [], 0, []
         for i, (module, shape) in enumerate(zip(rec.order[1:], rec.shapes)):
             site_shape = shape[self.batch_dims:]
@@ -453,7 +454,7 @@ class DFA(nn.Module):
             raise ValueError(f"the loaded checkpoint has sites {pending_names}, this model has {names}")
         store.flat = torch.cat(blocks) if blocks else torch.empty(0, n_out, dtype=dtype, device=device)
         store.site_names = names
-        store.pending = {}
+        store.pending, store.pending_names = {}, None
         store._sites_ref = sites
         self._sites = sites
         object.__setattr__(self, "_first_module", rec.order[0])
