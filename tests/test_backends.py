@@ -10,6 +10,10 @@ from fastdfa.models import make_mlp
 
 def test_auto_picks_torch_on_cpu():
     assert backends.resolve_backend("auto", torch.device("cpu")) == "torch"
+    dfa = fastdfa.DFA(make_mlp(4, (3,), 2))
+    assert dfa.backend is None
+    dfa(torch.randn(1, 4))
+    assert dfa.backend == "torch"
 
 
 def test_env_var_is_an_explicit_request(monkeypatch):

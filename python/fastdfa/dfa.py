@@ -282,6 +282,7 @@ class DFA(nn.Module):
         object.__setattr__(self, "_first_module", None)
         self._n_out: int | None = None
         self._recording: _Recording | None = None
+        self._backend: str | None = None
         for i, layer in enumerate(layers):
             _init_feedback_weight(layer, self.seed, i)
         self._hooks = [m.register_forward_pre_hook(self._pre_hook) for m in self._candidates]
@@ -316,6 +317,11 @@ class DFA(nn.Module):
     @property
     def out_features(self) -> int | None:
         return self._n_out
+
+    @property
+    def backend(self) -> str | None:
+        """The backend resolved when the feedback was built (None before)."""
+        return self._backend
 
     def build(self, example_input) -> None:
         """Build the feedback now from one no-grad forward of ``example_input`` in eval mode.
@@ -482,7 +488,7 @@ class DFA(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"mode={self._mode!r}, seed={self.seed}, feedback={self.feedback_kind!r}, "
-                f"sites={len(self._sites) if self._sites is not None else 'unbuilt'}")
+                f"sites={len(self._sites) if self._sites is not None else 'unbuilt'}, backend={self._backend!r}")
 
 
 @contextlib.contextmanager
