@@ -97,24 +97,23 @@ class _FeedbackStore(nn.Module):
     def __init__(self):
         super().__init__()
         self.register_buffer("flat", None, persistent=False)
-        self.site_names: list[str] | None = None
         self.fa_layers: list[nn.Module] = []  # plain list: not submodules, the model owns them
-        self._sites_ref: list[Site] | None = None  # set by DFA when the sites are built
+        self.sites: list[Site] | None = None  # set by DFA when the sites are built
         self.pending: dict[str, torch.Tensor] = {}  # loaded before the build, used by it
         self.pending_names: list[str] | None = None
 
-    def site_tensors(self, sites: list[Site]) -> dict[str, torch.Tensor]:
-        return {str(s.index): s.feedback for s in sites}
+    @property
+    def site_names(self) -> list[str] | None:
+        return None if self.sites is None else [s.name for s in self.sites]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if self.flat is not None and self._sites_ref:
-            for key, value in self.site_tensors(self._sites_ref).items():
-                destination[prefix + key] = value if keep_vars else value.detach()
+        for site in self.sites or ():
+            destination[prefix + str(site.index)] = site.feedback if keep_vars else site.feedback.detach()
         for i, layer in enumerate(self.fa_layers):
             value = layer.feedback_weight
             destination[prefix + f"fa.{i}"] = value if keep_vars else value.detach()
-        if self.site_names is not None:
-            destination[prefix + "_extra_state"] = {"sites": list(self.site_names)}
+        if self.sites is not None:
+            destination[prefix + "_extra_state"] = {"sites": self.site_names}
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
@@ -136,8 +135,8 @@ class _FeedbackStore(nn.Module):
         for k in mine:
             if not k.isdigit() and strict:
                 unexpected_keys.append(prefix + k)
-        sites = self._sites_ref
-        if extra is not None and self.site_names is not None and list(extra["sites"]) != self.site_names:
+        sites = self.sites
+        if extra is not None and sites is not None and list(extra["sites"]) != self.site_names:
             error_msgs.append(f"{prefix}: checkpoint sites {extra['sites']} differ from this model's "
                               f"sites {self.site_names}")
             return
@@ -276,10 +275,6 @@ class DFA(nn.Module):
                             if (isinstance(m, FASTDFA_LAYERS) and id(m) not in inside_user) or id(m) in user_ids]
         self.feedback = _FeedbackStore()
         self.feedback.fa_layers = layers
-        self._sites: list[Site] | None = None
-        # The first module executed (not a site). object.__setattr__ keeps it out of
-        # nn.Module's registry: the model owns it, the wrapper only points at it.
-        object.__setattr__(self, "_first_module", None)
         self._n_out: int | None = None
         self._recording: _Recording | None = None
         self._backend: str | None = None
@@ -305,6 +300,10 @@ class DFA(nn.Module):
             layer._fa_active = value == "fa"
 
     # ----------------------------------------------------------------- sites
+    @property
+    def _sites(self) -> list[Site] | None:
+        return self.feedback.sites
+
     @property
     def sites(self) -> list[Site]:
         """The sites from input to output (empty until the feedback is built)."""
@@ -386,7 +385,7 @@ class DFA(nn.Module):
             self._check_site_input(position, module, x)
         if position == 0:  # the first module executed: its input is the data, not a site
             return None
-        if x.dim() < self.batch_dims:
+        if not self.built and x.dim() < self.batch_dims:
             raise ValueError(f"site input of {self._names[id(module)]!r} has shape {tuple(x.shape)}: "
                              f"fewer than batch_dims={self.batch_dims} dims")
         rec.inputs.append(x)
@@ -459,12 +458,10 @@ class DFA(nn.Module):
         if pending_names is not None and pending_names != names:
             raise ValueError(f"the loaded checkpoint has sites {pending_names}, this model has {names}")
         store.flat = torch.cat(blocks) if blocks else torch.empty(0, n_out, dtype=dtype, device=device)
-        store.site_names = names
         store.pending, store.pending_names = {}, None
-        store._sites_ref = sites
-        self._sites = sites
-        object.__setattr__(self, "_first_module", rec.order[0])
-        # Built once: the module order every forward must follow, and the projection layout.
+        store.sites = sites
+        # Built once: the module order every forward must follow (the first one
+        # executed, not a site, then the sites), and the projection layout.
         self._expected_order = tuple(rec.order)
         self._layout = [(s.offset, s.rows, s.shape, s.channelwise) for s in sites]
         self._n_out = n_out

@@ -117,6 +117,15 @@ def build(config: TrainConfig, data: Dataset) -> tuple[DFA, torch.optim.Optimize
     return dfa, opt
 
 
+def train_step(dfa: DFA, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """zero_grad, forward, cross-entropy, backward, optimizer step; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(dfa(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def make_step(dfa: DFA, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int,
               seed: int = 0):
     """A training step on batch ``r`` of a fixed seeded order (the same batches for every method)."""
@@ -125,9 +134,7 @@ def make_step(dfa: DFA, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Te
 
     def step(r: int) -> None:
         idx = order[(r % n_batches) * batch_size:(r % n_batches + 1) * batch_size]
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(dfa(x[idx]), y[idx]).backward()
-        opt.step()
+        train_step(dfa, opt, x[idx], y[idx])
 
     return step
 
@@ -164,10 +171,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
             xb, yb = x_train[idx], y_train[idx]
             _sync(device)
             t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(dfa(xb), yb)
-            loss.backward()
-            opt.step()
+            loss = train_step(dfa, opt, xb, yb)
             _sync(device)
             step_ms.append((time.perf_counter() - t0) * 1e3)
             losses.append(loss.detach())
