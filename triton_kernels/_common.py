@@ -1,0 +1,108 @@
+"""Shared pieces of the Triton kernels: activation codes, their forward and
+derivative as ``@triton.jit`` helpers, and the dot precision.
+
+Activation state saved by the forward for the backward (the smallest thing
+``g'`` can be recomputed from):
+
+    ============  =========  =====================================  ==========================
+    activation    code       state                                  g'(a) from the state s
+    ============  =========  =====================================  ==========================
+    None          ACT_NONE   nothing                                1
+    "relu"        ACT_RELU   mask ``a > 0``, uint8 (1 byte/elem)    s
+    "tanh"        ACT_TANH   the output ``h = tanh(a)``             1 - s^2
+    "sigmoid"     ACT_SIGM   the output ``h = sigmoid(a)``          s (1 - s)
+    "gelu"        ACT_GELU   the pre-activation ``a``               Phi(a) + a phi(a)   (exact, erf)
+    ============  =========  =====================================  ==========================
+
+tanh and sigmoid reuse the layer output itself, so they cost no extra memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ACT_NONE, ACT_RELU, ACT_TANH, ACT_SIGM, ACT_GELU = 0, 1, 2, 3, 4
+ACTIVATION_CODES = {None: ACT_NONE, "relu": ACT_RELU, "tanh": ACT_TANH, "sigmoid": ACT_SIGM, "gelu": ACT_GELU}
+# Which tensor holds the state: "mask" (uint8), "output" (h), "pre" (a) or None.
+STATE_OF = {None: None, "relu": "mask", "tanh": "output", "sigmoid": "output", "gelu": "pre"}
+
+_TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+KERNEL_DTYPES = tuple(_TORCH_TO_TL)
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The Triton element type of a torch float dtype the kernels support."""
+    try:
+        return _TORCH_TO_TL[dtype]
+    except KeyError:
+        raise TypeError(f"the Triton kernels support {[str(d) for d in KERNEL_DTYPES]}, got {dtype}") from None
+
+
+def dot_precision() -> str:
+    """fp32 GEMM precision matching torch's setting: "ieee" unless the user allowed TF32.
+
+    ``tl.dot`` on fp32 inputs defaults to TF32 (10-bit mantissa) on NVIDIA
+    GPUs, while torch's default (``allow_tf32 = False``) is full fp32; a
+    silent switch would make the triton backend 1e-3 off the torch one.
+    """
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def activation_reference(a: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """PyTorch forward of each activation code (the definition the kernels follow)."""
+    if activation is None:
+        return a
+    return {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+            "gelu": torch.nn.functional.gelu}[activation](a)
+
+
+def derivative_reference(state: torch.Tensor | None, activation: str | None) -> torch.Tensor | float:
+    """PyTorch g'(a) from the saved state (see the table above), in the state's float dtype."""
+    if activation is None:
+        return 1.0
+    if activation == "relu":
+        return state.to(torch.float32) if state.dtype == torch.uint8 else state
+    if activation == "tanh":
+        return 1 - state * state
+    if activation == "sigmoid":
+        return state * (1 - state)
+    if activation == "gelu":
+        return torch.special.ndtr(state) + state * torch.exp(-0.5 * state * state) * 0.3989422804014327
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+@triton.jit
+def apply_activation(a, ACT: tl.constexpr):
+    """g(a) for an fp32 tile. tanh as 2 sigmoid(2a) - 1: Triton has no tanh op
+    the interpreter also runs (libdevice is GPU-only); its error is a few fp32 ulps of 1."""
+    if ACT == 1:
+        out = tl.maximum(a, 0.0)
+    elif ACT == 2:
+        out = 2.0 * tl.sigmoid(2.0 * a) - 1.0
+    elif ACT == 3:
+        out = tl.sigmoid(a)
+    elif ACT == 4:
+        out = 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
+    else:
+        out = a
+    return out
+
+
+@triton.jit
+def derivative_of_pre(a, ACT: tl.constexpr):
+    """g'(a) for an fp32 tile of pre-activations (used where a is at hand: jvp_linear)."""
+    if ACT == 1:
+        d = tl.where(a > 0.0, 1.0, 0.0)
+    elif ACT == 2:
+        t = 2.0 * tl.sigmoid(2.0 * a) - 1.0
+        d = 1.0 - t * t
+    elif ACT == 3:
+        s = tl.sigmoid(a)
+        d = s * (1.0 - s)
+    elif ACT == 4:
+        d = 0.5 * (1.0 + tl.erf(a * 0.7071067811865476)) + a * tl.exp(-0.5 * a * a) * 0.3989422804014327
+    else:
+        d = a * 0.0 + 1.0
+    return d

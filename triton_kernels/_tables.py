@@ -1,0 +1,48 @@
+"""Pointer and tile tables for the grouped launches, cached between calls.
+
+A grouped launch (all sites, all layers) reads per-group metadata — addresses,
+shapes, strides — from a small int64 table in device memory. Building it is a
+host-to-device copy, so it is cached under a key of everything it holds
+(shapes and addresses): with the caching allocator a training step usually
+gets the same addresses as the step before, and then no table is built or
+copied at all. ``builds`` counts real builds (the tests check it).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+
+import torch
+
+
+class TableCache:
+    """key -> device int tensor, least recently used evicted past ``maxsize``.
+
+    ``maxsize`` 8: a model alternates at most a few shapes (train / last
+    partial batch / eval), and each entry is a few hundred bytes.
+    """
+
+    def __init__(self, maxsize: int = 8):
+        self.maxsize = maxsize
+        self.builds = 0
+        self._tables: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+
+    def get(self, key: Hashable, build: Callable[[], Sequence[Sequence[int]]], dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+        table = self._tables.get(key)
+        if table is not None:
+            self._tables.move_to_end(key)
+            return table
+        rows = build()
+        table = torch.tensor(rows, dtype=dtype).reshape(len(rows), -1)
+        if device.type == "cuda":
+            table = table.pin_memory().to(device, non_blocking=True)
+        self._tables[key] = table
+        self.builds += 1
+        if len(self._tables) > self.maxsize:
+            self._tables.popitem(last=False)
+        return table
+
+    def clear(self) -> None:
+        self._tables.clear()
