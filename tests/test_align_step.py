@@ -1,0 +1,110 @@
+"""``align_step`` (Triton) against its PyTorch reference, and the reference against autograd."""
+
+import pytest
+import torch
+
+from tolerance import assert_matches_reference
+
+pytest.importorskip("triton")
+from fastdfa.triton_kernels import align_step as op  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def _problem(batch, widths, n_out, shared, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    feedback = torch.randn(sum(widths), n_out, generator=gen, dtype=torch.float64)
+    shared_t = torch.randn(batch, n_out, generator=gen, dtype=torch.float64)
+    sites, offset = [], 0
+    for w in widths:
+        p = torch.randn(batch, w, generator=gen, dtype=torch.float64)
+        t = shared_t if shared else torch.randn(batch, n_out, generator=gen, dtype=torch.float64)
+        sites.append(op.AlignSite(offset, w, p, t))
+        offset += w
+    return feedback, sites
+
+
+def _at(sites, dtype, device):
+    return [op.AlignSite(s.offset, s.rows, s.perturbation.to(dtype).to(device), s.tangent.to(dtype).to(device))
+            for s in sites]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shared", [False, True])
+def test_step_matches_reference(dtype, shared):
+    feedback64, sites64 = _problem(29, [37, 5, 70], 11, shared)
+    fb = feedback64.to(dtype).to(DEVICE)
+    cos = op.align_step(fb, _at(sites64, dtype, DEVICE), lr=0.5)
+    stored64 = _at(sites64, dtype, "cpu")
+    ref64, cos64 = op.align_step_reference(feedback64.to(dtype).double(),
+                                           [op.AlignSite(s.offset, s.rows, s.perturbation.double(),
+                                                         s.tangent.double()) for s in stored64], lr=0.5)
+    # PyTorch at fp16 on CPU: fp32 math rounded once (as in the other kernel tests).
+    compute = torch.float32 if (dtype == torch.float16 and DEVICE == "cpu") else dtype
+    refd, _ = op.align_step_reference(feedback64.to(dtype).to(compute),
+                                      [op.AlignSite(s.offset, s.rows, s.perturbation.to(compute),
+                                                    s.tangent.to(compute)) for s in stored64], lr=0.5)
+    assert_matches_reference(fb.cpu(), ref64, refd.to(dtype), f"align_step {dtype} shared={shared}")
+    torch.testing.assert_close(cos.cpu().double(), cos64, rtol=0, atol=5e-3 if dtype != torch.float32 else 1e-5)
+    for s in sites64:
+        col_norms = fb.cpu().double()[s.offset:s.offset + s.rows].norm(dim=0)
+        torch.testing.assert_close(col_norms, torch.ones_like(col_norms),
+                                   rtol=0, atol=1e-5 if dtype == torch.float32 else 5e-3)
+
+
+def test_batch_one_one_site():
+    feedback64, sites64 = _problem(1, [13], 3, shared=False, seed=2)
+    fb = feedback64.float().to(DEVICE)
+    op.align_step(fb, _at(sites64, torch.float32, DEVICE), lr=0.1)
+    ref64, _ = op.align_step_reference(feedback64.float().double(), _at(sites64, torch.float32, "cpu"), 0.1)
+    ref32, _ = op.align_step_reference(feedback64.float(), _at(sites64, torch.float32, "cpu"), 0.1)
+    assert_matches_reference(fb.cpu(), ref64, ref32, "batch 1")
+
+
+def test_reference_gradient_is_autograd_of_one_minus_mean_cosine():
+    """The closed-form dL/dB of the reference equals autograd's, in float64."""
+    feedback, sites = _problem(17, [9], 4, shared=False, seed=7)
+    b = feedback.clone().requires_grad_(True)
+    j = sites[0].perturbation.t() @ sites[0].tangent / 17
+    loss = 1 - torch.nn.functional.cosine_similarity(b, j, dim=0, eps=0).mean()
+    (grad,) = torch.autograd.grad(loss, b)
+    lr = 0.3
+    want = (feedback - lr * grad)
+    want = want / want.norm(dim=0)
+    got, cos = op.align_step_reference(feedback, sites, lr)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cos[0], 1 - loss.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_repeated_steps_turn_feedback_towards_the_estimate():
+    feedback64, sites64 = _problem(64, [24, 40], 6, shared=False, seed=3)
+    fb = feedback64.float().to(DEVICE)
+    sites = _at(sites64, torch.float32, DEVICE)
+    first = op.align_step(fb, sites, lr=2.0)
+    for _ in range(30):
+        last = op.align_step(fb, sites, lr=2.0)
+    assert (first < 0.5).all() and (last > 0.99).all(), (first, last)
+
+
+def test_dead_column_is_only_normalised():
+    feedback64, sites64 = _problem(8, [10], 3, shared=False, seed=4)
+    t = sites64[0].tangent.clone()
+    t[:, 1] = 0  # output unit 1 never moves: J_1 = 0
+    sites = [op.AlignSite(0, 10, sites64[0].perturbation.float().to(DEVICE), t.float().to(DEVICE))]
+    fb = feedback64.float().to(DEVICE)
+    op.align_step(fb, sites, lr=1.0)
+    col = feedback64[:, 1].float()
+    torch.testing.assert_close(fb[:, 1].cpu(), col / col.norm())
+
+
+def test_bad_input_leaves_feedback_untouched():
+    feedback64, sites64 = _problem(8, [10], 3, shared=False)
+    fb = feedback64.float().to(DEVICE)
+    before = fb.clone()
+    bad = op.AlignSite(0, 10, sites64[0].perturbation[:, :4].float().to(DEVICE), sites64[0].tangent.float().to(DEVICE))
+    with pytest.raises(ValueError, match="perturbation"):
+        op.align_step(fb, [bad], lr=1.0)
+    with pytest.raises(ValueError, match="outside"):
+        op.align_step(fb, [op.AlignSite(5, 10, bad.tangent.new_zeros(8, 10), bad.tangent)], lr=1.0)
+    assert torch.equal(fb, before)

@@ -1,0 +1,195 @@
+"""``align_step``: GrAPE's feedback refinement for all sites, J_hat never written to memory.
+
+Math (GrAPE, DESIGN.md section 1): site s has feedback ``B`` (``[n_l, n_out]``,
+rows ``[offset, offset + n_l)`` of the stacked feedback), the perturbations
+``P`` (``[batch, n_l]``) injected at the site and the output tangents ``T``
+(``[batch, n_out]``) of the JVP pass. Per column j (one output unit):
+
+    J    = P^T T / batch                    the batch rank-1 estimate of J_l^T, [n_l, n_out]
+    c_j  = <B_j, J_j> / (|B_j| |J_j|)       column-wise cosine
+    L    = 1 - mean_j c_j
+    dL/dB_j = -(1 / n_out) (J_j / (|B_j| |J_j|) - c_j B_j / |B_j|^2)
+    B_j <- B_j - lr dL/dB_j,  then  B_j <- B_j / |B_j|
+
+Equivalent PyTorch code: ``align_step_reference`` below.
+
+The step is ``B_j' = alpha_j B_j + beta_j J_j`` with ``alpha_j = 1 - lr c_j /
+(n_out |B_j|^2)`` and ``beta_j = lr / (n_out |B_j| |J_j|)``, so its norm is
+``alpha^2 |B|^2 + 2 alpha beta <B, J> + beta^2 |J|^2``: three column sums of
+the OLD B and J give everything. Two launches for all sites:
+
+  1. every tile computes its J tile (a GEMM over the batch) and adds its
+     column partial sums <B,J>, |J|^2, |B|^2 to a ``[S, n_out, 3]`` fp32
+     buffer (atomics);
+  2. every tile recomputes its J tile and writes ``(alpha B + beta J) / norm``
+     over B in place.
+
+J (``n_l x n_out`` per site) exists only as tiles in registers; the extra
+cost is the second GEMM over the batch, against writing and reading J.
+A column whose J_j is zero (a dead output) gets no step, only the normalisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dot_precision, tl_dtype
+from ._tables import TableCache
+
+_SITE_FIELDS = tl.constexpr(6)  # offset, rows, P address, P row stride, T address, T row stride
+
+
+@dataclass(frozen=True)
+class AlignSite:
+    offset: int                # first row of the site's feedback in the stacked buffer
+    rows: int                  # n_l
+    perturbation: torch.Tensor  # P [batch, n_l]
+    tangent: torch.Tensor       # T [batch, n_out] (one per site, or the same tensor for all: "shared" JVP)
+
+
+@triton.jit
+def _j_tile(p, stride_p, t, stride_t, rm, rn, m_mask, n_mask, batch, inv_batch,
+            DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """J[rm, rn] = P[:, rm]^T T[:, rn] / batch, an fp32 register tile."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, batch, BLOCK_R):
+        rr = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        r_mask = rr < batch
+        p_t = tl.load(p + rr[None, :] * stride_p + rm[:, None], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        tt = tl.load(t + rr[:, None] * stride_t + rn[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot(p_t, tt, input_precision=DOT_PRECISION)
+    return acc * inv_batch
+
+
+@triton.jit
+def _align_step_kernel(
+    feedback_ptr,   # [R, K] all sites' feedback B (K = n_out), row stride stride_f; updated in place by pass 2
+    stats_ptr,      # [S, K, 3] fp32 column sums <B,J>, |J|^2, |B|^2 (zeroed before pass 1)
+    site_table,     # [S, 6] int64: offset, rows, P address, P row stride, T address, T row stride
+    tile_table,     # [tiles, 3] int64: site, tile row (over n_l), tile column (over K)
+    batch, K, stride_f, inv_batch, step,   # step = lr / n_out
+    PASS: tl.constexpr,              # 1: column sums; 2: update and normalise
+    DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    s = tl.load(tile_table + 3 * pid)
+    tile_m = tl.load(tile_table + 3 * pid + 1)
+    tile_n = tl.load(tile_table + 3 * pid + 2)
+    base = site_table + _SITE_FIELDS * s
+    offset = tl.load(base)
+    rows = tl.load(base + 1)
+    p = tl.load(base + 2).to(tl.pointer_type(DTYPE))
+    stride_p = tl.load(base + 3)
+    t = tl.load(base + 4).to(tl.pointer_type(DTYPE))
+    stride_t = tl.load(base + 5)
+
+    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < rows
+    n_mask = rn < K
+    mask = m_mask[:, None] & n_mask[None, :]
+    j = _j_tile(p, stride_p, t, stride_t, rm, rn, m_mask, n_mask, batch, inv_batch,
+                DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+    b_off = (offset + rm)[:, None].to(tl.int64) * stride_f + rn[None, :]
+    b = tl.load(feedback_ptr + b_off, mask=mask, other=0.0).to(tl.float32)
+    st = stats_ptr + (s * K + rn) * 3
+    if PASS == 1:
+        tl.atomic_add(st, tl.sum(b * j, axis=0), mask=n_mask)
+        tl.atomic_add(st + 1, tl.sum(j * j, axis=0), mask=n_mask)
+        tl.atomic_add(st + 2, tl.sum(b * b, axis=0), mask=n_mask)
+    else:
+        bj = tl.load(st, mask=n_mask, other=0.0)
+        jj = tl.load(st + 1, mask=n_mask, other=0.0)
+        bb = tl.load(st + 2, mask=n_mask, other=1.0)
+        nb = tl.sqrt(bb)
+        nj = tl.sqrt(jj)
+        live = (nj > 0.0) & (nb > 0.0)
+        denom = tl.where(live, nb * nj, 1.0)
+        cos = tl.where(live, bj / denom, 0.0)
+        alpha = tl.where(live, 1.0 - step * cos / tl.where(live, bb, 1.0), 1.0)
+        beta = tl.where(live, step / denom, 0.0)
+        norm2 = alpha * alpha * bb + 2.0 * alpha * beta * bj + beta * beta * jj
+        scale = tl.where(norm2 > 0.0, 1.0 / tl.sqrt(norm2), 1.0)
+        new_b = (alpha * scale)[None, :] * b + (beta * scale)[None, :] * j
+        tl.store(feedback_ptr + b_off, new_b.to(DTYPE), mask=mask)
+
+
+def _blocks(batch: int, rows_max: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
+    """GPU: 64x64 tiles of B, 32 batch rows a step; interpreter: as large as the problem."""
+    if device.type == "cuda":
+        return 64, 64, 32, 4
+    cap = lambda v, hi: max(16, min(hi, triton.next_power_of_2(v)))  # noqa: E731
+    return cap(rows_max, 128), cap(k, 128), cap(batch, 128), 4
+
+
+_TABLES = TableCache()
+
+
+def align_step(feedback_all: torch.Tensor, sites: Sequence[AlignSite], lr: float) -> torch.Tensor:
+    """One GrAPE step on every site's feedback, in place; returns each site's mean column cosine
+    between B and J_hat^T BEFORE the step (``[S]`` fp32), the alignment the step improved on."""
+    if not sites:
+        return torch.empty(0, dtype=torch.float32, device=feedback_all.device)
+    r, k = feedback_all.shape
+    dtype, device = feedback_all.dtype, feedback_all.device
+    if feedback_all.stride(1) != 1:
+        raise ValueError("align_step updates the feedback in place: it needs a unit column stride")
+    batch = sites[0].perturbation.shape[0]
+    rows, keep = [], []
+    for i, s in enumerate(sites):
+        p, t = s.perturbation, s.tangent
+        if p.shape != (batch, s.rows) or t.shape != (batch, k):
+            raise ValueError(f"site {i}: perturbation {tuple(p.shape)} and tangent {tuple(t.shape)} must be "
+                             f"[{batch}, {s.rows}] and [{batch}, {k}]")
+        if s.offset < 0 or s.offset + s.rows > r:
+            raise ValueError(f"site {i}: rows [{s.offset}, {s.offset + s.rows}) outside the feedback's {r} rows")
+        p = p.to(dtype) if p.stride(1) == 1 else p.to(dtype).contiguous()
+        t = t.to(dtype) if t.stride(1) == 1 else t.to(dtype).contiguous()
+        keep.append((p, t))
+        rows.append((s.offset, s.rows, p.data_ptr(), p.stride(0), t.data_ptr(), t.stride(0)))
+    stats = torch.zeros(len(sites), k, 3, dtype=torch.float32, device=device)
+    if batch == 0:
+        return stats[:, 0, 0].clone()
+    bm, bn, br, warps = _blocks(batch, max(s.rows for s in sites), k, device)
+    shapes = tuple(s.rows for s in sites)
+    tiles = _TABLES.get(("tiles", bm, bn, k) + shapes,
+                        lambda: [(i, a, c) for i, m in enumerate(shapes)
+                                 for a in range(triton.cdiv(m, bm)) for c in range(triton.cdiv(k, bn))],
+                        torch.int64, device)
+    table = _TABLES.get(("sites",) + tuple(rows), lambda: rows, torch.int64, device)
+    for pass_ in (1, 2):
+        _align_step_kernel[(tiles.shape[0],)](
+            feedback_all, stats, table, tiles, batch, k, feedback_all.stride(0), 1.0 / batch, lr / k,
+            PASS=pass_, DTYPE=tl_dtype(dtype), DOT_PRECISION=dot_precision(),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, num_warps=warps,
+        )
+    bj, jj, bb = stats.unbind(-1)
+    live = (jj > 0) & (bb > 0)
+    cos = torch.where(live, bj / (bb.sqrt() * jj.sqrt()).clamp_min(1e-30), torch.zeros_like(bj))
+    return cos.mean(dim=1)
+
+
+def align_step_reference(feedback_all: torch.Tensor, sites: Sequence[AlignSite], lr: float):
+    """PyTorch definition; returns (new feedback, mean column cosines before the step). Same
+    dead-column rule as the kernel: a column with J_j = 0 is left unchanged."""
+    new = feedback_all.clone()
+    k = feedback_all.shape[1]
+    cosines = []
+    for s in sites:
+        b = feedback_all[s.offset:s.offset + s.rows]
+        j = s.perturbation.to(b.dtype).t() @ s.tangent.to(b.dtype) / s.perturbation.shape[0]
+        nb, nj = b.norm(dim=0), j.norm(dim=0)
+        live = (nj > 0) & (nb > 0)
+        denom = torch.where(live, nb * nj, torch.ones_like(nb))
+        cos = torch.where(live, (b * j).sum(0) / denom, torch.zeros_like(nb))
+        grad = -(j / denom - cos * b / torch.where(live, nb * nb, torch.ones_like(nb))) / k
+        stepped = torch.where(live, b - lr * grad, b)
+        new[s.offset:s.offset + s.rows] = stepped / stepped.norm(dim=0)
+        cosines.append(cos.mean())
+    return new, torch.stack(cosines)
