@@ -187,4 +187,4 @@ def test_explicit_unavailable_backend_raises_before_touching_the_model():
         fastdfa.DFA(model, backend="cuda")
     _assert_untouched(model, snap)
     assert not model[1]._forward_pre_hooks
-    assert torch.equal(model[3].feedback_weight, fastdfa.Linear(4, 3).feedback_weight)  # not re-seeded
+    assert torch.equal(model[2].feedback_weight, fastdfa.Linear(4, 3).feedback_weight)  # not re-seeded

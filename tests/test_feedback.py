@@ -54,7 +54,7 @@ def test_lazy_build_on_first_forward():
     dfa = fastdfa.DFA(make_mlp(10, (12,), 5))
     assert not dfa.built and dfa.sites == []
     dfa(torch.randn(2, 10))
-    assert dfa.built and [s.name for s in dfa.sites] == ["3"]
+    assert dfa.built and [s.name for s in dfa.sites] == ["2"]
     assert dfa.sites[0].feedback.shape == (12, 5)
 
 

@@ -23,10 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..activations import STATE_OF, apply_activation as activation_reference  # noqa: F401  (the PyTorch definitions)
+from ..activations import derivative_from_state
+
 ACT_NONE, ACT_RELU, ACT_TANH, ACT_SIGM, ACT_GELU = 0, 1, 2, 3, 4
 ACTIVATION_CODES = {None: ACT_NONE, "relu": ACT_RELU, "tanh": ACT_TANH, "sigmoid": ACT_SIGM, "gelu": ACT_GELU}
-# Which tensor holds the state: "mask" (uint8), "output" (h), "pre" (a) or None.
-STATE_OF = {None: None, "relu": "mask", "tanh": "output", "sigmoid": "output", "gelu": "pre"}
 
 _TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 KERNEL_DTYPES = tuple(_TORCH_TO_TL)
@@ -50,27 +51,9 @@ def dot_precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def activation_reference(a: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """PyTorch forward of each activation code (the definition the kernels follow)."""
-    if activation is None:
-        return a
-    return {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
-            "gelu": torch.nn.functional.gelu}[activation](a)
-
-
 def derivative_reference(state: torch.Tensor | None, activation: str | None) -> torch.Tensor | float:
-    """PyTorch g'(a) from the saved state (see the table above), in the state's float dtype."""
-    if activation is None:
-        return 1.0
-    if activation == "relu":
-        return state.to(torch.float32) if state.dtype == torch.uint8 else state
-    if activation == "tanh":
-        return 1 - state * state
-    if activation == "sigmoid":
-        return state * (1 - state)
-    if activation == "gelu":
-        return torch.special.ndtr(state) + state * torch.exp(-0.5 * state * state) * 0.3989422804014327
-    raise ValueError(f"unknown activation {activation!r}")
+    """PyTorch g'(a) from the saved state, in the state's float dtype (fp32 for the mask)."""
+    return derivative_from_state(state, activation)
 
 
 @triton.jit

@@ -18,6 +18,7 @@ import functools
 import importlib
 import os
 import shutil
+import types
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +28,10 @@ ENV_VAR = "FASTDFA_BACKEND"
 
 # Ops each backend implements. The torch reference implements them all; a
 # kernel backend registers its ops here when its kernels exist, and a backend
-# with no registered op is reported unavailable with that reason.
-OPS: dict[str, set[str]] = {"torch": {"dfa_project"}, "triton": set(), "cuda": set()}
+# with no registered op is reported unavailable with that reason. Each triton
+# op is the module of the same name in triton_kernels/ (fastdfa.triton_kernels).
+KERNEL_OPS = ("dfa_project", "dfa_wgrad", "jvp_linear", "align_step")
+OPS: dict[str, set[str]] = {"torch": set(KERNEL_OPS), "triton": set(KERNEL_OPS), "cuda": set()}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -62,6 +65,12 @@ def _triton_status() -> BackendStatus:
     if not OPS["triton"]:
         return BackendStatus("triton", False, f"triton {version} is installed, but this fastdfa version "
                                               "registers no Triton kernels")
+    try:
+        for op in sorted(OPS["triton"]):
+            importlib.import_module(f"fastdfa.triton_kernels.{op}")
+    except Exception as exc:  # a kernel module that does not import makes the backend unusable, with the reason
+        return BackendStatus("triton", False, f"triton {version} is installed but fastdfa.triton_kernels does not "
+                                              f"import: {type(exc).__name__}: {exc}")
     return BackendStatus("triton", True, f"triton {version}" + (" (interpreter)" if interpret else ""))
 
 
@@ -86,6 +95,21 @@ def _cuda_status() -> BackendStatus:
     if not OPS["cuda"]:
         return BackendStatus("cuda", False, "fastdfa._C is built but registers no ops")
     return BackendStatus("cuda", True, f"CUDA {torch.version.cuda}")
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_for(name: str):
+    """The ops of a kernel backend as one namespace (``dfa_project``, ``ProjectSite``,
+    ``dfa_wgrad``, ``jvp_linear``, ``align_step``, ``AlignSite``), or None for "torch"."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        from .triton_kernels import align_step, dfa_project, dfa_wgrad, jvp_linear
+        return types.SimpleNamespace(
+            name="triton", dfa_project=dfa_project.dfa_project, ProjectSite=dfa_project.ProjectSite,
+            dfa_wgrad=dfa_wgrad.dfa_wgrad, jvp_linear=jvp_linear.jvp_linear,
+            align_step=align_step.align_step, AlignSite=align_step.AlignSite)
+    raise BackendUnavailableError(f"backend {name!r} has no kernels in this version")
 
 
 @functools.lru_cache(maxsize=None)

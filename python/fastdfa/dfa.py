@@ -37,14 +37,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .backends import resolve_backend
+from . import fused
+from .backends import BackendUnavailableError, kernels_for, resolve_backend
 from .feedback import FEEDBACK_KINDS, feedback_matrix, seeded_generator
-from .layers import FASTDFA_LAYERS, _init_feedback_weight
+from .layers import FASTDFA_LAYERS, Linear, _init_feedback_weight
 from .project import dfa_project_reference
 
 MODES = ("bp", "fa", "dfa")
 CONV_FEEDBACK = ("dense", "channel")
 NONFINITE = ("raise", "skip")
+WGRAD = ("grouped", "per-layer")
 
 
 class NonFiniteErrorSignal(FloatingPointError):
@@ -170,24 +172,33 @@ class _Recording:
     order: list[nn.Module] = field(default_factory=list)
     inputs: list[torch.Tensor] = field(default_factory=list)
     shapes: list[tuple[int, ...]] = field(default_factory=list)
+    plan: "fused.FusedPlan | None" = None  # the fused layers' records, with a kernel backend
 
 
 class _DFAOutputFn(torch.autograd.Function):
-    """Identity on the model output; its backward is the whole DFA error routing."""
+    """Identity on the model output; its backward is the whole DFA error routing.
+
+    Inputs after the output: every site's original input, then the parameters
+    of the layers whose delta and weight gradient the backward computes itself
+    (the claimed fused layers of a kernel backend, ``fastdfa.fused``).
+    """
 
     @staticmethod
-    def forward(ctx, engine: "DFA", output: torch.Tensor, *site_inputs: torch.Tensor):
-        ctx.engine = engine
+    def forward(ctx, engine: "DFA", plan, output: torch.Tensor, *tensors: torch.Tensor):
+        n_sites = len(tensors) - (0 if plan is None else plan.n_params)
+        ctx.engine, ctx.plan, ctx.n_tensors = engine, plan, len(tensors)
         ctx.batch_shape = tuple(output.shape[:engine.batch_dims])
-        ctx.site_dtypes = [x.dtype for x in site_inputs]
+        ctx.site_dtypes = [x.dtype for x in tensors[:n_sites]]
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        projected = ctx.engine._project(grad_output, ctx.batch_shape, ctx.site_dtypes)
-        if projected is None:  # non-finite error, skipped at the user's request
-            return (None, None) + (None,) * len(ctx.site_dtypes)
-        return (None, grad_output) + tuple(projected)
+        result = ctx.engine._backward(grad_output, ctx.batch_shape, ctx.site_dtypes, ctx.plan)
+        ctx.plan = None  # the saved activations of the fused layers go with it
+        if result is None:  # non-finite error, skipped at the user's request
+            return (None, None, None) + (None,) * ctx.n_tensors
+        output_grad, site_grads, param_grads = result
+        return (None, None, output_grad) + tuple(site_grads) + tuple(param_grads)
 
 
 class DFA(nn.Module):
@@ -213,13 +224,17 @@ class DFA(nn.Module):
         example_input: build the feedback now with one no-grad forward in eval
             mode instead of on the first training forward.
         backend: "auto", "torch", "triton" or "cuda" (None: ``FASTDFA_BACKEND``
-            or "auto"); see ``fastdfa.backends``.
+            or "auto"); see ``fastdfa.backends``. A kernel backend fuses the
+            fastdfa.Linear layers (``fastdfa.fused``).
+        wgrad: with a kernel backend, the claimed layers' weight gradients as
+            one "grouped" GEMM launch (``dfa_wgrad``) or one GEMM per layer
+            ("per-layer").
     """
 
     def __init__(self, model: nn.Module, mode: str = "dfa", seed: int = 0, feedback: str = "uniform",
                  sites: list[nn.Module] | None = None, *, conv_feedback: str = "dense",
                  feedback_scale: float = 1.0, batch_dims: int = 1, nonfinite: str = "raise",
-                 example_input=None, backend: str | None = None):
+                 example_input=None, backend: str | None = None, wgrad: str = "grouped"):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -229,6 +244,8 @@ class DFA(nn.Module):
             raise ValueError(f"conv_feedback must be one of {CONV_FEEDBACK}, got {conv_feedback!r}")
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        if wgrad not in WGRAD:
+            raise ValueError(f"wgrad must be one of {WGRAD}, got {wgrad!r}")
         if not (isinstance(batch_dims, int) and batch_dims >= 1):
             raise ValueError(f"batch_dims must be an int >= 1, got {batch_dims!r}")
         if not math.isfinite(feedback_scale) or feedback_scale <= 0:
@@ -259,7 +276,8 @@ class DFA(nn.Module):
                              "with fastdfa.Linear/Conv2d, or name blocks with sites=[...].")
         if backend not in (None, "auto"):  # an explicit request fails now, before the model is touched
             params = list(model.parameters())
-            resolve_backend(backend, params[0].device if params else torch.device("cpu"))
+            _check_backend_dtype(resolve_backend(backend, params[0].device if params else torch.device("cpu")),
+                                 params[0].dtype if params else torch.float32)
 
         self.model = model
         self.seed = int(seed)
@@ -270,6 +288,7 @@ class DFA(nn.Module):
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self._requested_backend = backend
+        self.wgrad = wgrad
         self._names = names
         self._candidates = [m for m in model.modules()
                             if (isinstance(m, FASTDFA_LAYERS) and id(m) not in inside_user) or id(m) in user_ids]
@@ -278,6 +297,9 @@ class DFA(nn.Module):
         self._n_out: int | None = None
         self._recording: _Recording | None = None
         self._backend: str | None = None
+        self._kernels = None  # the kernel backend's ops, once resolved
+        # fastdfa.Linear layers whose input is detached (or data): a kernel backend fuses them.
+        self._fusable = {id(m) for m in self._candidates if isinstance(m, Linear) and id(m) not in user_ids}
         for i, layer in enumerate(layers):
             _init_feedback_weight(layer, self.seed, i)
         self._hooks = [m.register_forward_pre_hook(self._pre_hook) for m in self._candidates]
@@ -348,10 +370,19 @@ class DFA(nn.Module):
             raise RuntimeError("fastdfa.DFA.forward re-entered: a DFA model cannot call itself")
         rec = _Recording()
         self._recording = rec
+        if self._backend is None:
+            self._resolve_backend(args)
+        fusing = (self._kernels is not None and torch.is_grad_enabled() and self._fusable
+                  and not any(torch.is_autocast_enabled(t) for t in ("cuda", "cpu")))
+        if fusing:
+            rec.plan = fused.FusedPlan()
+            token = fused._ACTIVE_ENGINE.set(self)
         try:
             output = self.model(*args, **kwargs)
         finally:
             self._recording = None
+            if fusing:
+                fused._ACTIVE_ENGINE.reset(token)
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"fastdfa.DFA needs the model to return one tensor, got {type(output).__name__}; "
                             "wrap the model so its forward returns the tensor the loss is computed on")
@@ -365,7 +396,18 @@ class DFA(nn.Module):
             self._check_forward(rec, output, n_out)
         if not torch.is_grad_enabled():
             return output
-        return _DFAOutputFn.apply(self, output, *rec.inputs)
+        plan = rec.plan
+        params = []
+        if plan is not None:
+            n = math.prod(output.shape[:self.batch_dims])
+            plan.site_producers = [plan.claim(x, site.rows, n, site.channelwise)
+                                   for x, site in zip(rec.inputs, self._sites)]
+            plan.output_producer = plan.claim(output, n_out, n)
+            for r in plan.claimed:
+                params += [r.layer.weight] + ([r.layer.bias] if r.layer.bias is not None else [])
+            plan.n_params = len(params)
+            plan.records = {}  # only the claimed ones are needed from here on
+        return _DFAOutputFn.apply(self, plan, output, *rec.inputs, *params)
 
     def _pre_hook(self, module: nn.Module, args):
         rec = self._recording
@@ -465,11 +507,21 @@ class DFA(nn.Module):
         self._expected_order = tuple(rec.order)
         self._layout = [(s.offset, s.rows, s.shape, s.channelwise) for s in sites]
         self._n_out = n_out
-        self._backend = resolve_backend(self._requested_backend, device)
+
+    # ------------------------------------------------------------- backend
+    def _resolve_backend(self, args) -> None:
+        """Pick the backend on the first DFA forward, from where the model lives (before any state)."""
+        params = [p for p in self.model.parameters() if p.is_floating_point()]
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        device = params[0].device if params else (tensors[0].device if tensors else torch.device("cpu"))
+        backend = resolve_backend(self._requested_backend, device)
+        _check_backend_dtype(backend, params[0].dtype if params else torch.float32)
+        self._kernels = kernels_for(backend)
+        self._backend = backend
 
     # ------------------------------------------------------------- backward
-    def _project(self, error: torch.Tensor, batch_shape: tuple[int, ...], site_dtypes: list[torch.dtype]):
-        """All sites' projected errors from ``error`` (the gradient of the output)."""
+    def _backward(self, error: torch.Tensor, batch_shape: tuple[int, ...], site_dtypes: list[torch.dtype], plan):
+        """(output gradient, site input gradients, claimed parameter gradients) from the output error."""
         e = error.reshape(math.prod(batch_shape), -1)
         if not bool(torch.isfinite(e).all()):
             if self.nonfinite == "raise":
@@ -478,14 +530,22 @@ class DFA(nn.Module):
                     "loss and learning rate, or pass nonfinite='skip' to fastdfa.DFA to skip such steps")
             self.skipped_steps += 1
             return None
+        if self._kernels is not None:
+            return fused.fused_backward(self, error, batch_shape, plan or fused.FusedPlan(), site_dtypes)
         if not self._sites:
-            return []
+            return error, [], []
         projected = dfa_project_reference(e, self.feedback.flat, self._layout, batch_shape)
-        return [p if p.dtype == dt else p.to(dt) for p, dt in zip(projected, site_dtypes)]
+        return error, [p if p.dtype == dt else p.to(dt) for p, dt in zip(projected, site_dtypes)], []
 
     def extra_repr(self) -> str:
         return (f"mode={self._mode!r}, seed={self.seed}, feedback={self.feedback_kind!r}, "
                 f"sites={len(self._sites) if self._sites is not None else 'unbuilt'}, backend={self._backend!r}")
+
+
+def _check_backend_dtype(backend: str, dtype: torch.dtype) -> None:
+    if backend != "torch" and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise BackendUnavailableError(f"backend {backend!r} runs float32, float16 and bfloat16 models; this "
+                                      f"model is {dtype}. Use backend='torch' for it.")
 
 
 @contextlib.contextmanager

@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import apply_activation, check_activation
 from .feedback import feedback_matrix, seeded_generator
+from .fused import fused_linear_forward, fusing_engine_for
 
 
 def _init_feedback_weight(layer: nn.Module, seed: int, index: int) -> None:
@@ -94,23 +96,39 @@ class _FAConv2dFn(torch.autograd.Function):
 
 
 class Linear(nn.Linear):
-    """``torch.nn.Linear`` that can train with FA and DFA.
+    """``torch.nn.Linear`` that can train with FA and DFA, optionally with its activation fused.
 
-    Same signature, forward and state_dict keys as ``torch.nn.Linear``. Adds
-    the buffer ``feedback_weight`` (shape of ``weight``, not in the layer's own
-    state_dict) used for dX in FA mode.
+    Same signature, forward and state_dict keys as ``torch.nn.Linear``, plus
+    ``activation`` (one of ``fastdfa.activations.ACTIVATIONS``: None, "relu",
+    "tanh", "sigmoid", "gelu"): the layer computes ``g(x W^T + b)``. With a
+    kernel backend in DFA mode that is one fused pass that also saves g''s
+    state, and the backward computes this layer's delta inside the projection
+    (``fastdfa.fused``). Adds the buffer ``feedback_weight`` (shape of
+    ``weight``, not in the layer's own state_dict) used for dX in FA mode.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 activation: str | None = None):
+        check_activation(activation)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.activation = activation
         self.register_buffer("feedback_weight", torch.empty_like(self.weight), persistent=False)
         self._fa_active = False  # set by fastdfa.DFA when its mode is "fa"
         _init_feedback_weight(self, seed=0, index=0)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self._fa_active and torch.is_grad_enabled():
-            return _FALinearFn.apply(input, self.weight, self.bias, self.feedback_weight)
-        return F.linear(input, self.weight, self.bias)
+        if torch.is_grad_enabled():
+            engine = fusing_engine_for(self)
+            # A data input that needs its own gradient keeps the autograd route.
+            if engine is not None and not input.requires_grad:
+                return fused_linear_forward(engine, self, input)
+            if self._fa_active:
+                return apply_activation(_FALinearFn.apply(input, self.weight, self.bias, self.feedback_weight),
+                                        self.activation)
+        return apply_activation(F.linear(input, self.weight, self.bias), self.activation)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
 
 
 def _explicit_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -139,16 +157,20 @@ def _explicit_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, t
 class Conv2d(nn.Conv2d):
     """``torch.nn.Conv2d`` that can train with FA and DFA.
 
-    Same signature, forward and state_dict keys as ``torch.nn.Conv2d``. Adds
-    the buffer ``feedback_weight`` (shape of ``weight``, not in the layer's own
+    Same signature, forward and state_dict keys as ``torch.nn.Conv2d``, plus
+    ``activation`` (as for ``fastdfa.Linear``; applied after the convolution
+    with torch ops: the convolution itself stays cuDNN's). Adds the buffer
+    ``feedback_weight`` (shape of ``weight``, not in the layer's own
     state_dict) used for dX in FA mode.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None):
+                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, activation: str | None = None):
+        check_activation(activation)
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
                          device=device, dtype=dtype)
+        self.activation = activation
         self.register_buffer("feedback_weight", torch.empty_like(self.weight), persistent=False)
         self._fa_active = False
         _init_feedback_weight(self, seed=0, index=0)
@@ -156,9 +178,14 @@ class Conv2d(nn.Conv2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self._fa_active and torch.is_grad_enabled():
             x, padding = _explicit_padding(self, input)
-            return _FAConv2dFn.apply(x, self.weight, self.bias, self.feedback_weight,
-                                     self.stride, padding, self.dilation, self.groups)
-        return super().forward(input)
+            y = _FAConv2dFn.apply(x, self.weight, self.bias, self.feedback_weight,
+                                  self.stride, padding, self.dilation, self.groups)
+        else:
+            y = super().forward(input)
+        return apply_activation(y, self.activation)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
 
 
 FASTDFA_LAYERS = (Linear, Conv2d)

@@ -33,6 +33,15 @@ def dfa_project_reference(
     if error.dtype != feedback_all.dtype:
         error = error.to(feedback_all.dtype)
     projected = torch.mm(error, feedback_all.t())  # [N, R]: the one GEMM for all sites
+    return split_projection(projected, layout, batch_shape)
+
+
+def split_projection(
+    projected: torch.Tensor,      # [N, R]
+    layout: Sequence[tuple[int, int, tuple[int, ...], bool]],
+    batch_shape: tuple[int, ...],
+) -> list[torch.Tensor]:
+    """Each site's projected error as a view of ``projected``, shaped like the site tensor."""
     out = []
     for offset, rows, site_shape, channelwise in layout:
         block = projected[:, offset:offset + rows]
