@@ -58,3 +58,25 @@ def test_info_subprocess():
     assert proc.returncode == 0, proc.stderr
     for word in ("torch", "triton", "cuda", "backends:"):
         assert word in proc.stdout
+
+
+def test_train_with_the_triton_backend(tmp_path):
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not __import__("torch").cuda.is_available():
+        pytest.skip("triton needs a GPU or TRITON_INTERPRET=1")
+    results = {}
+    for backend in ("torch", "triton"):
+        out = tmp_path / f"{backend}.json"
+        assert main(["train", "--method", "dfa", "--backend", backend, "--epochs", "1", "--hidden", "32,32",
+                     "--no-progress", "--json", str(out)]) == 0
+        results[backend] = json.loads(out.read_text())
+    assert results["triton"]["config"]["backend"] == "triton"
+    # The same epoch of training: same loss up to fp32 summation order, same test accuracy.
+    loss = {b: r["epochs"][0]["train_loss"] for b, r in results.items()}
+    assert abs(loss["triton"] - loss["torch"]) < 1e-4 * abs(loss["torch"]), loss
+    assert abs(results["triton"]["test_accuracy"] - results["torch"]["test_accuracy"]) <= 1 / 359
+
+
+def test_unavailable_backend_exits_2_saying_why(capsys):
+    assert main(["train", "--backend", "cuda", "--epochs", "1", "--no-progress"]) == 2
+    assert "backend 'cuda' was requested" in capsys.readouterr().err

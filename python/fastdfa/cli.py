@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .backends import BackendUnavailableError
 from .info import info_text, machine_info
 from .steptime import interleaved_step_ms
 from .train import METHODS, TrainConfig, make_step, train
@@ -43,6 +44,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feedback", choices=("uniform", "gaussian"), default="uniform")
     p.add_argument("--conv-feedback", choices=("dense", "channel"), default="dense")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default=None,
+                   help="kernel backend for DFA (default: $FASTDFA_BACKEND, else auto: triton or cuda on a GPU, "
+                        "torch on the CPU); see `python -m fastdfa info`")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON to this path")
     p.add_argument("--keep-denormals", action="store_true",
@@ -58,7 +62,7 @@ def _config(args: argparse.Namespace, method: str) -> TrainConfig:
     return TrainConfig(method=method, model=args.model, hidden=args.hidden, activation=args.activation,
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                        weight_decay=args.weight_decay, seed=args.seed, feedback=args.feedback,
-                       conv_feedback=args.conv_feedback, device=args.device)
+                       conv_feedback=args.conv_feedback, device=args.device, backend=args.backend)
 
 
 def _load(args: argparse.Namespace):
@@ -150,6 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, BackendUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -38,6 +38,7 @@ class TrainConfig:
     feedback: str = "uniform"
     conv_feedback: str = "dense"
     device: str = "cpu"
+    backend: str | None = None  # None: FASTDFA_BACKEND or "auto" (fastdfa.backends)
 
     @property
     def effective_lr(self) -> float:
@@ -106,8 +107,10 @@ def build(config: TrainConfig, data: Dataset) -> tuple[DFA, torch.optim.Optimize
     """Model (seeded by config.seed: the same init for every method), wrapper and optimizer."""
     torch.manual_seed(config.seed)
     model = make_model(config.model, data.input_shape, data.n_classes, config.hidden, config.activation)
+    # On the device before wrapping: an explicitly requested backend is checked against it.
+    model = model.to(config.device)
     dfa = DFA(model, mode=config.method, seed=config.seed, feedback=config.feedback,
-              conv_feedback=config.conv_feedback).to(config.device)
+              conv_feedback=config.conv_feedback, backend=config.backend).to(config.device)
     dfa.build(data.x_train[:2].to(config.device))
     if config.optimizer == "adam":
         opt = torch.optim.Adam(dfa.parameters(), lr=config.effective_lr, weight_decay=config.weight_decay)
