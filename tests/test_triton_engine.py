@@ -52,8 +52,9 @@ def _rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _grads_both_backends(make_model, x, target, loss_fn=F.cross_entropy, steps=1, **dfa_kwargs):
-    """Parameter gradients after ``steps`` SGD steps with each backend, and the triton launch counts."""
+def _grads_both_backends(make_model, x, target, loss_fn=F.cross_entropy, steps=1, fused=None, **dfa_kwargs):
+    """Compares the parameter gradients after ``steps`` SGD steps with each backend; returns the
+    triton launch counts. ``fused``: the layer names the triton run must have claimed."""
     torch.manual_seed(0)
     model = make_model().to(DEVICE)
     results = {}
@@ -71,6 +72,10 @@ def _grads_both_backends(make_model, x, target, loss_fn=F.cross_entropy, steps=1
                     opt.step()
         if backend == "triton":
             counts = c
+            if fused is not None:
+                assert dfa.fused_layers == fused
+        else:
+            assert dfa.fused_layers == []
         results[backend] = [p.grad.detach().clone() for p in m.parameters()]
         assert dfa.backend == backend
     for i, (g_torch, g_triton) in enumerate(zip(results["torch"], results["triton"])):
@@ -85,7 +90,7 @@ def test_fused_mlp_step_equals_torch_and_launches_the_kernels(activation, wgrad)
         return nn.Sequential(fastdfa.Linear(13, 24, activation=activation), fastdfa.Linear(24, 17, activation=activation),
                              fastdfa.Linear(17, 30, activation=activation), fastdfa.Linear(30, 5))
     x, t = torch.randn(21, 13, device=DEVICE), torch.randint(0, 5, (21,), device=DEVICE)
-    counts = _grads_both_backends(make, x, t, wgrad=wgrad)
+    counts = _grads_both_backends(make, x, t, wgrad=wgrad, fused=["0", "1", "2", "3"])
     # One forward kernel per layer, ONE projection for all sites, ONE grouped weight-gradient launch.
     assert counts.get("jvp_linear") == 4 and counts.get("dfa_project") == 1
     assert counts.get("dfa_wgrad", 0) == (1 if wgrad == "grouped" else 0)
@@ -107,7 +112,8 @@ def test_three_training_steps_stay_equal():
 
 
 class _Residual(nn.Module):
-    """h2 = g(W2 h1) + h1: h1 feeds a site AND the residual sum (two consumers)."""
+    """h2 = g(W2 h1) + h1: h1 feeds a site (claimed) AND the residual sum, whose gradient reaches l1
+    by the generic route and adds to the claimed one."""
 
     def __init__(self):
         super().__init__()
@@ -139,12 +145,35 @@ class _Unfused(nn.Module):
 @pytest.mark.parametrize("make", [_Residual, _Unfused])
 def test_generic_route_for_outputs_that_cannot_be_claimed(make):
     x, t = torch.randn(7, 8, device=DEVICE), torch.randint(0, 3, (7,), device=DEVICE)
-    counts = _grads_both_backends(make, x, t)
+    counts = _grads_both_backends(make, x, t, fused=["l1", "out"] if make is _Residual else ["l3"])
     assert counts.get("dfa_project") == 1
 
 
+class _ConvChain(nn.Module):
+    """conv -> conv directly (the second conv's site is the first's output: claimable with dense
+    feedback), odd paddings and a stride, then flatten (a view: not claimable) and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = fastdfa.Conv2d(2, 3, 3, padding="same", padding_mode="reflect", activation="gelu")
+        self.c2 = fastdfa.Conv2d(3, 4, 2, stride=2, padding=1, activation="tanh")
+        self.c3 = fastdfa.Conv2d(4, 2, 3, padding="same", bias=False, activation="relu")
+        self.head = fastdfa.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.head(self.c3(self.c2(self.c1(x))).flatten(1))
+
+
 @pytest.mark.parametrize("conv_feedback", ["dense", "channel"])
-def test_cnn_convolutions_take_the_generic_route(conv_feedback):
+def test_conv_outputs_claimed_by_the_next_conv(conv_feedback):
+    x, t = torch.randn(5, 2, 7, 7, device=DEVICE), torch.randint(0, 3, (5,), device=DEVICE)
+    fused = ["c1", "c2", "head"] if conv_feedback == "dense" else ["head"]
+    counts = _grads_both_backends(_ConvChain, x, t, conv_feedback=conv_feedback, fused=fused)
+    assert counts.get("dfa_project") == 1 and counts.get("jvp_linear") == 1
+
+
+@pytest.mark.parametrize("conv_feedback", ["dense", "channel"])
+def test_cnn_pooled_convolutions_take_the_generic_route(conv_feedback):
     def make():
         return make_cnn((1, 8, 8), 4, channels=(3, 4), hidden=6)
     x, t = torch.randn(5, 1, 8, 8, device=DEVICE), torch.randint(0, 4, (5,), device=DEVICE)

@@ -40,7 +40,7 @@ from torch import nn
 from . import fused
 from .backends import BackendUnavailableError, kernels_for, resolve_backend
 from .feedback import FEEDBACK_KINDS, feedback_matrix, seeded_generator
-from .layers import FASTDFA_LAYERS, Linear, _init_feedback_weight
+from .layers import FASTDFA_LAYERS, _init_feedback_weight
 from .project import dfa_project_reference
 
 MODES = ("bp", "fa", "dfa")
@@ -298,8 +298,9 @@ class DFA(nn.Module):
         self._recording: _Recording | None = None
         self._backend: str | None = None
         self._kernels = None  # the kernel backend's ops, once resolved
-        # fastdfa.Linear layers whose input is detached (or data): a kernel backend fuses them.
-        self._fusable = {id(m) for m in self._candidates if isinstance(m, Linear) and id(m) not in user_ids}
+        self._fused_names: list[str] = []
+        # fastdfa layers whose input is detached (or data): a kernel backend fuses them.
+        self._fusable = {id(m) for m in self._candidates if isinstance(m, FASTDFA_LAYERS) and id(m) not in user_ids}
         for i, layer in enumerate(layers):
             _init_feedback_weight(layer, self.seed, i)
         self._hooks = [m.register_forward_pre_hook(self._pre_hook) for m in self._candidates]
@@ -343,6 +344,12 @@ class DFA(nn.Module):
     def backend(self) -> str | None:
         """The backend resolved when the feedback was built (None before)."""
         return self._backend
+
+    @property
+    def fused_layers(self) -> list[str]:
+        """Names of the layers whose delta and weight gradient the last training forward left to the
+        fused backward (kernel backends; ``fastdfa.fused``). Empty with the torch backend."""
+        return list(self._fused_names)
 
     def build(self, example_input) -> None:
         """Build the feedback now from one no-grad forward of ``example_input`` in eval mode.
@@ -407,6 +414,7 @@ class DFA(nn.Module):
                 params += [r.layer.weight] + ([r.layer.bias] if r.layer.bias is not None else [])
             plan.n_params = len(params)
             plan.records = {}  # only the claimed ones are needed from here on
+            self._fused_names = [self._names[id(r.layer)] for r in plan.claimed]
         return _DFAOutputFn.apply(self, plan, output, *rec.inputs, *params)
 
     def _pre_hook(self, module: nn.Module, args):

@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .activations import derivative_from_state
+import torch.nn.functional as F
+
+from .activations import STATE_OF, apply_activation, derivative_from_state
 from .project import split_projection
 
 
@@ -59,10 +61,12 @@ class FusedRecord:
     """One fused layer's forward in one training step."""
 
     layer: torch.nn.Module
-    x: torch.Tensor                # [N, in] the layer input (detached site input or data)
-    state: torch.Tensor | None     # activation state [N, out] (see triton_kernels/_common.py)
-    out: torch.Tensor              # what the layer returned ([*batch, out])
+    x: torch.Tensor                # the layer input: [N, in] (Linear) or padded [N, C, H, W] (Conv2d)
+    state: torch.Tensor | None     # activation state [N, features] (see triton_kernels/_common.py)
+    out: torch.Tensor              # what the layer returned ([*batch, out] or [N, C, H, W])
     out_version: int               # out._version when returned: an in-place change un-claims it
+    rows: int = 0                  # features per batch row of ``out``
+    ops: object = None             # _LinearOps / _ConvOps: the layer's weight gradient
     claimed: bool = False
 
 
@@ -79,7 +83,7 @@ class FusedPlan:
         unchanged since, claimed at most once; None if there is none."""
         rec = self.records.get(id(x))
         if (rec is None or rec.claimed or rec.out is not x or x._version != rec.out_version or channelwise
-                or rec.layer.out_features != rows or rec.x.shape[0] != n):
+                or rec.rows != rows or rec.x.shape[0] != n):
             return None
         rec.claimed = True
         return rec
@@ -92,45 +96,105 @@ class FusedPlan:
         return out
 
 
-class _FusedLinearFn(torch.autograd.Function):
-    """``h = g(x W^T + b)`` computed by ``jvp_linear``; backward only for a gradient that reaches
-    ``h`` by the generic route (the claimed route bypasses it, and then it receives None)."""
+class _LinearOps:
+    """Forward and weight gradient of a fused ``fastdfa.Linear`` (input and state as ``[N, features]``)."""
+
+    def __init__(self, layer, kernels):
+        self.layer, self.kernels = layer, kernels
+
+    def forward(self, x2):
+        """``(h, state)`` from one ``jvp_linear`` launch: GEMM, bias, activation and state in one pass."""
+        lay = self.layer
+        h, _, state = self.kernels.jvp_linear(x2, lay.weight, lay.bias, lay.activation)
+        return h, state
+
+    def weight_grad(self, delta2, x2):
+        return delta2.t() @ x2, (delta2.sum(0) if self.layer.bias is not None else None)
+
+
+class _ConvOps:
+    """Forward and weight gradient of a fused ``fastdfa.Conv2d``.
+
+    The convolution stays cuDNN's (torch's): an im2col GEMM would write
+    k*k*C_in*H*W values per sample, and a Triton implicit-GEMM convolution is
+    not in this version. What the fused route saves for a conv layer is the
+    separate activation backward pass (g' is applied in the projection's
+    epilogue) and the input gradient (``convolution_backward`` is asked for dW
+    and db only).
+    """
+
+    def __init__(self, layer, padding):
+        self.layer, self.padding = layer, padding
+
+    def forward(self, xp):
+        lay = self.layer
+        a = F.conv2d(xp, lay.weight, lay.bias, lay.stride, self.padding, lay.dilation, lay.groups)
+        kind = STATE_OF[lay.activation]
+        h = apply_activation(a, lay.activation)
+        state = {"mask": (a > 0).to(torch.uint8) if kind == "mask" else None, "pre": a, "output": h,
+                 None: None}[kind]
+        return h, state
+
+    def weight_grad(self, delta, xp):
+        lay = self.layer
+        delta = delta.reshape(xp.shape[0], *delta.shape[1:]) if delta.dim() == 4 else delta
+        has_bias = lay.bias is not None
+        _, gw, gb = torch.ops.aten.convolution_backward(
+            delta, xp, lay.weight, [lay.weight.shape[0]] if has_bias else None, list(lay.stride),
+            list(self.padding), list(lay.dilation), False, [0, 0], lay.groups, [False, True, has_bias])
+        return gw, (gb if has_bias else None)
+
+
+class _FusedLayerFn(torch.autograd.Function):
+    """``h = g(layer(x))`` by the layer's fused forward; its backward runs only for a gradient that
+    reaches ``h`` by the generic route (a claimed output gets None here: the output node did the work)."""
 
     @staticmethod
-    def forward(ctx, x2, weight, bias, activation, kernels, holder):
+    def forward(ctx, x, weight, bias, ops, holder):
         ctx.set_materialize_grads(False)
-        h, _, state = kernels.jvp_linear(x2, weight, bias, activation)
+        h, state = ops.forward(x)
         holder.append(state)
         # tanh / sigmoid: the state is h itself, saved as an output (autograd checks its version).
-        ctx.save_for_backward(x2, state)
-        ctx.activation = activation
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, state)
+        ctx.ops = ops
         return h
 
     @staticmethod
     def backward(ctx, grad_h):
-        if grad_h is None:  # the claimed route: dW and db were computed by the output node
-            return None, None, None, None, None, None
-        x2, state = ctx.saved_tensors
-        delta = grad_h * derivative_from_state(state, ctx.activation, grad_h.dtype)
-        grad_w = delta.t() @ x2
-        grad_b = delta.sum(0) if ctx.has_bias else None
-        return None, grad_w, grad_b, None, None, None
+        if grad_h is None:
+            return None, None, None, None, None
+        x, state = ctx.saved_tensors
+        delta = grad_h * derivative_from_state(state, ctx.ops.layer.activation, grad_h.dtype)
+        grad_w, grad_b = ctx.ops.weight_grad(delta, x)
+        return None, grad_w, grad_b, None, None
+
+
+def _record(engine, layer, x_saved, ops, out_shape=None) -> torch.Tensor:
+    holder: list = []
+    h = _FusedLayerFn.apply(x_saved, layer.weight, layer.bias, ops, holder)
+    state = holder[0]
+    n = x_saved.shape[0]
+    if state is not None:
+        if state.data_ptr() == h.data_ptr():
+            state = h.detach()  # tanh / sigmoid: the output is the state (an alias, no copy)
+        state = state.reshape(n, -1)  # [N, features], as dfa_project reads it
+    if out_shape is not None:
+        h = h.view(out_shape)
+    engine._recording.plan.records[id(h)] = FusedRecord(layer, x_saved, state, h, h._version,
+                                                        rows=h[0].numel() if h.dim() == 2 else h.numel() // n, ops=ops)
+    return h
 
 
 def fused_linear_forward(engine, layer, x: torch.Tensor) -> torch.Tensor:
-    """The training forward of a ``fastdfa.Linear`` on a kernel backend; records it for claiming."""
-    plan: FusedPlan = engine._recording.plan
+    """The training forward of a ``fastdfa.Linear`` on a kernel backend; recorded for claiming."""
     x2 = x.reshape(-1, x.shape[-1])
-    holder: list = []
-    h = _FusedLinearFn.apply(x2, layer.weight, layer.bias, layer.activation, engine._kernels, holder)
-    state = holder[0]
-    if state is not None and state.data_ptr() == h.data_ptr():
-        state = h.detach()  # tanh / sigmoid: the output is the state (an alias, no copy)
-    if x.dim() != 2:
-        h = h.view(*x.shape[:-1], layer.out_features)
-    plan.records[id(h)] = FusedRecord(layer, x2, state, h, h._version)
-    return h
+    out_shape = (*x.shape[:-1], layer.out_features) if x.dim() != 2 else None
+    return _record(engine, layer, x2, _LinearOps(layer, engine._kernels), out_shape)
+
+
+def fused_conv_forward(engine, layer, xp: torch.Tensor, padding) -> torch.Tensor:
+    """The training forward of a ``fastdfa.Conv2d`` (input already padded to ``padding``); recorded."""
+    return _record(engine, layer, xp, _ConvOps(layer, padding))
 
 
 def fused_backward(engine, error: torch.Tensor, batch_shape, plan: FusedPlan, site_dtypes):
@@ -139,49 +203,45 @@ def fused_backward(engine, error: torch.Tensor, batch_shape, plan: FusedPlan, si
     e = error.reshape(math.prod(batch_shape), -1)
     feedback = engine.feedback.flat
     sites = engine._sites
-    psites = []
-    for site, rec in zip(sites, plan.site_producers):
-        if rec is None:
-            psites.append(kernels.ProjectSite(site.offset, site.rows))
-        else:
-            psites.append(kernels.ProjectSite(site.offset, site.rows, rec.layer.activation, rec.state))
-    projected = kernels.dfa_project(e, feedback, psites) if sites else None
-    site_grads = split_projection(projected, engine._layout, batch_shape) if sites else []
-    site_grads = [None if rec is not None else (g if g.dtype == dt else g.to(dt))
-                  for g, rec, dt in zip(site_grads, plan.site_producers, site_dtypes)]
-
-    deltas, inputs, layers = [], [], []
-    for site, rec in zip(sites, plan.site_producers):
-        if rec is not None:
-            deltas.append(projected[:, site.offset:site.offset + site.rows])
-            inputs.append(rec.x)
-            layers.append(rec.layer)
-    out_rec = plan.output_producer
-    if out_rec is not None:
-        d = e.to(feedback.dtype) if sites else e
-        if out_rec.layer.activation is not None:
-            d = d * derivative_from_state(out_rec.state, out_rec.layer.activation, d.dtype)
-        deltas.append(d)
-        inputs.append(out_rec.x)
-        layers.append(out_rec.layer)
     for rec in plan.claimed:
         if rec.out._version != rec.out_version:
             raise RuntimeError(f"the output of fused layer {engine._names[id(rec.layer)]!r} was modified in "
                                "place after the forward; its saved activation state is stale")
-    if engine.wgrad == "grouped" and deltas:
-        dtypes = {d.dtype for d in deltas} | {x.dtype for x in inputs}
-        if len(dtypes) == 1:
-            grads = kernels.dfa_wgrad(deltas, inputs, [lay.bias is not None for lay in layers])
-        else:
-            grads = [(d.t() @ x, d.sum(0) if lay.bias is not None else None)
-                     for d, x, lay in zip(deltas, inputs, layers)]
-    else:
-        grads = [(d.t() @ x.to(d.dtype), d.sum(0) if lay.bias is not None else None)
-                 for d, x, lay in zip(deltas, inputs, layers)]
+    site_grads, claimed = [], []  # claimed: (record, delta [N, features])
+    if sites:
+        psites = [kernels.ProjectSite(site.offset, site.rows) if rec is None else
+                  kernels.ProjectSite(site.offset, site.rows, rec.layer.activation, rec.state)
+                  for site, rec in zip(sites, plan.site_producers)]
+        projected = kernels.dfa_project(e, feedback, psites)  # ONE launch: every site, g' fused
+        for g, site, rec, dt in zip(split_projection(projected, engine._layout, batch_shape), sites,
+                                    plan.site_producers, site_dtypes):
+            if rec is None:
+                site_grads.append(g if g.dtype == dt else g.to(dt))
+            else:
+                site_grads.append(None)  # the claimed route: no gradient flows into the producer's node
+                claimed.append((rec, projected[:, site.offset:site.offset + site.rows]))
+    out_rec = plan.output_producer
+    if out_rec is not None:
+        d = e if e.dtype == out_rec.x.dtype else e.to(out_rec.x.dtype)
+        if out_rec.layer.activation is not None:
+            d = d * derivative_from_state(out_rec.state, out_rec.layer.activation, d.dtype)
+        claimed.append((out_rec, d))
+
+    grads = {}
+    linear = [(r, d) for r, d in claimed if isinstance(r.ops, _LinearOps)]
+    if (engine.wgrad == "grouped" and linear
+            and len({d.dtype for _, d in linear} | {r.x.dtype for r, _ in linear}) == 1):
+        # ONE launch for every claimed Linear's dW and db.
+        for (r, _), g in zip(linear, kernels.dfa_wgrad([d for _, d in linear], [r.x for r, _ in linear],
+                                                       [r.layer.bias is not None for r, _ in linear])):
+            grads[id(r)] = g
+    for r, d in claimed:
+        if id(r) not in grads:  # per-layer: wgrad="per-layer", convolutions, mixed dtypes
+            grads[id(r)] = r.ops.weight_grad(d.reshape(r.out.shape) if isinstance(r.ops, _ConvOps) else d, r.x)
     param_grads = []
-    for lay, (gw, gb) in zip(layers, grads):
-        param_grads.append(gw.to(lay.weight.dtype))
-        if lay.bias is not None:
-            param_grads.append(gb.to(lay.bias.dtype))
-    output_grad = None if out_rec is not None else error
-    return output_grad, site_grads, param_grads
+    for r in plan.claimed:
+        gw, gb = grads[id(r)]
+        param_grads.append(gw.to(r.layer.weight.dtype))
+        if r.layer.bias is not None:
+            param_grads.append(gb.to(r.layer.bias.dtype))
+    return (None if out_rec is not None else error), site_grads, param_grads

@@ -24,7 +24,7 @@ from torch import nn
 
 from .activations import apply_activation, check_activation
 from .feedback import feedback_matrix, seeded_generator
-from .fused import fused_linear_forward, fusing_engine_for
+from .fused import fused_conv_forward, fused_linear_forward, fusing_engine_for
 
 
 def _init_feedback_weight(layer: nn.Module, seed: int, index: int) -> None:
@@ -176,6 +176,11 @@ class Conv2d(nn.Conv2d):
         _init_feedback_weight(self, seed=0, index=0)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            engine = fusing_engine_for(self)
+            if engine is not None and not input.requires_grad:
+                x, padding = _explicit_padding(self, input)
+                return fused_conv_forward(engine, self, x, padding)
         if self._fa_active and torch.is_grad_enabled():
             x, padding = _explicit_padding(self, input)
             y = _FAConv2dFn.apply(x, self.weight, self.bias, self.feedback_weight,
