@@ -79,3 +79,34 @@ def test_site_inputs_are_cut_from_autograd():
     # Forward hooks see the inputs the layers computed on (after the wrapper's pre-hooks).
     assert seen[0] is x.grad_fn  # the first module executed is not a site: its input is not cut
     assert seen[1:] == [None, None]
+
+
+def test_triton_backend_leaves_no_matmul_to_torch():
+    """backend="triton", all layers claimed: the projection and every weight gradient are kernel
+    launches (tests/test_triton_engine.py counts them), so the backward runs no torch matmul at all."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton needs a GPU or TRITON_INTERPRET=1")
+    model = make_mlp(12, (10, 10, 10), 4)
+    dfa = fastdfa.DFA(model, backend="triton")
+    loss = F.cross_entropy(dfa(torch.randn(6, 12)), torch.randint(0, 4, (6,)))
+    assert dfa.fused_layers == ["1", "2", "3", "4"]
+    with CountOps() as counter:
+        loss.backward()
+    assert counter.matmuls == 0 and all(p.grad is not None for p in model.parameters())
+
+
+def test_triton_backend_conv_weight_gradient_only():
+    """A claimed conv layer asks convolution_backward for dW and db only: no dX."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton needs a GPU or TRITON_INTERPRET=1")
+    model = nn.Sequential(fastdfa.Conv2d(1, 3, 3, padding=1, activation="relu"),
+                          fastdfa.Conv2d(3, 2, 3, padding=1, activation="relu"), nn.Flatten(),
+                          fastdfa.Linear(2 * 6 * 6, 4))
+    dfa = fastdfa.DFA(model, backend="triton")
+    loss = F.cross_entropy(dfa(torch.randn(3, 1, 6, 6)), torch.randint(0, 4, (3,)))
+    assert dfa.fused_layers == ["0", "3"]  # conv "1" is flattened (a view) first: generic route
+    with CountOps() as counter:
+        loss.backward()
+    assert counter.conv_backward_masks and all(not m[0] for m in counter.conv_backward_masks)
