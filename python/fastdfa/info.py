@@ -7,7 +7,7 @@ import platform
 import torch
 
 from . import __version__
-from .backends import BACKENDS, _module_version, backend_status
+from .backends import BACKENDS, OPS, _module_version, backend_status
 
 
 def machine_info() -> dict:
@@ -39,4 +39,5 @@ def info_text() -> str:
     for name in BACKENDS:
         status = backend_status(name)
         lines.append(f"  {name:<7} {'available' if status.available else 'unavailable':<12} {status.reason}")
+        lines.append(f"  {'':<7} ops: {', '.join(sorted(OPS[name])) or 'none'}")
     return "\n".join(lines)
