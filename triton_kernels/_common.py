@@ -89,3 +89,13 @@ def derivative_of_pre(a, ACT: tl.constexpr):
     else:
         d = a * 0.0 + 1.0
     return d
+
+
+@triton.jit
+def load_grouped_tile(tile_table, pid):
+    """(group, tile row, tile column) of program ``pid`` from a ``[tiles, 3]`` int64 tile table
+    (``_tables.grouped_tiles``): how a grouped launch finds its layer / site and its output tile."""
+    group = tl.load(tile_table + 3 * pid)
+    tile_m = tl.load(tile_table + 3 * pid + 1)
+    tile_n = tl.load(tile_table + 3 * pid + 2)
+    return group, tile_m, tile_n

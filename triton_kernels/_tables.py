@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 
 import torch
+import triton
 
 
 class TableCache:
@@ -46,3 +47,10 @@ class TableCache:
 
     def clear(self) -> None:
         self._tables.clear()
+
+
+def grouped_tiles(shapes: Sequence[tuple[int, int]], block_m: int, block_n: int) -> list[tuple[int, int, int]]:
+    """Rows of a grouped launch's tile table: (group, tile row, tile column) for every output tile
+    of every group's ``[M, N]`` output, group after group."""
+    return [(g, i, j) for g, (m, n) in enumerate(shapes)
+            for i in range(triton.cdiv(m, block_m)) for j in range(triton.cdiv(n, block_n))]

@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, tl_dtype
-from ._tables import TableCache
+from ._common import dot_precision, load_grouped_tile, tl_dtype
+from ._tables import TableCache, grouped_tiles
 
 _SITE_FIELDS = tl.constexpr(6)  # offset, rows, P address, P row stride, T address, T row stride
 
@@ -77,10 +77,7 @@ def _align_step_kernel(
     DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    s = tl.load(tile_table + 3 * pid)
-    tile_m = tl.load(tile_table + 3 * pid + 1)
-    tile_n = tl.load(tile_table + 3 * pid + 2)
+    s, tile_m, tile_n = load_grouped_tile(tile_table, tl.program_id(0))
     base = site_table + _SITE_FIELDS * s
     offset = tl.load(base)
     rows = tl.load(base + 1)
@@ -157,11 +154,8 @@ def align_step(feedback_all: torch.Tensor, sites: Sequence[AlignSite], lr: float
     if batch == 0:
         return stats[:, 0, 0].clone()
     bm, bn, br, warps = _blocks(batch, max(s.rows for s in sites), k, device)
-    shapes = tuple(s.rows for s in sites)
-    tiles = _TABLES.get(("tiles", bm, bn, k) + shapes,
-                        lambda: [(i, a, c) for i, m in enumerate(shapes)
-                                 for a in range(triton.cdiv(m, bm)) for c in range(triton.cdiv(k, bn))],
-                        torch.int64, device)
+    shapes = tuple((s.rows, k) for s in sites)
+    tiles = _TABLES.get(("tiles", bm, bn) + shapes, lambda: grouped_tiles(shapes, bm, bn), torch.int64, device)
     table = _TABLES.get(("sites",) + tuple(rows), lambda: rows, torch.int64, device)
     for pass_ in (1, 2):
         _align_step_kernel[(tiles.shape[0],)](

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, tl_dtype
-from ._tables import TableCache
+from ._common import dot_precision, load_grouped_tile, tl_dtype
+from ._tables import TableCache, grouped_tiles
 
 _GROUP_FIELDS = 8  # delta addr, delta row stride, x addr, x row stride, dW addr, db addr (0: none), M, K
 _GROUP_FIELDS_C = tl.constexpr(_GROUP_FIELDS)  # the same, as a compile-time constant for the kernel
@@ -43,10 +43,7 @@ def _dfa_wgrad_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    g = tl.load(tile_table + 3 * pid)
-    tile_m = tl.load(tile_table + 3 * pid + 1)
-    tile_n = tl.load(tile_table + 3 * pid + 2)
+    g, tile_m, tile_n = load_grouped_tile(tile_table, tl.program_id(0))
     base = group_table + _GROUP_FIELDS_C * g
     delta = tl.load(base).to(tl.pointer_type(DTYPE))          # [N, M_l], unit column stride
     stride_d = tl.load(base + 1)
@@ -127,10 +124,7 @@ def dfa_wgrad(
         return outs
     bm, bn, br, warps = _blocks(n, max(r[6] for r in rows), max(r[7] for r in rows), device)
     shapes = tuple((r[6], r[7]) for r in rows)
-    tiles = _TABLES.get(("tiles", bm, bn) + shapes,
-                        lambda: [(g, i, j) for g, (m, k) in enumerate(shapes)
-                                 for i in range(triton.cdiv(m, bm)) for j in range(triton.cdiv(k, bn))],
-                        torch.int64, device)
+    tiles = _TABLES.get(("tiles", bm, bn) + shapes, lambda: grouped_tiles(shapes, bm, bn), torch.int64, device)
     groups = _TABLES.get(("groups",) + tuple(rows), lambda: rows, torch.int64, device)
     _dfa_wgrad_kernel[(tiles.shape[0],)](
         groups, tiles, n, DTYPE=tl_dtype(dtype), DOT_PRECISION=dot_precision(),
