@@ -181,7 +181,7 @@ def _record(engine, layer, x_saved, ops, out_shape=None) -> torch.Tensor:
     if out_shape is not None:
         h = h.view(out_shape)
     engine._recording.plan.records[id(h)] = FusedRecord(layer, x_saved, state, h, h._version,
-                                                        rows=h[0].numel() if h.dim() == 2 else h.numel() // n, ops=ops)
+                                                        rows=h.numel() // n if n else 0, ops=ops)
     return h
 
 
