@@ -9,6 +9,8 @@ torch path of the engine uses.
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 import torch.nn.functional as F
 
@@ -45,3 +47,15 @@ def derivative_from_state(state: torch.Tensor | None, activation: str | None,
     if activation == "gelu":
         return torch.special.ndtr(s) + s * torch.exp(-0.5 * s * s) * _INV_SQRT_2PI
     raise ValueError(f"unknown activation {activation!r}")
+
+
+# While fastdfa.metrics.gradient_alignment runs, the layers append (module, pre-activation) here.
+CAPTURE: contextvars.ContextVar = contextvars.ContextVar("fastdfa_capture_preactivations", default=None)
+
+
+def activate(module, a: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """g(a) for a layer's pre-activation ``a``, handing ``a`` to an active capture first."""
+    captured = CAPTURE.get()
+    if captured is not None:
+        captured.append((module, a))
+    return apply_activation(a, activation)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .activations import apply_activation, check_activation
+from .activations import activate, check_activation
 from .feedback import feedback_matrix, seeded_generator
 from .fused import fused_conv_forward, fused_linear_forward, fusing_engine_for
 
@@ -123,9 +123,9 @@ class Linear(nn.Linear):
             if engine is not None and not input.requires_grad:
                 return fused_linear_forward(engine, self, input)
             if self._fa_active:
-                return apply_activation(_FALinearFn.apply(input, self.weight, self.bias, self.feedback_weight),
-                                        self.activation)
-        return apply_activation(F.linear(input, self.weight, self.bias), self.activation)
+                return activate(self, _FALinearFn.apply(input, self.weight, self.bias, self.feedback_weight),
+                                self.activation)
+        return activate(self, F.linear(input, self.weight, self.bias), self.activation)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
@@ -187,7 +187,7 @@ class Conv2d(nn.Conv2d):
                                   self.stride, padding, self.dilation, self.groups)
         else:
             y = super().forward(input)
-        return apply_activation(y, self.activation)
+        return activate(self, y, self.activation)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
