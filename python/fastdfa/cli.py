@@ -49,6 +49,11 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                         "torch on the CPU); see `python -m fastdfa info`")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON to this path")
+    p.add_argument("--log-alignment", action="store_true",
+                   help="measure weight and gradient alignment (WA, GA per layer) before training and after "
+                        "every epoch, for fa and dfa; recorded in --json")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="with --log-alignment: draw WA and GA over the epochs into this PNG")
     p.add_argument("--keep-denormals", action="store_true",
                    help="do not flush denormal floats to zero on the CPU (flushing is the default: Adam moments "
                         "of units with zero gradient decay into denormals, which slowed CPU steps by up to 40%%)")
@@ -62,7 +67,8 @@ def _config(args: argparse.Namespace, method: str) -> TrainConfig:
     return TrainConfig(method=method, model=args.model, hidden=args.hidden, activation=args.activation,
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                        weight_decay=args.weight_decay, seed=args.seed, feedback=args.feedback,
-                       conv_feedback=args.conv_feedback, device=args.device, backend=args.backend)
+                       conv_feedback=args.conv_feedback, device=args.device, backend=args.backend,
+                       log_alignment=args.log_alignment)
 
 
 def _load(args: argparse.Namespace):
@@ -86,14 +92,29 @@ def _write_json(path: Path | None, payload: dict) -> None:
     print(f"wrote {path}")
 
 
+def _check_plot(args: argparse.Namespace) -> None:
+    if args.plot is not None and not args.log_alignment:
+        raise ValueError("--plot draws the alignment records: add --log-alignment")
+
+
+def _plot(args: argparse.Namespace, runs: dict[str, dict]) -> None:
+    if args.plot is None:
+        return
+    from .plots import plot_alignment
+
+    print(f"wrote {plot_alignment(runs, args.plot)}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     config = _config(args, args.method)
     config.validate()
+    _check_plot(args)
     data = _load(args)
     result = train(config, data, progress=args.progress)
     print(f"{args.method}: final test accuracy {result.test_accuracy:.4f}, "
           f"median step {result.step_ms_median:.2f} ms")
     _write_json(args.json, {"machine": machine_info(), **result.to_json()})
+    _plot(args, {args.method: result.to_json()})
     return 0
 
 
@@ -107,6 +128,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base = _config(args, methods[0])
     for m in methods:
         replace(base, method=m).validate()
+    _check_plot(args)
     data = _load(args)
     results = {m: train(replace(base, method=m), data, progress=args.progress) for m in methods}
     # Step times side by side: the trained models take turns, step for step, on the same batches.
@@ -127,6 +149,66 @@ def cmd_compare(args: argparse.Namespace) -> int:
               f"(medians of {args.timing_rounds} interleaved steps after training)")
     _write_json(args.json, {"machine": machine_info(), "step_timing": timing,
                             "results": {m: r.to_json() for m, r in results.items()}})
+    _plot(args, {m: r.to_json() for m, r in results.items()})
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .finetune import FINETUNE_METHODS, finetune_runs, pretrain, summary
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    bad = [m for m in methods if m not in FINETUNE_METHODS]
+    if bad or not methods:
+        raise ValueError(f"--method takes a comma-separated subset of {','.join(FINETUNE_METHODS)}, got {args.method!r}")
+    _check_plot(args)
+    base = _config(args, "bp")
+    base.validate()
+    target = _load(args)
+    source = load_dataset(args.pretrain_data)
+    if source.input_shape != target.input_shape:
+        raise ValueError(f"--pretrain-data {args.pretrain_data} has inputs {source.input_shape} but --data has "
+                         f"{target.input_shape}")
+    if args.pretrained is not None and args.pretrained.exists():
+        from .train import build
+
+        dfa, _ = build(replace(base, seed=args.seeds[0]), source)
+        dfa.model.load_state_dict(torch.load(args.pretrained, map_location=args.device, weights_only=True))
+        pretrained, pre_acc = dfa.model, None
+        print(f"loaded the pretrained weights from {args.pretrained}")
+    else:
+        print(f"pretraining with BP on {source.name} for {args.pretrain_epochs} epochs")
+        pre = pretrain(replace(base, epochs=args.pretrain_epochs, seed=args.seeds[0], log_alignment=False),
+                       source, progress=args.progress)
+        pretrained, pre_acc = pre.model.model, pre.test_accuracy
+        if args.pretrained is not None:
+            args.pretrained.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(pretrained.state_dict(), args.pretrained)
+            print(f"saved the pretrained weights to {args.pretrained}")
+    results = finetune_runs(pretrained, base, target, methods, args.seeds, fwm_method=args.fwm_method,
+                            progress=args.progress)
+    table = summary(results)
+    print()
+    print(f"fine-tuning {source.name} -> {target.name}, {len(args.seeds)} seed(s), {args.epochs} epochs")
+    print(f"{'method':<8}{'mean':>8}{'std':>8}   per seed")
+    for m, row in table.items():
+        seeds = "  ".join(f"{a:.4f}" for a in row["test_accuracy"])
+        print(f"{m:<8}{row['mean']:>8.4f}{row['std']:>8.4f}   {seeds}")
+    _write_json(args.json, {"machine": machine_info(), "pretrain_data": source.name, "data": target.name,
+                            "pretrain_test_accuracy": pre_acc, "summary": table,
+                            "runs": {m: [r.to_json() for r in rs] for m, rs in results.items()}})
+    _plot(args, {f"{m} seed {r.config['seed']}": r.to_json() for m, rs in results.items() if m != "bp"
+                 for r in rs[:1]})
     return 0
 
 
@@ -149,6 +231,18 @@ def main(argv: list[str] | None = None) -> int:
                        help="interleaved steps per method timed after training (default 50)")
     _add_training_args(p_cmp)
     p_cmp.set_defaults(func=cmd_compare)
+    p_ft = sub.add_parser("finetune", help="pretrain with BP on one task, fine-tune on another with bp, dfa or fwm")
+    p_ft.add_argument("--pretrain-data", required=True,
+                      help="task A, same forms as --data; SPEC:CLASSES keeps those classes (digits:0-4)")
+    p_ft.add_argument("--method", default="bp,dfa,fwm",
+                      help="comma-separated fine-tuning rules among bp, dfa, fwm (default all three)")
+    p_ft.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="fine-tuning seeds (default 0,1,2)")
+    p_ft.add_argument("--pretrain-epochs", type=int, default=10)
+    p_ft.add_argument("--fwm-method", choices=("lstsq", "svd"), default="lstsq")
+    p_ft.add_argument("--pretrained", type=Path, default=None,
+                      help="load the pretrained weights from this file if it exists, else pretrain and save there")
+    _add_training_args(p_ft)
+    p_ft.set_defaults(func=cmd_finetune)
     p_info = sub.add_parser("info", help="versions and backend availability")
     p_info.set_defaults(func=cmd_info)
     args = parser.parse_args(argv)

@@ -122,12 +122,53 @@ def load_fashion_mnist(directory: str | os.PathLike = FASHION_MNIST_DIR) -> Data
     return load_idx_dir(directory, name="fashion-mnist")
 
 
+def parse_classes(text: str) -> list[int]:
+    """``"0-4"`` -> [0, 1, 2, 3, 4]; ``"1,3,5"`` -> [1, 3, 5]; ranges and lists mix (``"0-2,7"``)."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, hi = (int(v) for v in part.split("-", 1))
+            if hi < lo:
+                raise ValueError(f"class range {part!r} runs backwards")
+            out.extend(range(lo, hi + 1))
+        elif part:
+            out.append(int(part))
+    if not out or len(set(out)) != len(out) or min(out) < 0:
+        raise ValueError(f"classes {text!r}: give distinct non-negative labels like 0-4 or 1,3,5")
+    return out
+
+
+def select_classes(data: Dataset, classes: list[int]) -> Dataset:
+    """The samples of ``classes`` only, relabelled 0..k-1 in the order given (a new task for fine-tuning)."""
+    missing = [c for c in classes if c >= data.n_classes]
+    if missing:
+        raise ValueError(f"{data.name} has classes 0-{data.n_classes - 1}; {missing} do not exist")
+    remap = torch.full((data.n_classes,), -1, dtype=torch.int64)
+    remap[torch.tensor(classes)] = torch.arange(len(classes))
+
+    def pick(x, y):
+        keep = remap[y] >= 0
+        return x[keep], remap[y[keep]]
+
+    x_train, y_train = pick(data.x_train, data.y_train)
+    x_test, y_test = pick(data.x_test, data.y_test)
+    label = ",".join(str(c) for c in classes)
+    return Dataset(f"{data.name}:{label}", x_train, y_train, x_test, y_test, len(classes))
+
+
 def load_dataset(spec: str) -> Dataset:
-    """``digits``, ``fashion-mnist``, or a directory of IDX files."""
+    """``digits``, ``fashion-mnist``, or a directory of IDX files; ``SPEC:CLASSES`` (``digits:0-4``)
+    keeps only those classes, relabelled 0..k-1."""
+    if ":" in spec and not Path(spec).is_dir():
+        base, _, classes = spec.rpartition(":")
+        if classes and all(ch.isdigit() or ch in ",-" for ch in classes):
+            return select_classes(load_dataset(base), parse_classes(classes))
     if spec == "digits":
         return load_digits()
     if spec == "fashion-mnist":
         return load_fashion_mnist()
     if Path(spec).is_dir():
         return load_idx_dir(spec)
-    raise ValueError(f"unknown dataset {spec!r}: use 'digits', 'fashion-mnist' or a directory of IDX files")
+    raise ValueError(f"unknown dataset {spec!r}: use 'digits', 'fashion-mnist' or a directory of IDX files, "
+                     "optionally with :CLASSES (digits:0-4)")

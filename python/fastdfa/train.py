@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ class TrainConfig:
     conv_feedback: str = "dense"
     device: str = "cpu"
     backend: str | None = None  # None: FASTDFA_BACKEND or "auto" (fastdfa.backends)
+    log_alignment: bool = False  # WA and GA after every epoch (fastdfa.metrics), for fa and dfa
 
     @property
     def effective_lr(self) -> float:
@@ -63,6 +64,7 @@ class EpochResult:
     step_ms_mean: float
     step_ms_median: float
     seconds: float
+    alignment: dict | None = None  # {"weight": {layer: WA}, "gradient": {layer: GA}} with log_alignment
 
 
 @dataclass
@@ -72,6 +74,8 @@ class TrainResult:
     test_accuracy: float
     epochs: list[EpochResult] = field(default_factory=list)
     skipped_steps: int = 0
+    initial_alignment: dict | None = None  # WA / GA before the first step, with log_alignment
+    prepared: object = None                # what train(prepare=...) returned (e.g. the FWM report)
     model: object = field(default=None, repr=False)
     optimizer: object = field(default=None, repr=False)
 
@@ -82,7 +86,11 @@ class TrainResult:
         return statistics.median(e.step_ms_median for e in tail)
 
     def to_json(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("model", "optimizer")}
+        # Field by field: asdict() would deep-copy the model and optimizer it then drops.
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "optimizer")}
+        out["epochs"] = [asdict(e) for e in self.epochs]
+        if isinstance(self.prepared, list):
+            out["prepared"] = [p.to_dict() if hasattr(p, "to_dict") else p for p in self.prepared]
         out["step_ms_median"] = self.step_ms_median
         return out
 
@@ -103,10 +111,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
-def build(config: TrainConfig, data: Dataset) -> tuple[DFA, torch.optim.Optimizer]:
-    """Model (seeded by config.seed: the same init for every method), wrapper and optimizer."""
+def build(config: TrainConfig, data: Dataset, model: nn.Module | None = None) -> tuple[DFA, torch.optim.Optimizer]:
+    """Model (seeded by config.seed: the same init for every method; or ``model``, e.g. a pretrained
+    one), wrapper and optimizer."""
     torch.manual_seed(config.seed)
-    model = make_model(config.model, data.input_shape, data.n_classes, config.hidden, config.activation)
+    if model is None:
+        model = make_model(config.model, data.input_shape, data.n_classes, config.hidden, config.activation)
     # On the device before wrapping: an explicitly requested backend is checked against it.
     model = model.to(config.device)
     dfa = DFA(model, mode=config.method, seed=config.seed, feedback=config.feedback,
@@ -142,11 +152,27 @@ def make_step(dfa: DFA, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Te
     return step
 
 
-def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=print) -> TrainResult:
-    """Train with ``config.method``; per epoch: train loss, test accuracy, step times.
+ALIGNMENT_SAMPLES = 256  # the fixed training batch WA/GA logging measures GA on
 
-    A step is forward, loss, backward and optimizer step, timed with
-    ``time.perf_counter`` (after ``torch.cuda.synchronize`` on a GPU).
+
+def measure_alignment(dfa: DFA, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """WA per layer and GA per layer on (x, y) (fastdfa.metrics); leaves the model as it was."""
+    from .metrics import gradient_alignment, weight_alignment
+
+    return {"weight": weight_alignment(dfa), "gradient": gradient_alignment(dfa, x, y)}
+
+
+def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=print,
+          model: nn.Module | None = None, prepare=None) -> TrainResult:
+    """Train with ``config.method``; per epoch: train loss, test accuracy, step times
+    (and WA / GA with ``config.log_alignment``).
+
+    ``model``: start from this network (fine-tuning) instead of a fresh one.
+    ``prepare(dfa)``: called once the wrapper is built, before the first step
+    (e.g. ``fastdfa.init.feedback_weight_matching``); its return value is kept
+    in ``result.prepared``. A step is forward, loss, backward and optimizer
+    step, timed with ``time.perf_counter`` (after ``torch.cuda.synchronize``
+    on a GPU).
     """
     from tqdm.auto import tqdm
 
@@ -154,13 +180,18 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
     device = torch.device(config.device)
     if progress is None:
         progress = sys.stderr.isatty()
-    dfa, opt = build(config, data)
+    dfa, opt = build(config, data, model)
+    prepared = prepare(dfa) if prepare is not None else None
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     gen = torch.Generator().manual_seed(config.seed)
     result = TrainResult(config={**asdict(config), "lr": config.effective_lr}, dataset=data.name,
-                         test_accuracy=0.0)
+                         test_accuracy=0.0, prepared=prepared)
     n = len(x_train)
+    log_alignment = config.log_alignment and config.method in ("fa", "dfa")
+    if log_alignment:
+        x_align, y_align = x_train[:ALIGNMENT_SAMPLES], y_train[:ALIGNMENT_SAMPLES]
+        result.initial_alignment = measure_alignment(dfa, x_align, y_align)
     for epoch in range(1, config.epochs + 1):
         dfa.train()
         order = torch.randperm(n, generator=gen).to(device)
@@ -181,13 +212,21 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
             if progress and len(losses) % 20 == 0:
                 bar.set_postfix(loss=f"{float(losses[-1]):.4f}")
         bar.close()
+        seconds = time.perf_counter() - start
         acc = evaluate(dfa, x_test, y_test)
+        alignment = measure_alignment(dfa, x_align, y_align) if log_alignment else None
         epoch_result = EpochResult(epoch, float(torch.stack(losses).mean()), acc, statistics.fmean(step_ms),
-                                   statistics.median(step_ms), time.perf_counter() - start)
+                                   statistics.median(step_ms), seconds, alignment)
         result.epochs.append(epoch_result)
         if log is not None:
+            extra = ""
+            if alignment is not None:
+                from .metrics import alignment_summary
+                extra = (f"  WA {alignment_summary(alignment['weight']):.3f}"
+                         f"  GA {alignment_summary(alignment['gradient']):.3f}")
             log(f"{config.method:>4} epoch {epoch:>3}/{config.epochs}  loss {epoch_result.train_loss:.4f}  "
-                f"test acc {acc:.4f}  step {epoch_result.step_ms_mean:.2f} ms mean, {epoch_result.step_ms_median:.2f} median")
+                f"test acc {acc:.4f}  step {epoch_result.step_ms_mean:.2f} ms mean, "
+                f"{epoch_result.step_ms_median:.2f} median{extra}")
     result.test_accuracy = result.epochs[-1].test_accuracy
     result.skipped_steps = dfa.skipped_steps
     result.model, result.optimizer = dfa, opt  # for side-by-side timing after training
