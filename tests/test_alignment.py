@@ -254,3 +254,23 @@ def test_metrics_leave_the_model_as_it_was():
     assert torch.equal(rng, torch.get_rng_state())
     with fastdfa.backprop(dfa), pytest.raises(ValueError, match="'bp'"):
         gradient_alignment(dfa, x, t)
+
+
+def test_alignment_log_records_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastdfa.metrics import AlignmentLog
+    dfa, model = _wrapped_mlp()
+    x, t = torch.randn(16, 10, dtype=DT), torch.randint(0, 4, (16,))
+    log = AlignmentLog(dfa, x, t)
+    first = log(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(30):
+        opt.zero_grad()
+        F.cross_entropy(dfa(x), t).backward()
+        opt.step()
+    last = log(30)
+    assert [r["step"] for r in log.records] == [0, 30]
+    # Training with DFA turns the weights towards the feedback: WA of the output layer grows.
+    assert last["weight"]["4"] > first["weight"]["4"]
+    png = log.plot(tmp_path / "a.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"

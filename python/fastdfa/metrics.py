@@ -145,3 +145,36 @@ def gradient_alignment(dfa: DFA, x, target, loss_fn: Callable = F.cross_entropy)
 def alignment_summary(values: dict[str, float]) -> float:
     """The mean over layers, for one-number logs (NaN for an empty dict)."""
     return sum(values.values()) / len(values) if values else math.nan
+
+
+class AlignmentLog:
+    """A callback for your own training loop: each call records WA and GA on a fixed batch.
+
+        log = fastdfa.metrics.AlignmentLog(dfa, x_fixed, y_fixed)
+        for epoch in range(epochs):
+            ...train...
+            log(epoch)                 # {"step": epoch, "weight": {...}, "gradient": {...}}
+        log.plot("alignment.png")      # WA and GA per layer over the calls
+
+    Each call leaves the model, its gradients and its mode as they were (see
+    ``gradient_alignment``).
+    """
+
+    def __init__(self, dfa: DFA, x, target, loss_fn: Callable = F.cross_entropy):
+        if not isinstance(dfa, DFA):
+            raise TypeError(f"AlignmentLog needs a fastdfa.DFA, got {type(dfa).__name__}")
+        self.dfa, self.x, self.target, self.loss_fn = dfa, x, target, loss_fn
+        self.records: list[dict] = []
+
+    def __call__(self, step=None) -> dict:
+        record = {"step": len(self.records) if step is None else step,
+                  "weight": weight_alignment(self.dfa) if self.dfa.built else {},
+                  "gradient": gradient_alignment(self.dfa, self.x, self.target, self.loss_fn)}
+        self.records.append(record)
+        return record
+
+    def plot(self, path, label: str | None = None):
+        from .plots import plot_alignment_records
+
+        return plot_alignment_records({label or self.dfa.mode: [(r["step"], r) for r in self.records]}, path,
+                                      xlabel="step")

@@ -4,30 +4,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
+Record = dict  # {"weight": {layer: WA}, "gradient": {layer: GA}}
 
-def plot_alignment(runs: dict[str, dict], path: str | Path) -> Path:
-    """One row per run (label -> ``TrainResult.to_json()`` recorded with log_alignment), two panels:
-    weight alignment and gradient alignment per layer against the epoch (0 = before training)."""
+
+def plot_alignment_records(series: dict[str, list[tuple[float, Record]]], path: str | Path,
+                           xlabel: str = "epoch") -> Path:
+    """One row per label, two panels (WA and GA per layer) against x; ``series[label]`` is a list of
+    ``(x, record)`` as ``fastdfa.metrics.AlignmentLog`` or ``--log-alignment`` record them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {k: v for k, v in runs.items() if v.get("initial_alignment") is not None}
-    if not runs:
-        raise ValueError("no run has alignment records: train fa or dfa with --log-alignment")
-    fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3.2 * len(runs)), squeeze=False)
-    for row, (label, run) in enumerate(runs.items()):
-        records = [run["initial_alignment"]] + [e["alignment"] for e in run["epochs"]]
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        raise ValueError("no alignment records to plot: train fa or dfa with --log-alignment")
+    fig, axes = plt.subplots(len(series), 2, figsize=(10, 3.2 * len(series)), squeeze=False)
+    for row, (label, points) in enumerate(series.items()):
+        xs = [x for x, _ in points]
         for col, (kind, title) in enumerate((("weight", "weight alignment (WA)"),
                                              ("gradient", "gradient alignment (GA)"))):
             ax = axes[row][col]
-            layers = list(records[0][kind])
-            for layer in layers:
-                ax.plot(range(len(records)), [r[kind].get(layer, float("nan")) for r in records],
-                        marker="o", markersize=3, label=f"layer {layer}")
+            for layer in points[0][1][kind]:
+                ax.plot(xs, [r[kind].get(layer, float("nan")) for _, r in points], marker="o", markersize=3,
+                        label=f"layer {layer}")
             ax.set_title(f"{label}: {title}", fontsize=10)
-            ax.set_xlabel("epoch")
+            ax.set_xlabel(xlabel)
             ax.set_ylim(-0.1, 1.05)
             ax.axhline(0, color="grey", linewidth=0.5)
             ax.grid(alpha=0.3)
@@ -38,3 +40,14 @@ def plot_alignment(runs: dict[str, dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_alignment(runs: dict[str, dict], path: str | Path) -> Path:
+    """The same for training runs: label -> ``TrainResult.to_json()`` recorded with log_alignment
+    (epoch 0 is before the first step)."""
+    series = {}
+    for label, run in runs.items():
+        if run.get("initial_alignment") is None:
+            continue
+        series[label] = [(0, run["initial_alignment"])] + [(e["epoch"], e["alignment"]) for e in run["epochs"]]
+    return plot_alignment_records(series, path)
