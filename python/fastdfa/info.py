@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
 
 import torch
 
@@ -10,9 +12,24 @@ from . import __version__
 from .backends import BACKENDS, OPS, _module_version, backend_status
 
 
+def source_commit() -> str | None:
+    """The git commit of the source tree fastdfa runs from (``+dirty`` with uncommitted changes), if any."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def machine_info() -> dict:
-    """Facts that identify a measurement: versions, device, threads."""
+    """Facts that identify a measurement: versions, device, threads, source commit."""
     info = {
+        "commit": source_commit(),
         "fastdfa": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
