@@ -11,7 +11,8 @@ rows ``[offset, offset + n_l)`` of the stacked feedback), the perturbations
     dL/dB_j = -(1 / n_out) (J_j / (|B_j| |J_j|) - c_j B_j / |B_j|^2)
     B_j <- B_j - lr dL/dB_j,  then  B_j <- B_j / |B_j|
 
-Equivalent PyTorch code: ``align_step_reference`` below.
+Equivalent PyTorch code: ``align_step_reference`` (``fastdfa/align.py``, importable
+without triton: the torch backend runs it).
 
 The step is ``B_j' = alpha_j B_j + beta_j J_j`` with ``alpha_j = 1 - lr c_j /
 (n_out |B_j|^2)`` and ``beta_j = lr / (n_out |B_j| |J_j|)``, so its norm is
@@ -32,24 +33,16 @@ A column whose J_j is zero (a dead output) gets no step, only the normalisation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from ..align import AlignSite, align_step_reference  # noqa: F401  (the PyTorch definition, kept with the engine)
 from ._common import dot_precision, load_grouped_tile, tl_dtype
 from ._tables import TableCache, grouped_tiles
 
 _SITE_FIELDS = tl.constexpr(6)  # offset, rows, P address, P row stride, T address, T row stride
-
-
-@dataclass(frozen=True)
-class AlignSite:
-    offset: int                # first row of the site's feedback in the stacked buffer
-    rows: int                  # n_l
-    perturbation: torch.Tensor  # P [batch, n_l]
-    tangent: torch.Tensor       # T [batch, n_out] (one per site, or the same tensor for all: "shared" JVP)
 
 
 @triton.jit
@@ -167,23 +160,3 @@ def align_step(feedback_all: torch.Tensor, sites: Sequence[AlignSite], lr: float
     live = (jj > 0) & (bb > 0)
     cos = torch.where(live, bj / (bb.sqrt() * jj.sqrt()).clamp_min(1e-30), torch.zeros_like(bj))
     return cos.mean(dim=1)
-
-
-def align_step_reference(feedback_all: torch.Tensor, sites: Sequence[AlignSite], lr: float):
-    """PyTorch definition; returns (new feedback, mean column cosines before the step). Same
-    dead-column rule as the kernel: a column with J_j = 0 is left unchanged."""
-    new = feedback_all.clone()
-    k = feedback_all.shape[1]
-    cosines = []
-    for s in sites:
-        b = feedback_all[s.offset:s.offset + s.rows]
-        j = s.perturbation.to(b.dtype).t() @ s.tangent.to(b.dtype) / s.perturbation.shape[0]
-        nb, nj = b.norm(dim=0), j.norm(dim=0)
-        live = (nj > 0) & (nb > 0)
-        denom = torch.where(live, nb * nj, torch.ones_like(nb))
-        cos = torch.where(live, (b * j).sum(0) / denom, torch.zeros_like(nb))
-        grad = -(j / denom - cos * b / torch.where(live, nb * nb, torch.ones_like(nb))) / k
-        stepped = torch.where(live, b - lr * grad, b)
-        new[s.offset:s.offset + s.rows] = stepped / stepped.norm(dim=0)
-        cosines.append(cos.mean())
-    return new, torch.stack(cosines)

@@ -30,6 +30,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits",
                    help="digits (bundled with scikit-learn), fashion-mnist (Debian's dataset-fashion-mnist), "
                         "or a directory of MNIST-layout IDX files (default: digits)")
+    p.add_argument("--train-samples", type=int, default=None, metavar="N",
+                   help="train on a seeded random N of the training set (the test set stays whole)")
     p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
     p.add_argument("--hidden", type=_hidden, default=(256, 256, 256), help="MLP hidden widths (default 256,256,256)")
     p.add_argument("--activation", choices=("relu", "tanh", "gelu", "sigmoid"), default="relu")
@@ -49,6 +51,17 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                         "torch on the CPU); see `python -m fastdfa info`")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON to this path")
+    p.add_argument("--feedback-lr", type=float, default=0.5, help="grape: step size of the feedback alignment")
+    p.add_argument("--perturb", choices=("activation", "weight", "auto"), default="activation",
+                   help="grape: where the JVP perturbs (default activation)")
+    p.add_argument("--jvp", choices=("per-site", "shared"), default="per-site",
+                   help="grape: one tangent per site (exact) or one shared dual pass (default per-site)")
+    p.add_argument("--calibrate-every", type=int, default=0, metavar="T",
+                   help="one exact-BP batch every T epochs (GrAPE's calibration; 0: never)")
+    p.add_argument("--calibrate-below", type=float, default=None, metavar="GA",
+                   help="adaptive calibration: one BP batch whenever the mean gradient alignment, checked every "
+                        "--check-every steps on a fixed batch, is below GA")
+    p.add_argument("--check-every", type=int, default=50, help="steps between alignment checks (default 50)")
     p.add_argument("--log-alignment", action="store_true",
                    help="measure weight and gradient alignment (WA, GA per layer) before training and after "
                         "every epoch, for fa and dfa; recorded in --json")
@@ -68,7 +81,9 @@ def _config(args: argparse.Namespace, method: str) -> TrainConfig:
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                        weight_decay=args.weight_decay, seed=args.seed, feedback=args.feedback,
                        conv_feedback=args.conv_feedback, device=args.device, backend=args.backend,
-                       log_alignment=args.log_alignment)
+                       log_alignment=args.log_alignment, feedback_lr=args.feedback_lr, perturb=args.perturb,
+                       jvp=args.jvp, calibrate_every=args.calibrate_every, calibrate_below=args.calibrate_below,
+                       check_every=args.check_every)
 
 
 def _load(args: argparse.Namespace):
@@ -79,6 +94,9 @@ def _load(args: argparse.Namespace):
     if not args.keep_denormals and args.device == "cpu":
         torch.set_flush_denormal(True)
     data = load_dataset(args.data)
+    if args.train_samples is not None:
+        from .data import subsample_train
+        data = subsample_train(data, args.train_samples)
     print(f"data: {data.name}, {len(data.x_train)} train / {len(data.x_test)} test, input {data.input_shape}, "
           f"{data.n_classes} classes; model {args.model}; device {args.device}; threads {torch.get_num_threads()}")
     return data

@@ -172,3 +172,12 @@ def load_dataset(spec: str) -> Dataset:
         return load_idx_dir(spec)
     raise ValueError(f"unknown dataset {spec!r}: use 'digits', 'fashion-mnist' or a directory of IDX files, "
                      "optionally with :CLASSES (digits:0-4)")
+
+
+def subsample_train(data: Dataset, n: int, seed: int = 0) -> Dataset:
+    """A seeded random ``n`` of the training samples (the test set is kept whole)."""
+    if not 0 < n <= len(data.x_train):
+        raise ValueError(f"--train-samples must be in 1..{len(data.x_train)} for {data.name}, got {n}")
+    keep = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))[:n]
+    return Dataset(f"{data.name}[{n} train]", data.x_train[keep], data.y_train[keep], data.x_test, data.y_test,
+                   data.n_classes)

@@ -37,13 +37,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import fused
+from . import fused, grape
 from .backends import BackendUnavailableError, kernels_for, resolve_backend
 from .feedback import FEEDBACK_KINDS, feedback_matrix, seeded_generator
 from .layers import FASTDFA_LAYERS, _init_feedback_weight
 from .project import dfa_project_reference
 
-MODES = ("bp", "fa", "dfa")
+MODES = ("bp", "fa", "dfa", "grape")
 CONV_FEEDBACK = ("dense", "channel")
 NONFINITE = ("raise", "skip")
 WGRAD = ("grouped", "per-layer")
@@ -184,21 +184,21 @@ class _DFAOutputFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, engine: "DFA", plan, output: torch.Tensor, *tensors: torch.Tensor):
+    def forward(ctx, engine: "DFA", plan, estimate, output: torch.Tensor, *tensors: torch.Tensor):
         n_sites = len(tensors) - (0 if plan is None else plan.n_params)
-        ctx.engine, ctx.plan, ctx.n_tensors = engine, plan, len(tensors)
+        ctx.engine, ctx.plan, ctx.estimate, ctx.n_tensors = engine, plan, estimate, len(tensors)
         ctx.batch_shape = tuple(output.shape[:engine.batch_dims])
         ctx.site_dtypes = [x.dtype for x in tensors[:n_sites]]
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        result = ctx.engine._backward(grad_output, ctx.batch_shape, ctx.site_dtypes, ctx.plan)
-        ctx.plan = None  # the saved activations of the fused layers go with it
+        result = ctx.engine._backward(grad_output, ctx.batch_shape, ctx.site_dtypes, ctx.plan, ctx.estimate)
+        ctx.plan = ctx.estimate = None  # the saved activations of the fused layers go with them
         if result is None:  # non-finite error, skipped at the user's request
-            return (None, None, None) + (None,) * ctx.n_tensors
+            return (None, None, None, None) + (None,) * ctx.n_tensors
         output_grad, site_grads, param_grads = result
-        return (None, None, output_grad) + tuple(site_grads) + tuple(param_grads)
+        return (None, None, None, output_grad) + tuple(site_grads) + tuple(param_grads)
 
 
 class DFA(nn.Module):
@@ -206,9 +206,10 @@ class DFA(nn.Module):
 
     Args:
         model: any ``nn.Module`` holding fastdfa layers (or ``sites``).
-        mode: "dfa", "fa" or "bp"; settable at any time via ``dfa.mode``.
         seed: seeds every feedback matrix (site feedback and FA
             ``feedback_weight``), independently of the global RNG and device.
+        mode: "dfa", "fa", "bp" or "grape" (DFA whose feedback learns from a JVP each step,
+            ``fastdfa.grape``); settable at any time via ``dfa.mode``.
         feedback: "uniform" or "gaussian"; variance ``feedback_scale**2 / n``
             with ``n`` the site's elements per sample (see ``fastdfa.feedback``).
         sites: extra modules whose inputs become sites (DFA between them, BP
@@ -229,12 +230,16 @@ class DFA(nn.Module):
         wgrad: with a kernel backend, the claimed layers' weight gradients as
             one "grouped" GEMM launch (``dfa_wgrad``) or one GEMM per layer
             ("per-layer").
+        feedback_lr, perturb, jvp: mode "grape" only: the alignment step size,
+            where the JVP perturbs ("activation", "weight", "auto") and how the
+            tangents are run ("per-site", "shared"); see ``fastdfa.grape``.
     """
 
     def __init__(self, model: nn.Module, mode: str = "dfa", seed: int = 0, feedback: str = "uniform",
                  sites: list[nn.Module] | None = None, *, conv_feedback: str = "dense",
                  feedback_scale: float = 1.0, batch_dims: int = 1, nonfinite: str = "raise",
-                 example_input=None, backend: str | None = None, wgrad: str = "grouped"):
+                 example_input=None, backend: str | None = None, wgrad: str = "grouped",
+                 feedback_lr: float = 0.5, perturb: str = "activation", jvp: str = "per-site"):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -246,6 +251,12 @@ class DFA(nn.Module):
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if wgrad not in WGRAD:
             raise ValueError(f"wgrad must be one of {WGRAD}, got {wgrad!r}")
+        if perturb not in grape.PERTURB:
+            raise ValueError(f"perturb must be one of {grape.PERTURB}, got {perturb!r}")
+        if jvp not in grape.JVP:
+            raise ValueError(f"jvp must be one of {grape.JVP}, got {jvp!r}")
+        if not (isinstance(feedback_lr, (int, float)) and math.isfinite(feedback_lr) and feedback_lr > 0):
+            raise ValueError(f"feedback_lr must be a positive finite number, got {feedback_lr!r}")
         if not (isinstance(batch_dims, int) and batch_dims >= 1):
             raise ValueError(f"batch_dims must be an int >= 1, got {batch_dims!r}")
         if not math.isfinite(feedback_scale) or feedback_scale <= 0:
@@ -289,6 +300,12 @@ class DFA(nn.Module):
         self.skipped_steps = 0
         self._requested_backend = backend
         self.wgrad = wgrad
+        self.feedback_lr = float(feedback_lr)
+        self.perturb = perturb
+        self.jvp = jvp
+        self._jvp = None                    # the dual pass in progress (grape.dual_pass)
+        self._grape_generators: dict = {}   # device -> seeded generator of the perturbations
+        self.last_alignment: torch.Tensor | None = None  # per site: mean column cos(F, J_hat^T) before the last step
         self._names = names
         self._candidates = [m for m in model.modules()
                             if (isinstance(m, FASTDFA_LAYERS) and id(m) not in inside_user) or id(m) in user_ids]
@@ -368,9 +385,17 @@ class DFA(nn.Module):
 
     # --------------------------------------------------------------- forward
     def forward(self, *args, **kwargs):
-        if self._mode == "dfa" and (torch.is_grad_enabled() or not self.built):
+        if self._mode in ("dfa", "grape") and (torch.is_grad_enabled() or not self.built):
             return self._forward_dfa(*args, **kwargs)
         return self.model(*args, **kwargs)
+
+    def _grape_generator(self, device: torch.device) -> torch.Generator:
+        gen = self._grape_generators.get(device)
+        if gen is None:
+            seed = seeded_generator(self.seed, "grape").initial_seed()
+            gen = self._grape_generators[device] = torch.Generator(device=device)
+            gen.manual_seed(seed)
+        return gen
 
     def _forward_dfa(self, *args, **kwargs):
         if self._recording is not None:
@@ -415,9 +440,14 @@ class DFA(nn.Module):
             plan.n_params = len(params)
             plan.records = {}  # only the claimed ones are needed from here on
             self._fused_names = [self._names[id(r.layer)] for r in plan.claimed]
-        return _DFAOutputFn.apply(self, plan, output, *rec.inputs, *params)
+        estimate = None
+        if self._mode == "grape" and self._sites:
+            estimate = grape.dual_pass(self, args, kwargs, math.prod(output.shape[:self.batch_dims]))
+        return _DFAOutputFn.apply(self, plan, estimate, output, *rec.inputs, *params)
 
     def _pre_hook(self, module: nn.Module, args):
+        if self._jvp is not None:
+            return grape.pre_hook(self, module, args)
         rec = self._recording
         if rec is None:
             return None
@@ -528,8 +558,16 @@ class DFA(nn.Module):
         self._backend = backend
 
     # ------------------------------------------------------------- backward
-    def _backward(self, error: torch.Tensor, batch_shape: tuple[int, ...], site_dtypes: list[torch.dtype], plan):
-        """(output gradient, site input gradients, claimed parameter gradients) from the output error."""
+    def _backward(self, error: torch.Tensor, batch_shape: tuple[int, ...], site_dtypes: list[torch.dtype], plan,
+                  estimate=None):
+        """(output gradient, site input gradients, claimed parameter gradients) from the output error;
+        in mode "grape", then ONE alignment step on the feedback (after the projection used it)."""
+        result = self._route(error, batch_shape, site_dtypes, plan)
+        if result is not None and estimate is not None:
+            self.last_alignment = grape.align_feedback(self, estimate)
+        return result
+
+    def _route(self, error: torch.Tensor, batch_shape: tuple[int, ...], site_dtypes: list[torch.dtype], plan):
         e = error.reshape(math.prod(batch_shape), -1)
         if not bool(torch.isfinite(e).all()):
             if self.nonfinite == "raise":

@@ -25,6 +25,7 @@ from torch import nn
 from .activations import activate, check_activation
 from .feedback import feedback_matrix, seeded_generator
 from .fused import fused_conv_forward, fused_linear_forward, fusing_engine_for
+from .grape import PREACTIVATION_TANGENT, add_preactivation_tangent
 
 
 def _init_feedback_weight(layer: nn.Module, seed: int, index: int) -> None:
@@ -125,7 +126,10 @@ class Linear(nn.Linear):
             if self._fa_active:
                 return activate(self, _FALinearFn.apply(input, self.weight, self.bias, self.feedback_weight),
                                 self.activation)
-        return activate(self, F.linear(input, self.weight, self.bias), self.activation)
+        a = F.linear(input, self.weight, self.bias)
+        if PREACTIVATION_TANGENT.get() is not None:  # a GrAPE dual pass perturbing this layer's weight
+            a = add_preactivation_tangent(self, input, a)
+        return activate(self, a, self.activation)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")

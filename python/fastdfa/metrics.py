@@ -104,7 +104,7 @@ def _deltas(dfa: DFA, mode: str, x, target, loss_fn) -> dict[int, torch.Tensor]:
 
 def gradient_alignment(dfa: DFA, x, target, loss_fn: Callable = F.cross_entropy) -> dict[str, float]:
     """GA per fastdfa layer: the batch mean of per-sample cosines between the error signal the
-    current rule (``dfa.mode``: "dfa" or "fa") gives the layer's pre-activation and BP's.
+    current rule (``dfa.mode``: "dfa", "grape" or "fa") gives the layer's pre-activation and BP's.
 
     Computed on ``x`` / ``target`` in eval mode (BatchNorm statistics, dropout and the RNG are left
     alone) with ``torch.autograd.grad``: parameters, their ``.grad``, the mode and the training
@@ -122,7 +122,8 @@ def gradient_alignment(dfa: DFA, x, target, loss_fn: Callable = F.cross_entropy)
     try:
         dfa.eval()
         dfa._kernels = None  # torch route for this measurement
-        rule = _deltas(dfa, mode, x, target, loss_fn)
+        # GrAPE's update rule is DFA's (its feedback step happens apart from the deltas).
+        rule = _deltas(dfa, "dfa" if mode == "grape" else mode, x, target, loss_fn)
         exact = _deltas(dfa, "bp", x, target, loss_fn)
     finally:
         dfa.mode = mode

@@ -15,12 +15,12 @@ from .data import Dataset
 from .dfa import DFA
 from .models import make_model
 
-METHODS = ("bp", "fa", "dfa")
+METHODS = ("bp", "fa", "dfa", "grape")
 # Adam step sizes. FA and DFA updates are not gradients of the loss and were
 # unstable at BP's 1e-3: on Fashion-MNIST (784-256-256-256-10, ReLU) DFA's
 # training loss rose after epoch 3 and test accuracy swung between 0.80 and
 # 0.85; at 3e-4 it fell steadily (0.853 after 5 epochs).
-DEFAULT_LR = {"bp": 1e-3, "fa": 3e-4, "dfa": 3e-4}
+DEFAULT_LR = {"bp": 1e-3, "fa": 3e-4, "dfa": 3e-4, "grape": 3e-4}
 
 
 @dataclass
@@ -39,7 +39,14 @@ class TrainConfig:
     conv_feedback: str = "dense"
     device: str = "cpu"
     backend: str | None = None  # None: FASTDFA_BACKEND or "auto" (fastdfa.backends)
-    log_alignment: bool = False  # WA and GA after every epoch (fastdfa.metrics), for fa and dfa
+    log_alignment: bool = False  # WA and GA after every epoch (fastdfa.metrics), for fa, dfa and grape
+    # GrAPE (method "grape", fastdfa.grape)
+    feedback_lr: float = 0.5
+    perturb: str = "activation"
+    jvp: str = "per-site"
+    calibrate_every: int = 0         # one exact-BP batch every T epochs (0: never)
+    calibrate_below: float | None = None  # adaptive: one BP batch whenever the mean GA drops below this
+    check_every: int = 50            # steps between GA checks for calibrate_below
 
     @property
     def effective_lr(self) -> float:
@@ -54,6 +61,12 @@ class TrainConfig:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.calibrate_every < 0 or self.check_every < 1:
+            raise ValueError("calibrate_every must be >= 0 and check_every >= 1")
+        if self.calibrate_below is not None and not -1 <= self.calibrate_below <= 1:
+            raise ValueError(f"calibrate_below is a gradient alignment in [-1, 1], got {self.calibrate_below}")
+        if (self.calibrate_every or self.calibrate_below is not None) and self.method not in ("dfa", "grape", "fa"):
+            raise ValueError(f"calibration re-anchors fa, dfa or grape with BP steps; method is {self.method!r}")
 
 
 @dataclass
@@ -74,6 +87,7 @@ class TrainResult:
     test_accuracy: float
     epochs: list[EpochResult] = field(default_factory=list)
     skipped_steps: int = 0
+    calibrations: list = field(default_factory=list)  # (epoch, step, reason) of every BP calibration batch
     initial_alignment: dict | None = None  # WA / GA before the first step, with log_alignment
     prepared: object = None                # what train(prepare=...) returned (e.g. the FWM report)
     model: object = field(default=None, repr=False)
@@ -120,7 +134,8 @@ def build(config: TrainConfig, data: Dataset, model: nn.Module | None = None) ->
     # On the device before wrapping: an explicitly requested backend is checked against it.
     model = model.to(config.device)
     dfa = DFA(model, mode=config.method, seed=config.seed, feedback=config.feedback,
-              conv_feedback=config.conv_feedback, backend=config.backend).to(config.device)
+              conv_feedback=config.conv_feedback, backend=config.backend, feedback_lr=config.feedback_lr,
+              perturb=config.perturb, jvp=config.jvp).to(config.device)
     dfa.build(data.x_train[:2].to(config.device))
     if config.optimizer == "adam":
         opt = torch.optim.Adam(dfa.parameters(), lr=config.effective_lr, weight_decay=config.weight_decay)
@@ -153,6 +168,14 @@ def make_step(dfa: DFA, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Te
 
 
 ALIGNMENT_SAMPLES = 256  # the fixed training batch WA/GA logging measures GA on
+
+
+def _calibrate(dfa: DFA, opt, x_train, y_train, config: TrainConfig, gen: torch.Generator) -> None:
+    """GrAPE's calibration: one exact-BP step on one random batch (``fastdfa.grape.calibrate``)."""
+    from .grape import calibrate
+
+    idx = torch.randperm(len(x_train), generator=gen)[:config.batch_size].to(x_train.device)
+    calibrate(dfa, opt, x_train[idx], y_train[idx])
 
 
 def measure_alignment(dfa: DFA, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -188,9 +211,9 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
     result = TrainResult(config={**asdict(config), "lr": config.effective_lr}, dataset=data.name,
                          test_accuracy=0.0, prepared=prepared)
     n = len(x_train)
-    log_alignment = config.log_alignment and config.method in ("fa", "dfa")
+    log_alignment = config.log_alignment and config.method in ("fa", "dfa", "grape")
+    x_align, y_align = x_train[:ALIGNMENT_SAMPLES], y_train[:ALIGNMENT_SAMPLES]
     if log_alignment:
-        x_align, y_align = x_train[:ALIGNMENT_SAMPLES], y_train[:ALIGNMENT_SAMPLES]
         result.initial_alignment = measure_alignment(dfa, x_align, y_align)
     for epoch in range(1, config.epochs + 1):
         dfa.train()
@@ -209,9 +232,18 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
             _sync(device)
             step_ms.append((time.perf_counter() - t0) * 1e3)
             losses.append(loss.detach())
+            if config.calibrate_below is not None and len(losses) % config.check_every == 0:
+                from .metrics import alignment_summary, gradient_alignment
+                ga = alignment_summary(gradient_alignment(dfa, x_align, y_align))
+                if ga < config.calibrate_below:  # event-driven: re-anchor when the rule drifts from BP
+                    _calibrate(dfa, opt, x_train, y_train, config, gen)
+                    result.calibrations.append((epoch, len(losses), f"GA {ga:.3f} < {config.calibrate_below}"))
             if progress and len(losses) % 20 == 0:
                 bar.set_postfix(loss=f"{float(losses[-1]):.4f}")
         bar.close()
+        if config.calibrate_every and epoch % config.calibrate_every == 0:
+            _calibrate(dfa, opt, x_train, y_train, config, gen)
+            result.calibrations.append((epoch, len(losses), f"every {config.calibrate_every} epochs"))
         seconds = time.perf_counter() - start
         acc = evaluate(dfa, x_test, y_test)
         alignment = measure_alignment(dfa, x_align, y_align) if log_alignment else None
