@@ -172,6 +172,8 @@ def test_grape_with_the_triton_backend_equals_torch():
         assert ((a - b).norm() / b.norm()) < 1e-4
     assert ((f_triton - f_torch).norm() / f_torch.norm()) < 1e-4
     assert counts["align_step"] == 2 and counts["dfa_project"] == 1  # two passes of ONE step for all sites
+    # 3 training forwards + 2 dual-number ones (the first layer's input is the data: no tangent, torch ops).
+    assert counts["jvp_linear"] == 5
 
 
 def test_calibrate_is_one_bp_step_and_keeps_the_mode():
@@ -220,3 +222,49 @@ def test_grape_beats_dfa_on_digits_cnn():
         dfa_acc = train(base, data, log=None).test_accuracy
         grape_acc = train(replace(base, method="grape"), data, log=None).test_accuracy
         assert grape_acc - dfa_acc >= 0.22, (seed, dfa_acc, grape_acc)
+
+
+def test_forward_ad_through_fa_layers_equals_the_plain_network():
+    """The FA autograd Functions carry a jvp: torch.func.jvp through them is the plain network's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(fastdfa.Conv2d(1, 2, 3, padding=1, activation="tanh"), torch.nn.Flatten(),
+                                fastdfa.Linear(2 * 5 * 5, 3)).to(DT)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Tanh(), torch.nn.Flatten(),
+                                torch.nn.Linear(2 * 5 * 5, 3)).to(DT)
+    plain.load_state_dict({k.replace("2.", "3.") if k.startswith("2.") else k: v
+                           for k, v in model.state_dict().items()})
+    fastdfa.DFA(model, mode="fa")
+    x, dx = torch.randn(4, 1, 5, 5, dtype=DT), torch.randn(4, 1, 5, 5, dtype=DT)
+    with torch.enable_grad():
+        out, tangent = torch.func.jvp(model, (x,), (dx,))
+    want_out, want_tangent = torch.func.jvp(plain, (x,), (dx,))
+    torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tangent, want_tangent, rtol=1e-12, atol=1e-12)
+
+
+class _AttentionBlock(torch.nn.Module):
+    """A user site: scaled-dot-product self-attention over tokens (BP inside, DFA around it)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.qkv = torch.nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return x + F.scaled_dot_product_attention(q, k, v)
+
+
+def test_dual_pass_through_attention():
+    torch.manual_seed(0)
+    block = _AttentionBlock(4)
+    model = torch.nn.Sequential(fastdfa.Linear(3, 4, activation="tanh"), block, torch.nn.Flatten(),
+                                fastdfa.Linear(5 * 4, 2)).to(DT)
+    x = torch.randn(6, 5, 3, dtype=DT)
+    dfa = fastdfa.DFA(model, mode="grape", sites=[block], example_input=x)
+    est = grape.dual_pass(dfa, (x,), {}, 6)
+    p_block = est.perturbations[0].reshape(6, 5, 4)
+    with torch.no_grad():
+        h = model[0](x)
+    rest = lambda hh: model[3](model[2](block(hh)))  # noqa: E731
+    _, want = torch.func.jvp(rest, (h,), (p_block,))
+    torch.testing.assert_close(est.tangents[0], want, rtol=1e-10, atol=1e-12)

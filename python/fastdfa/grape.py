@@ -54,6 +54,26 @@ JVP = ("per-site", "shared")
 
 # During a dual pass: layer id -> callable(x primal [N, in]) -> pre-activation tangent to add [N, out].
 PREACTIVATION_TANGENT: contextvars.ContextVar = contextvars.ContextVar("fastdfa_preactivation_tangent", default=None)
+# During a dual pass on a kernel backend: its ops (fastdfa.Linear then runs jvp_linear).
+DUAL_KERNELS: contextvars.ContextVar = contextvars.ContextVar("fastdfa_dual_kernels", default=None)
+
+
+def dual_linear_forward(layer, x: torch.Tensor):
+    """A fastdfa.Linear in a dual pass on a kernel backend: primal and tangent of ``g(x W^T + b)``
+    through ONE ``jvp_linear`` launch (the weight read once for both). None when the layer is
+    perturbed in weight space or its input carries no tangent (the torch ops handle those)."""
+    table = PREACTIVATION_TANGENT.get()
+    if table is not None and id(layer) in table:
+        return None
+    primal, tangent = fwAD.unpack_dual(x)
+    if tangent is None:
+        return None
+    kernels = DUAL_KERNELS.get()
+    x2 = primal.reshape(-1, primal.shape[-1])
+    h, dh, _ = kernels.jvp_linear(x2, layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
+                                  layer.activation, tangent.reshape(1, *x2.shape))
+    shape = (*primal.shape[:-1], layer.out_features)
+    return fwAD.make_dual(h.view(shape), dh[0].view(shape))
 
 
 @dataclass
@@ -149,10 +169,12 @@ def dual_pass(engine, args, kwargs, n: int) -> GrapeEstimate:
         args = tuple(a.repeat(replicas, *([1] * (a.dim() - 1))) if isinstance(a, torch.Tensor) else a for a in args)
     training = [(m, m.training) for m in engine.model.modules()]
     token = PREACTIVATION_TANGENT.set(weight_table)
+    dual_token = DUAL_KERNELS.set(engine._kernels)
     engine._jvp = inj
     try:
         engine.model.eval()
-        with torch.no_grad(), fwAD.dual_level():
+        # The math SDPA backend: flash / memory-efficient attention have no forward AD.
+        with torch.no_grad(), fwAD.dual_level(), _math_attention():
             out = engine.model(*args, **kwargs)
             primal, tangent = fwAD.unpack_dual(out)
             if tangent is None:  # no site reaches the output (cannot happen with sites in use)
@@ -160,6 +182,7 @@ def dual_pass(engine, args, kwargs, n: int) -> GrapeEstimate:
     finally:
         engine._jvp = None
         PREACTIVATION_TANGENT.reset(token)
+        DUAL_KERNELS.reset(dual_token)
         for m, t in training:
             m.training = t
     t_all = tangent.reshape(replicas * n, -1)
@@ -180,6 +203,14 @@ def dual_pass(engine, args, kwargs, n: int) -> GrapeEstimate:
             est.perturbations.append(p.reshape(n, -1))
             est.tangents.append(t_k)
     return est
+
+
+def _math_attention():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch without the attention API: nothing to select
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def align_feedback(engine, est: GrapeEstimate) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 from .activations import activate, check_activation
 from .feedback import feedback_matrix, seeded_generator
 from .fused import fused_conv_forward, fused_linear_forward, fusing_engine_for
-from .grape import PREACTIVATION_TANGENT, add_preactivation_tangent
+from .grape import DUAL_KERNELS, PREACTIVATION_TANGENT, add_preactivation_tangent, dual_linear_forward
 
 
 def _init_feedback_weight(layer: nn.Module, seed: int, index: int) -> None:
@@ -48,11 +48,31 @@ def _init_feedback_weight(layer: nn.Module, seed: int, index: int) -> None:
 class _FALinearFn(torch.autograd.Function):
     """y = x W^T + b; backward uses B (feedback_weight) for dX, exact dW, db."""
 
+    # forward / setup_context split: torch.func transforms (jvp, vmap) need it.
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback_weight):
-        ctx.save_for_backward(x, feedback_weight)
-        ctx.has_bias = bias is not None
+    def forward(x, weight, bias, feedback_weight):
         return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, feedback_weight = inputs
+        ctx.save_for_backward(x, feedback_weight)
+        ctx.fwd = (x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, _feedback_t):
+        """Forward-mode AD (torch.func.jvp, GrAPE's dual pass): the forward is plain linear, so
+        dy = dx W^T + x dW^T + db; B plays no part in it."""
+        x, weight = ctx.fwd
+        out = torch.zeros((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
+        if x_t is not None:
+            out = out + F.linear(x_t, weight)
+        if weight_t is not None:
+            out = out + F.linear(x, weight_t)
+        if bias_t is not None:
+            out = out + bias_t
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -77,10 +97,32 @@ class _FAConv2dFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback_weight, stride, padding, dilation, groups):
-        ctx.save_for_backward(x, feedback_weight)
-        ctx.conf = (stride, padding, dilation, groups, bias is not None)
+    def forward(x, weight, bias, feedback_weight, stride, padding, dilation, groups):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, feedback_weight, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(x, feedback_weight)
+        ctx.fwd = (x, weight)
+        ctx.conf = (stride, padding, dilation, groups, bias is not None)
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, _feedback_t, *_conf_t):
+        """Forward-mode AD: the convolution is bilinear, dy = conv(dx, W) + conv(x, dW) + db."""
+        x, weight = ctx.fwd
+        stride, padding, dilation, groups, _ = ctx.conf
+        out = None
+        if x_t is not None:
+            out = F.conv2d(x_t, weight, None, stride, padding, dilation, groups)
+        if weight_t is not None:
+            term = F.conv2d(x, weight_t, None, stride, padding, dilation, groups)
+            out = term if out is None else out + term
+        if out is None:
+            out = torch.zeros_like(F.conv2d(x, weight, None, stride, padding, dilation, groups))
+        if bias_t is not None:
+            out = out + bias_t.view(1, -1, 1, 1)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -118,6 +160,10 @@ class Linear(nn.Linear):
         _init_feedback_weight(self, seed=0, index=0)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if DUAL_KERNELS.get() is not None:  # a GrAPE dual pass on a kernel backend
+            out = dual_linear_forward(self, input)
+            if out is not None:
+                return out
         if torch.is_grad_enabled():
             engine = fusing_engine_for(self)
             # A data input that needs its own gradient keeps the autograd route.
