@@ -60,11 +60,14 @@ def _commit():
         return "unknown"
 
 
+TARGET_GROUPS = ("core-",)  # the groups RATIO_TARGET applies to (issue "Core"'s step benchmark)
+
+
 def _ratios(source):
-    """DFA/BP per group that has both (the target applies to these)."""
+    """DFA/BP per target group that has both (the target applies to these)."""
     out = {}
     for group, methods in source.items():
-        if "bp" in methods and "dfa" in methods:
+        if group.startswith(TARGET_GROUPS) and "bp" in methods and "dfa" in methods:
             out[group] = methods["dfa"]["median_ms"] / methods["bp"]["median_ms"]
     return out
 
@@ -75,7 +78,7 @@ def _baseline_ratios(source):
     out = {}
     for group, methods in source.items():
         base = "bp" if "bp" in methods else "torch" if "torch" in methods else None
-        if base is None or ("dfa" in methods and base == "bp"):
+        if base is None or group.startswith(TARGET_GROUPS):
             continue
         out[group] = {m: t["median_ms"] / methods[base]["median_ms"] for m, t in methods.items() if m != base}
         out[group]["baseline"] = base

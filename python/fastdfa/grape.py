@@ -185,7 +185,12 @@ def dual_pass(engine, args, kwargs, n: int) -> GrapeEstimate:
         DUAL_KERNELS.reset(dual_token)
         for m, t in training:
             m.training = t
-    t_all = tangent.reshape(replicas * n, -1)
+    with torch.no_grad():
+        return _estimate(inj, sites, tangent.reshape(replicas * n, -1), n)
+
+
+def _estimate(inj: _Injection, sites, t_all: torch.Tensor, n: int) -> GrapeEstimate:
+    """Every site's (P_l, T_l) from the dual pass's output tangents (see the module docstring)."""
     est = GrapeEstimate()
     for k, site in enumerate(sites):
         t_k = t_all[inj.rows(k)]
