@@ -152,14 +152,18 @@ def test_grape_step_is_dfa_with_the_feedback_before_its_update(make):
     assert torch.equal(d_dfa.feedback.flat, before)
 
 
-def test_grape_with_the_triton_backend_equals_torch():
+@pytest.mark.parametrize("make", ["mlp", "cnn"])
+def test_grape_with_the_triton_backend_equals_torch(make):
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton needs a GPU or TRITON_INTERPRET=1")
     from test_triton_engine import count_launches
     torch.manual_seed(0)
-    model = make_mlp(10, (12, 9), 4, "tanh")
-    x, t = torch.randn(7, 10), torch.randint(0, 4, (7,))
+    if make == "mlp":
+        model, x = make_mlp(10, (12, 9), 4, "tanh"), torch.randn(7, 10)
+    else:
+        model, x = make_cnn((1, 8, 8), 4, channels=(3, 4), hidden=6, activation="tanh"), torch.randn(7, 1, 8, 8)
+    t = torch.randint(0, 4, (7,))
     results = {}
     for backend in ("torch", "triton"):
         m = copy.deepcopy(model)
@@ -172,8 +176,9 @@ def test_grape_with_the_triton_backend_equals_torch():
         assert ((a - b).norm() / b.norm()) < 1e-4
     assert ((f_triton - f_torch).norm() / f_torch.norm()) < 1e-4
     assert counts["align_step"] == 2 and counts["dfa_project"] == 1  # two passes of ONE step for all sites
-    # 3 training forwards + 2 dual-number ones (the first layer's input is the data: no tangent, torch ops).
-    assert counts["jvp_linear"] == 5
+    # MLP: 3 training forwards + 2 dual-number ones (the first layer's input is the data: no tangent).
+    # CNN: 2 Linear layers, each in the training forward and in the dual pass.
+    assert counts["jvp_linear"] == (5 if make == "mlp" else 4)
 
 
 def test_calibrate_is_one_bp_step_and_keeps_the_mode():
