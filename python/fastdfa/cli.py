@@ -230,6 +230,50 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    name = "quick" if args.quick else ("gpu" if args.gpu else "cpu")
+    if args.gpu and not torch.cuda.is_available():
+        raise ValueError("--gpu needs a CUDA GPU; on this machine run --quick or the full CPU preset")
+    device = torch.device("cuda" if args.gpu else "cpu")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+    methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
+               else list(bench.default_methods(name)))
+    bad = [m for m in methods if m not in bench.ALL_METHODS]
+    if bad or "bp" not in methods:
+        raise ValueError(f"--methods takes a comma-separated subset of {','.join(bench.ALL_METHODS)} "
+                         f"including bp (every ratio divides by it); got {args.methods!r}")
+    configs = bench.preset(name)
+    print(f"preset {name}: {len(configs)} configurations, methods {', '.join(methods)}, {args.rounds} interleaved "
+          f"rounds each, device {device}, threads {torch.get_num_threads()}")
+    results = bench.run(configs, methods, device, rounds=args.rounds, warmup=min(3, args.rounds))
+    print()
+    print(f"{'config':<28}{'bp ms':>9}{'dfa ms':>9}{'dfa/bp':>8}{'saved MB bp/dfa':>17}  other ratios to bp")
+    for r in results:
+        c = bench.BenchConfig(**r["config"])
+        ms = r["methods"]
+        saved = f"{ms['bp']['saved_mb']:.1f}/{ms['dfa']['saved_mb']:.1f}" if "bp" in ms and "dfa" in ms else "-"
+        others = "  ".join(f"{m} {v['ratio_to_bp']:.2f}" for m, v in ms.items() if m not in ("bp", "dfa"))
+        dfa_ms = f"{r['dfa_ms']:9.2f}" if r["dfa_ms"] else f"{'-':>9}"
+        ratio = f"{r['ratio']:8.3f}" if r["ratio"] else f"{'-':>8}"
+        print(f"{c.label:<28}{r['bp_ms']:9.2f}{dfa_ms}{ratio}{saved:>17}  {others}")
+    best = bench.best_ratio(results)
+    verdict = ""
+    if device.type == "cpu" and "dfa" in methods:
+        verdict = "meets" if best <= bench.CPU_TARGET else "MISSES"
+        print(f"\nbest DFA/BP ratio {best:.3f}: {verdict} the CPU target <= {bench.CPU_TARGET}")
+    _write_json(args.json, {"machine": machine_info(), "preset": name, "rounds": args.rounds,
+                            "best_ratio": best, "results": results})
+    if args.plot is not None:
+        bench.plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 1 if verdict == "MISSES" and not args.no_target else 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     print(info_text())
     return 0
@@ -261,6 +305,18 @@ def main(argv: list[str] | None = None) -> int:
                       help="load the pretrained weights from this file if it exists, else pretrain and save there")
     _add_training_args(p_ft)
     p_ft.set_defaults(func=cmd_finetune)
+    p_bench = sub.add_parser("bench", help="time DFA, FA, GrAPE and the baselines against BP over a grid of models")
+    which = p_bench.add_mutually_exclusive_group()
+    which.add_argument("--quick", action="store_true", help="the small CPU preset (under 2 minutes on 2 cores)")
+    which.add_argument("--gpu", action="store_true", help="the GPU preset (fp32 and bf16)")
+    p_bench.add_argument("--methods", default=None, help="comma-separated methods (default: the preset's)")
+    p_bench.add_argument("--rounds", type=int, default=15, help="interleaved timed rounds per method (default 15)")
+    p_bench.add_argument("--threads", type=int, default=None)
+    p_bench.add_argument("--json", type=Path, default=None)
+    p_bench.add_argument("--plot", type=Path, default=None, help="PNG of the ratio to BP against width and depth")
+    p_bench.add_argument("--no-target", action="store_true",
+                         help="report the CPU target but do not fail the command when it is missed")
+    p_bench.set_defaults(func=cmd_bench)
     p_info = sub.add_parser("info", help="versions and backend availability")
     p_info.set_defaults(func=cmd_info)
     args = parser.parse_args(argv)
