@@ -193,6 +193,22 @@ def run_config(c: BenchConfig, methods, device: torch.device, rounds: int, warmu
     return result
 
 
+def flop_floor(c: BenchConfig) -> float | None:
+    """DFA/BP multiply-adds of one MLP step: (forward + dW + projection) / (forward + dW + dX).
+
+    Forward and dW cost the same; BP's dX skips the first layer (the data needs
+    none); DFA's projection is n_out x (sum of site widths). Tends to 2/3 for
+    deep GEMM-bound nets. None for the CNN (not a pure GEMM chain).
+    """
+    if c.model != "mlp":
+        return None
+    n_in, n_out, w, d = 784, 10, c.width, c.depth
+    forward = n_in * w + (d - 2) * w * w + w * n_out
+    input_grads = (d - 2) * w * w + w * n_out
+    projection = n_out * (d - 1) * w
+    return (2 * forward + projection) / (2 * forward + input_grads)
+
+
 def preset(name: str) -> list[BenchConfig]:
     """quick (CPU, < 2 min), cpu (the full CPU grid), gpu (the GPU grid, fp32 and bf16)."""
     if name == "quick":

@@ -252,7 +252,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"rounds each, device {device}, threads {torch.get_num_threads()}")
     results = bench.run(configs, methods, device, rounds=args.rounds, warmup=min(3, args.rounds))
     print()
-    print(f"{'config':<28}{'bp ms':>9}{'dfa ms':>9}{'dfa/bp':>8}{'saved MB bp/dfa':>17}  other ratios to bp")
+    print(f"{'config':<28}{'bp ms':>9}{'dfa ms':>9}{'dfa/bp':>8}{'floor':>7}{'saved MB bp/dfa':>17}  other ratios to bp")
     for r in results:
         c = bench.BenchConfig(**r["config"])
         ms = r["methods"]
@@ -260,7 +260,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         others = "  ".join(f"{m} {v['ratio_to_bp']:.2f}" for m, v in ms.items() if m not in ("bp", "dfa"))
         dfa_ms = f"{r['dfa_ms']:9.2f}" if r["dfa_ms"] else f"{'-':>9}"
         ratio = f"{r['ratio']:8.3f}" if r["ratio"] else f"{'-':>8}"
-        print(f"{c.label:<28}{r['bp_ms']:9.2f}{dfa_ms}{ratio}{saved:>17}  {others}")
+        floor = bench.flop_floor(c)
+        floor = f"{floor:7.3f}" if floor is not None else f"{'-':>7}"
+        print(f"{c.label:<28}{r['bp_ms']:9.2f}{dfa_ms}{ratio}{floor}{saved:>17}  {others}")
     best = bench.best_ratio(results)
     verdict = ""
     if device.type == "cpu" and "dfa" in methods:
