@@ -34,8 +34,8 @@ def _activations(model: nn.Sequential) -> list[int]:
     return out
 
 
-class HookDFA(nn.Module):
-    """biotorch-style DFA: gradients replaced in backward hooks over the full graph."""
+class _Baseline(nn.Module):
+    """A plain Sequential and one feedback matrix per hidden activation."""
 
     def __init__(self, model: nn.Sequential, feedback: list[torch.Tensor]):
         super().__init__()
@@ -43,10 +43,13 @@ class HookDFA(nn.Module):
         self.sites = _activations(model)
         if len(self.sites) != len(feedback):
             raise ValueError(f"{len(self.sites)} hidden activations but {len(feedback)} feedback matrices")
-        self._error: list[torch.Tensor] = []
+
+
+class HookDFA(_Baseline):
+    """biotorch-style DFA: gradients replaced in backward hooks over the full graph."""
 
     def forward(self, x):
-        error = self._error = []
+        error: list[torch.Tensor] = []
         site_set = {i: k for k, i in enumerate(self.sites)}
         for i, module in enumerate(self.model):
             x = module(x)
@@ -81,15 +84,8 @@ class _ErrorTap(torch.autograd.Function):
         return grad, None
 
 
-class FeedbackPointDFA(nn.Module):
+class FeedbackPointDFA(_Baseline):
     """TinyDFA-style DFA: feedback points after every hidden layer, full backward still run."""
-
-    def __init__(self, model: nn.Sequential, feedback: list[torch.Tensor]):
-        super().__init__()
-        self.model, self.feedback = model, feedback
-        self.sites = _activations(model)
-        if len(self.sites) != len(feedback):
-            raise ValueError(f"{len(self.sites)} hidden activations but {len(feedback)} feedback matrices")
 
     def forward(self, x):
         store: list[torch.Tensor] = []

@@ -260,7 +260,8 @@ def plot(results: list[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
-    from pathlib import Path
+
+    from .plots import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     mlp = [r for r in results if r["config"]["model"] == "mlp"]
@@ -286,8 +287,4 @@ def plot(results: list[dict], path) -> None:
             ax.set_title(f"MLP, {fixed} {key[2]}, batch {key[0]}, {key[1]}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -34,6 +34,13 @@ def plot_alignment_records(series: dict[str, list[tuple[float, Record]]], path: 
             ax.axhline(0, color="grey", linewidth=0.5)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """tight_layout, write the PNG (creating its folder), close the figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
