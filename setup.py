@@ -38,15 +38,36 @@ def cuda_extension_decision():
     return True, f"torch CUDA {torch.version.cuda} and nvcc found", sources
 
 
+def default_max_jobs() -> int:
+    """Parallel compile jobs: the cores, but at most one per 2 GiB of free memory (nvcc on the
+    binding file peaks near 1.5 GiB), never fewer than one."""
+    cores = os.cpu_count() or 1
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        free_gib = int(info["MemAvailable"].split()[0]) / 2**20
+    except (OSError, KeyError, ValueError):
+        return cores
+    return max(1, min(cores, int(free_gib // 2)))
+
+
 build, reason, sources = cuda_extension_decision()
 ext_modules, cmdclass = [], {}
 if build:
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    ext_modules = [CUDAExtension("fastdfa._C", sources, include_dirs=[os.path.join(HERE, "csrc")])]
+    os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    ext_modules = [CUDAExtension(
+        "fastdfa._C", sources,
+        include_dirs=[os.path.join(HERE, "csrc")],  # absolute: ninja builds from another directory
+        define_macros=[("FASTDFA_ARCHS", f'"{archs}"')],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},  # no fast-math: erf and tanh are checked against torch
+    )]
     cmdclass = {"build_ext": BuildExtension}
-    print(f"fastdfa: building the CUDA extension ({reason})", file=sys.stderr)
+    print(f"fastdfa: building the CUDA extension for {archs} with MAX_JOBS={os.environ['MAX_JOBS']} ({reason})",
+          file=sys.stderr)
 else:
     print(f"fastdfa: skipping the CUDA extension: {reason}", file=sys.stderr)
 

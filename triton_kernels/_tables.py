@@ -1,4 +1,5 @@
-"""Pointer and tile tables for the grouped launches, cached between calls.
+"""Pointer and tile tables for the grouped launches, cached between calls (no triton import: the
+cuda backend uses them too).
 
 A grouped launch (all sites, all layers) reads per-group metadata — addresses,
 shapes, strides — from a small int64 table in device memory. Building it is a
@@ -14,7 +15,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 
 import torch
-import triton
 
 
 class TableCache:
@@ -53,4 +53,4 @@ def grouped_tiles(shapes: Sequence[tuple[int, int]], block_m: int, block_n: int)
     """Rows of a grouped launch's tile table: (group, tile row, tile column) for every output tile
     of every group's ``[M, N]`` output, group after group."""
     return [(g, i, j) for g, (m, n) in enumerate(shapes)
-            for i in range(triton.cdiv(m, block_m)) for j in range(triton.cdiv(n, block_n))]
+            for i in range(-(-m // block_m)) for j in range(-(-n // block_n))]

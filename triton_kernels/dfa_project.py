@@ -22,24 +22,14 @@ column block of ``out`` (``out[:, block]`` is that layer's ``delta``, a view).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from ..project import ProjectSite  # noqa: F401  (the site description, shared with the cuda backend)
 from ._common import ACTIVATION_CODES, STATE_OF, derivative_reference, dot_precision, tl_dtype
 from ._tables import TableCache
-
-
-@dataclass(frozen=True)
-class ProjectSite:
-    """One site of the projection: its column block and the producer's activation state."""
-
-    offset: int                    # first row of F_all / first column of out
-    rows: int                      # the site's features
-    activation: str | None = None  # the producer's activation (None: no g' epilogue)
-    state: torch.Tensor | None = None  # [N, rows] saved state (uint8 mask / h / a), see _common
 
 
 @triton.jit

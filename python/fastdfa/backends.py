@@ -31,7 +31,7 @@ ENV_VAR = "FASTDFA_BACKEND"
 # with no registered op is reported unavailable with that reason. Each triton
 # op is the module of the same name in triton_kernels/ (fastdfa.triton_kernels).
 KERNEL_OPS = ("dfa_project", "dfa_wgrad", "jvp_linear", "align_step")
-OPS: dict[str, set[str]] = {"torch": set(KERNEL_OPS), "triton": set(KERNEL_OPS), "cuda": set()}
+OPS: dict[str, set[str]] = {"torch": set(KERNEL_OPS), "triton": set(KERNEL_OPS), "cuda": set(KERNEL_OPS)}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -94,7 +94,8 @@ def _cuda_status() -> BackendStatus:
         return BackendStatus("cuda", False, "fastdfa._C is built but no CUDA GPU is visible")
     if not OPS["cuda"]:
         return BackendStatus("cuda", False, "fastdfa._C is built but registers no ops")
-    return BackendStatus("cuda", True, f"CUDA {torch.version.cuda}")
+    archs = getattr(importlib.import_module("fastdfa._C"), "built_archs", lambda: "unknown")()
+    return BackendStatus("cuda", True, f"CUDA {torch.version.cuda}, fastdfa._C built for {archs}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,6 +110,11 @@ def kernels_for(name: str):
             name="triton", dfa_project=dfa_project.dfa_project, ProjectSite=dfa_project.ProjectSite,
             dfa_wgrad=dfa_wgrad.dfa_wgrad, jvp_linear=jvp_linear.jvp_linear,
             align_step=align_step.align_step, AlignSite=align_step.AlignSite)
+    if name == "cuda":
+        import fastdfa._C as C
+
+        from .cuda_ops import CudaOps
+        return CudaOps(C)
     raise BackendUnavailableError(f"backend {name!r} has no kernels in this version")
 
 

@@ -19,8 +19,19 @@ views: no copy of the feedback and none of the result.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class ProjectSite:
+    """One site of the projection: its column block and the producer's activation state."""
+
+    offset: int                    # first row of F_all / first column of out
+    rows: int                      # the site's features
+    activation: str | None = None  # the producer's activation (None: no g' epilogue)
+    state: torch.Tensor | None = None  # [N, rows] saved state (uint8 mask / h / a), see _common
 
 
 def dfa_project_reference(

@@ -1,0 +1,101 @@
+"""The cuda backend's Python side (fastdfa.cuda_ops) with the csrc/ kernels emulated in torch: its
+tables, stacking and splitting equal the references, and the engine gives torch's gradients through it.
+The kernels themselves are compiled by tests/test_csrc.py and run against these references on a GPU."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdfa
+from fastdfa import backends
+from fastdfa.align import AlignSite, align_step_reference
+from fastdfa.cuda_ops import CudaOps, EmulatedC
+from fastdfa.models import make_cnn, make_mlp
+from fastdfa.project import ProjectSite
+
+pytest.importorskip("triton")
+from fastdfa.triton_kernels.dfa_project import dfa_project_reference  # noqa: E402
+from fastdfa.triton_kernels.dfa_wgrad import dfa_wgrad_reference  # noqa: E402
+from fastdfa.triton_kernels.jvp_linear import jvp_linear_reference  # noqa: E402
+
+OPS = CudaOps(EmulatedC)
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def test_dfa_project_plumbing():
+    gen = torch.Generator().manual_seed(0)
+    e, f = torch.randn(9, 5, generator=gen), torch.randn(40, 5, generator=gen)
+    a1, a2 = torch.randn(9, 16, generator=gen), torch.randn(9, 24, generator=gen)
+    sites = [ProjectSite(0, 16, "relu", (a1 > 0).to(torch.uint8)), ProjectSite(16, 24, "tanh", torch.tanh(a2))]
+    torch.testing.assert_close(OPS.dfa_project(e, f, sites), dfa_project_reference(e, f, sites), **TOL)
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "tanh", "sigmoid", "gelu"])
+def test_jvp_linear_plumbing(activation):
+    gen = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(6, 7, generator=gen), torch.randn(5, 7, generator=gen), torch.randn(5, generator=gen)
+    dx = torch.randn(3, 6, 7, generator=gen)
+    h, dh, state = OPS.jvp_linear(x, w, b, activation, dx)
+    rh, rdh, rstate = jvp_linear_reference(x, w, b, activation, dx)
+    torch.testing.assert_close(h, rh, **TOL)
+    torch.testing.assert_close(dh, rdh, **TOL)
+    if rstate is None:
+        assert state is None
+    else:
+        torch.testing.assert_close(state.float(), rstate.float(), **TOL)
+
+
+def test_align_step_and_wgrad_plumbing():
+    gen = torch.Generator().manual_seed(2)
+    fb = torch.randn(30, 4, generator=gen)
+    sites = [AlignSite(0, 12, torch.randn(8, 12, generator=gen), torch.randn(8, 4, generator=gen)),
+             AlignSite(12, 18, torch.randn(8, 18, generator=gen), torch.randn(8, 4, generator=gen))]
+    want, cos_want = align_step_reference(fb, sites, 0.7)
+    got = fb.clone()
+    cos = OPS.align_step(got, sites, 0.7)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(cos, cos_want.float(), **TOL)
+    deltas = [torch.randn(8, 5, generator=gen), torch.randn(8, 3, generator=gen)]
+    inputs = [torch.randn(8, 6, generator=gen), torch.randn(8, 5, generator=gen)]
+    for (gw, gb), (rw, rb) in zip(OPS.dfa_wgrad(deltas, inputs, [True, False]),
+                                  dfa_wgrad_reference(deltas, inputs, [True, False])):
+        torch.testing.assert_close(gw, rw, **TOL)
+        assert (gb is None) == (rb is None)
+
+
+@pytest.fixture
+def emulated_cuda_backend(monkeypatch):
+    """backend="cuda" resolves to CudaOps(EmulatedC) on the CPU."""
+    status = backends.BackendStatus("cuda", True, "emulated for the test")
+    real_status, real_kernels = backends.backend_status, backends.kernels_for
+    monkeypatch.setattr(backends, "backend_status", lambda name: status if name == "cuda" else real_status(name))
+    monkeypatch.setattr(backends, "kernels_for", lambda name: OPS if name == "cuda" else real_kernels(name))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # resolve_backend's non-CUDA-device escape hatch
+    import fastdfa.dfa as dfa_module
+    monkeypatch.setattr(dfa_module, "kernels_for", backends.kernels_for)
+    monkeypatch.setattr(dfa_module, "resolve_backend", backends.resolve_backend)
+
+
+@pytest.mark.parametrize("mode", ["dfa", "grape"])
+@pytest.mark.parametrize("make", ["mlp", "cnn"])
+def test_engine_through_the_cuda_ops_equals_torch(emulated_cuda_backend, mode, make):
+    torch.manual_seed(0)
+    if make == "mlp":
+        model, x = make_mlp(10, (12, 9), 4, "tanh"), torch.randn(7, 10)
+    else:
+        model, x = make_cnn((1, 8, 8), 4, channels=(3, 4), hidden=6), torch.randn(7, 1, 8, 8)
+    t = torch.randint(0, 4, (7,))
+    results = {}
+    for backend in ("torch", "cuda"):
+        m = copy.deepcopy(model)
+        dfa = fastdfa.DFA(m, mode=mode, seed=2, backend=backend)
+        F.cross_entropy(dfa(x), t).backward()
+        results[backend] = ([p.grad for p in m.parameters()], dfa.feedback.flat.clone(), dfa.fused_layers)
+        assert dfa.backend == backend
+    (g0, f0, fused0), (g1, f1, fused1) = results["torch"], results["cuda"]
+    for a, b in zip(g1, g0):
+        assert ((a - b).norm() / b.norm()) < 1e-4
+    assert ((f1 - f0).norm() / f0.norm()) < 1e-4
+    assert fused0 == [] and fused1  # the cuda route claimed layers
