@@ -99,3 +99,23 @@ def test_engine_through_the_cuda_ops_equals_torch(emulated_cuda_backend, mode, m
         assert ((a - b).norm() / b.norm()) < 1e-4
     assert ((f1 - f0).norm() / f0.norm()) < 1e-4
     assert fused0 == [] and fused1  # the cuda route claimed layers
+
+
+def test_fan_out_keeps_order_and_runs_everything_on_cpu():
+    from fastdfa.streams import fan_out
+    calls = []
+    out = fan_out([lambda i=i: calls.append(i) or i * i for i in range(5)], 3, device=torch.device("cpu"))
+    assert out == [0, 1, 4, 9, 16] and calls == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.gpu
+def test_fan_out_on_cuda_streams_equals_sequential():
+    from fastdfa.streams import fan_out
+    dev = torch.device("cuda")
+    deltas = [torch.randn(256, 512, device=dev) for _ in range(6)]
+    inputs = [torch.randn(256, 384, device=dev) for _ in range(6)]
+    tasks = [lambda i=i: deltas[i].t() @ inputs[i] for i in range(6)]
+    got = fan_out(tasks, 4, device=dev, inputs=deltas + inputs)
+    torch.cuda.synchronize()
+    for g, d, x in zip(got, deltas, inputs):
+        torch.testing.assert_close(g, d.t() @ x)
