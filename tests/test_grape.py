@@ -273,3 +273,33 @@ def test_dual_pass_through_attention():
     rest = lambda hh: model[3](model[2](block(hh)))  # noqa: E731
     _, want = torch.func.jvp(rest, (h,), (p_block,))
     torch.testing.assert_close(est.tangents[0], want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("jvp", ["per-site", "shared"])
+@pytest.mark.parametrize("perturb", ["activation", "weight"])
+def test_dual_pass_with_token_batch_dims(jvp, perturb):
+    """batch_dims=2 ([batch, tokens, features]): the dual pass's tangents equal torch.func.jvp."""
+    torch.manual_seed(0)
+    l1, l2, l3 = (fastdfa.Linear(4, 6, activation="tanh"), fastdfa.Linear(6, 5, activation="gelu"),
+                  fastdfa.Linear(5, 3))
+    model = torch.nn.Sequential(l1, l2, l3).to(DT)
+    x = torch.randn(2, 3, 4, dtype=DT)
+    dfa = fastdfa.DFA(model, mode="grape", jvp=jvp, perturb=perturb, batch_dims=2, example_input=x)
+    est = grape.dual_pass(dfa, (x,), {}, 6)
+    with torch.no_grad():
+        h1 = l1(x)
+        h2 = l2(h1)
+    rest = [lambda h: l3(l2(h)), lambda h: l3(h)]
+    for k, (h, site) in enumerate(zip((h1, h2), dfa.sites)):
+        if perturb == "activation":
+            p = est.perturbations[k].reshape(h.shape)
+            _, want = torch.func.jvp(rest[k], (h,), (p,))
+            want = want.reshape(6, 3)
+            if jvp == "shared":  # every site's perturbation reaches the output
+                other = 1 - k
+                q = est.perturbations[other].reshape((h1, h2)[other].shape)
+                want = want + torch.func.jvp(rest[other], ((h1, h2)[other],), (q,))[1].reshape(6, 3)
+            torch.testing.assert_close(est.tangents[k], want, rtol=1e-10, atol=1e-12)
+        else:  # the weight-space estimate has the right shapes and is finite
+            assert est.perturbations[k].shape == (6, site.rows) and est.tangents[k].shape == (6, 3)
+            assert torch.isfinite(est.perturbations[k]).all() and torch.isfinite(est.tangents[k]).all()

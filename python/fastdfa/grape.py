@@ -105,7 +105,13 @@ class _Injection:
         self.weight_sites: dict[int, tuple] = {}  # site index -> (layer, V)
 
     def rows(self, k: int) -> slice:
+        """Replica k's rows of a tensor flattened to [replicas * N, ...] (N = batch rows)."""
         return slice(k * self.n, (k + 1) * self.n) if self.replicas > 1 else slice(0, self.n)
+
+    def leading(self, k: int, size0: int) -> slice:
+        """Replica k's slice of dim 0 of a model tensor (dim 0 holds replicas x the first batch dim)."""
+        block = size0 // self.replicas
+        return slice(k * block, (k + 1) * block) if self.replicas > 1 else slice(0, size0)
 
 
 def _site_feeds_linear(site):
@@ -132,14 +138,15 @@ def pre_hook(engine, module, args):
     site = engine._sites[k]
     x = args[0]
     primal, tangent = fwAD.unpack_dual(x)
-    inj.inputs[k] = primal[inj.rows(k)]
+    mine = inj.leading(k, primal.shape[0])
+    inj.inputs[k] = primal[mine]
     if k in inj.weight_sites:
         return None  # perturbed in weight space, inside the layer
-    p = torch.randn((inj.n, *site.shape), generator=engine._grape_generator(primal.device),
+    p = torch.randn(primal[mine].shape, generator=engine._grape_generator(primal.device),
                     device=primal.device, dtype=torch.float32).to(primal.dtype)
-    inj.perturbations[k] = p
+    inj.perturbations[k] = p.reshape(inj.n, *site.shape)
     inject = torch.zeros_like(primal)
-    inject[inj.rows(k)] = p.reshape(inj.n, *primal.shape[1:]) if primal.dim() > 1 else p
+    inject[mine] = p
     new_tangent = inject if tangent is None else tangent + inject
     return (fwAD.make_dual(primal, new_tangent),) + tuple(args[1:])
 
@@ -158,11 +165,11 @@ def dual_pass(engine, args, kwargs, n: int) -> GrapeEstimate:
             v = torch.randn(layer.weight.shape, generator=engine._grape_generator(layer.weight.device),
                             device=layer.weight.device, dtype=torch.float32).to(layer.weight.dtype)
             inj.weight_sites[k] = (layer, v)
-            rows = inj.rows(k)
 
-            def tangent_fn(x_primal, v=v, rows=rows):
-                out = torch.zeros(x_primal.shape[0], v.shape[0], dtype=x_primal.dtype, device=x_primal.device)
-                out[rows] = F.linear(x_primal[rows], v)
+            def tangent_fn(x_primal, v=v, k=k):
+                mine = inj.leading(k, x_primal.shape[0])
+                out = torch.zeros(*x_primal.shape[:-1], v.shape[0], dtype=x_primal.dtype, device=x_primal.device)
+                out[mine] = F.linear(x_primal[mine], v)
                 return out
             weight_table[id(layer)] = tangent_fn
     if replicas > 1:
