@@ -172,8 +172,11 @@ def dual_pass(engine, args, kwargs, n: int) -> GrapeEstimate:
                 out[mine] = F.linear(x_primal[mine], v)
                 return out
             weight_table[id(layer)] = tangent_fn
-    if replicas > 1:
-        args = tuple(a.repeat(replicas, *([1] * (a.dim() - 1))) if isinstance(a, torch.Tensor) else a for a in args)
+    if replicas > 1:  # every tensor argument carries the batch in dim 0 (as the sites do): stack the replicas
+        def rep(a):
+            return a.repeat(replicas, *([1] * (a.dim() - 1))) if isinstance(a, torch.Tensor) and a.dim() else a
+        args = tuple(rep(a) for a in args)
+        kwargs = {key: rep(v) for key, v in kwargs.items()}
     training = [(m, m.training) for m in engine.model.modules()]
     token = PREACTIVATION_TANGENT.set(weight_table)
     dual_token = DUAL_KERNELS.set(engine._kernels)
