@@ -122,6 +122,8 @@ def jvp_linear(
     m = weight.shape[0]
     dtype = weight.dtype
     tl_dtype(dtype)  # raises on unsupported dtypes
+    # tl.dot needs both operands in one dtype (compiled Triton asserts it): compute in the weight's.
+    x = x.to(dtype) if x.dtype != dtype else x
     x = x if x.stride(1) == 1 else x.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     h = torch.empty(n, m, dtype=dtype, device=x.device)
