@@ -10,7 +10,6 @@ versions, commit, date, per-method stats).
 import datetime
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -50,16 +49,6 @@ def record_interleaved():
     return _record
 
 
-def _commit():
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 TARGET_GROUPS = ("core-",)  # the groups RATIO_TARGET applies to (issue "Core"'s step benchmark)
 
 
@@ -73,8 +62,8 @@ def _ratios(source):
 
 
 def _baseline_ratios(source):
-    """Every method over the group's baseline ("bp" for steps, "torch" for kernels), for groups
-    without a plain dfa/bp pair (the GPU benchmarks)."""
+    """Every method over the group's baseline ("bp" for steps, "torch" for kernels), for the groups
+    the target does not apply to."""
     out = {}
     for group, methods in source.items():
         base = "bp" if "bp" in methods else "torch" if "torch" in methods else None
@@ -111,7 +100,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if path and (_MEDIANS or _INTERLEAVED):
         from fastdfa.info import machine_info
 
-        record = {"machine": machine_info(), "commit": _commit(),
+        machine = machine_info()
+        record = {"machine": machine, "commit": machine["commit"],
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "command": "python -m pytest " + " ".join(config.invocation_params.args),
                   "pytest_benchmark": _MEDIANS, "sequential_ratios": _ratios(_MEDIANS),

@@ -1,7 +1,6 @@
 """csrc/ compiles: every .cu with nvcc for sm_80 and sm_90a (compile only, register and shared-memory
 use printed), and the binding file against torch's headers (syntax only). Skips without the tools."""
 
-import os
 import re
 import shutil
 import subprocess

@@ -25,7 +25,7 @@ def _mlp(seed=0):
 
 def _rest(model, site):
     """The plain network from site 0 (input of layer 2) or site 1 (input of layer 3) to the output."""
-    l1, l2, l3 = model[1], model[2], model[3]
+    l2, l3 = model[2], model[3]
     if site == 0:
         return lambda h: F.linear(torch.tanh(F.linear(h, l2.weight, l2.bias)), l3.weight, l3.bias)
     return lambda h: F.linear(h, l3.weight, l3.bias)

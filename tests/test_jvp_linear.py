@@ -8,7 +8,6 @@ from tolerance import assert_matches_reference
 
 pytest.importorskip("triton")
 from fastdfa.triton_kernels import jvp_linear as op  # noqa: E402
-from fastdfa.triton_kernels._common import activation_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])

@@ -7,11 +7,11 @@ Activation state saved by the forward for the backward (the smallest thing
     ============  =========  =====================================  ==========================
     activation    code       state                                  g'(a) from the state s
     ============  =========  =====================================  ==========================
-    None          ACT_NONE   nothing                                1
-    "relu"        ACT_RELU   mask ``a > 0``, uint8 (1 byte/elem)    s
-    "tanh"        ACT_TANH   the output ``h = tanh(a)``             1 - s^2
-    "sigmoid"     ACT_SIGM   the output ``h = sigmoid(a)``          s (1 - s)
-    "gelu"        ACT_GELU   the pre-activation ``a``               Phi(a) + a phi(a)   (exact, erf)
+    None          0          nothing                                1
+    "relu"        1          mask ``a > 0``, uint8 (1 byte/elem)    s
+    "tanh"        2          the output ``h = tanh(a)``             1 - s^2
+    "sigmoid"     3          the output ``h = sigmoid(a)``          s (1 - s)
+    "gelu"        4          the pre-activation ``a``               Phi(a) + a phi(a)   (exact, erf)
     ============  =========  =====================================  ==========================
 
 tanh and sigmoid reuse the layer output itself, so they cost no extra memory.
@@ -23,11 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..activations import STATE_OF, apply_activation as activation_reference  # noqa: F401  (the PyTorch definitions)
-from ..activations import derivative_from_state
+# The PyTorch definitions the kernels follow, re-exported for the op files.
+from ..activations import ACTIVATION_CODES, STATE_OF  # noqa: F401
+from ..activations import apply_activation as activation_reference  # noqa: F401
+from ..activations import derivative_from_state  # noqa: F401
 
-ACT_NONE, ACT_RELU, ACT_TANH, ACT_SIGM, ACT_GELU = 0, 1, 2, 3, 4
-ACTIVATION_CODES = {None: ACT_NONE, "relu": ACT_RELU, "tanh": ACT_TANH, "sigmoid": ACT_SIGM, "gelu": ACT_GELU}
 
 _TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 KERNEL_DTYPES = tuple(_TORCH_TO_TL)
@@ -49,11 +49,6 @@ def dot_precision() -> str:
     silent switch would make the triton backend 1e-3 off the torch one.
     """
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-def derivative_reference(state: torch.Tensor | None, activation: str | None) -> torch.Tensor | float:
-    """PyTorch g'(a) from the saved state, in the state's float dtype (fp32 for the mask)."""
-    return derivative_from_state(state, activation)
 
 
 @triton.jit

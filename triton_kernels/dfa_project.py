@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ..project import ProjectSite  # noqa: F401  (the site description, shared with the cuda backend)
-from ._common import ACTIVATION_CODES, STATE_OF, derivative_reference, dot_precision, tl_dtype
+from ._common import ACTIVATION_CODES, STATE_OF, derivative_from_state, dot_precision, tl_dtype
 from ._tables import TableCache
 
 
@@ -169,6 +169,6 @@ def dfa_project_reference(error: torch.Tensor, feedback_all: torch.Tensor,
         block = e @ feedback_all[s.offset:s.offset + s.rows].t()
         if s.activation is not None:
             state = s.state if STATE_OF[s.activation] == "mask" else s.state.to(dtype)
-            block = block * derivative_reference(state, s.activation).to(dtype)
+            block = block * derivative_from_state(state, s.activation).to(dtype)
         out[:, s.offset:s.offset + s.rows] = block
     return out

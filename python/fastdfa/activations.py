@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 ACTIVATIONS = (None, "relu", "tanh", "sigmoid", "gelu")
+# The kernels' activation codes (triton_kernels/_common.py, csrc/kernels.h use the same numbers).
+ACTIVATION_CODES = {None: 0, "relu": 1, "tanh": 2, "sigmoid": 3, "gelu": 4}
 # Which tensor holds the state: "mask" (uint8 a > 0), "output" (h), "pre" (a), or None.
 STATE_OF = {None: None, "relu": "mask", "tanh": "output", "sigmoid": "output", "gelu": "pre"}
 _INV_SQRT_2PI = 0.3989422804014327

@@ -21,12 +21,11 @@ from collections.abc import Sequence
 
 import torch
 
-from .activations import STATE_OF, apply_activation, derivative_from_state
-from .align import AlignSite
+from .activations import ACTIVATION_CODES, STATE_OF, apply_activation, derivative_from_state
+from .align import AlignSite, column_step
 from .project import ProjectSite
 from .triton_kernels._tables import TableCache
 
-ACTIVATION_CODES = {None: 0, "relu": 1, "tanh": 2, "sigmoid": 3, "gelu": 4}  # csrc/kernels.h
 _CODE_NAMES = {v: k for k, v in ACTIVATION_CODES.items()}
 
 
@@ -50,39 +49,20 @@ class EmulatedC:
 
     @staticmethod
     def align_step(feedback, j, offsets, rows, lr):
-        k = feedback.shape[1]
-        cos = torch.zeros(len(offsets), k, dtype=torch.float32)
+        cos = torch.zeros(len(offsets), feedback.shape[1], dtype=torch.float32)
         for s, (o, r) in enumerate(zip(offsets.tolist(), rows.tolist())):
-            b, jj = feedback[o:o + r].float(), j[o:o + r]
-            nb, nj = b.norm(dim=0), jj.norm(dim=0)
-            live = (nb > 0) & (nj > 0)
-            c = torch.where(live, (b * jj).sum(0) / (nb * nj).clamp_min(1e-30), torch.zeros_like(nb))
-            bb = nb * nb
-            alpha = torch.where(live, 1 - (lr / k) * c / bb.clamp_min(1e-30), torch.ones_like(nb))
-            beta = torch.where(live, (lr / k) / (nb * nj).clamp_min(1e-30), torch.zeros_like(nb))
-            norm2 = alpha * alpha * bb + 2 * alpha * beta * (b * jj).sum(0) + beta * beta * nj * nj
-            feedback[o:o + r] = ((alpha * b + beta * jj) / norm2.sqrt()).to(feedback.dtype)
-            cos[s] = c
+            new, cos[s] = column_step(feedback[o:o + r].float(), j[o:o + r], lr)
+            feedback[o:o + r] = new.to(feedback.dtype)
         return cos
 
     @staticmethod
     def dual_activation(a, u, code):
         act = _CODE_NAMES[int(code)]
         h = apply_activation(a, act)
-        kind = STATE_OF[act]
-        state = {"mask": (a > 0).to(torch.uint8), "pre": a.clone(), "output": h, None: h}[kind]
-        if u.numel() == 0:
-            return [h, u.clone(), state]
-        d = derivative_from_state(a, "relu", a.dtype) if act == "relu" else _derivative_of_pre(a, act)
+        state = {"mask": (a > 0).to(torch.uint8), "pre": a.clone(), "output": h, None: h}[STATE_OF[act]]
+        # g'(a): from h for tanh / sigmoid, from a itself otherwise (a > 0 for ReLU, a for GELU).
+        d = derivative_from_state(h if STATE_OF[act] == "output" else a, act, a.dtype)
         return [h, d * u, state]
-
-
-def _derivative_of_pre(a, act):
-    if act is None:
-        return torch.ones_like(a)
-    if act in ("tanh", "sigmoid"):
-        return derivative_from_state(apply_activation(a, act), act)
-    return derivative_from_state(a, act)
 
 
 class CudaOps:

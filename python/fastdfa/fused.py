@@ -65,9 +65,14 @@ class FusedRecord:
     state: torch.Tensor | None     # activation state [N, features] (see triton_kernels/_common.py)
     out: torch.Tensor              # what the layer returned ([*batch, out] or [N, C, H, W])
     out_version: int               # out._version when returned: an in-place change un-claims it
-    rows: int = 0                  # features per batch row of ``out``
     ops: object = None             # _LinearOps / _ConvOps: the layer's weight gradient
     claimed: bool = False
+
+    @property
+    def rows(self) -> int:
+        """Features per batch row of ``out``."""
+        n = self.x.shape[0]
+        return self.out.numel() // n if n else 0
 
 
 @dataclass
@@ -129,6 +134,7 @@ class _ConvOps:
     def forward(self, xp):
         lay = self.layer
         a = F.conv2d(xp, lay.weight, lay.bias, lay.stride, self.padding, lay.dilation, lay.groups)
+        self.out_hw = tuple(a.shape[2:])
         kind = STATE_OF[lay.activation]
         h = apply_activation(a, lay.activation)
         state = {"mask": (a > 0).to(torch.uint8) if kind == "mask" else None, "pre": a, "output": h,
@@ -136,8 +142,9 @@ class _ConvOps:
         return h, state
 
     def weight_grad(self, delta, xp):
+        """dW, db from delta as [N, C, H, W] (generic route) or [N, C*H*W] (a projection slice)."""
         lay = self.layer
-        delta = delta.reshape(xp.shape[0], *delta.shape[1:]) if delta.dim() == 4 else delta
+        delta = delta.reshape(xp.shape[0], lay.out_channels, *self.out_hw)
         has_bias = lay.bias is not None
         _, gw, gb = torch.ops.aten.convolution_backward(
             delta, xp, lay.weight, [lay.weight.shape[0]] if has_bias else None, list(lay.stride),
@@ -180,8 +187,7 @@ def _record(engine, layer, x_saved, ops, out_shape=None) -> torch.Tensor:
         state = state.reshape(n, -1)  # [N, features], as dfa_project reads it
     if out_shape is not None:
         h = h.view(out_shape)
-    engine._recording.plan.records[id(h)] = FusedRecord(layer, x_saved, state, h, h._version,
-                                                        rows=h.numel() // n if n else 0, ops=ops)
+    engine._recording.plan.records[id(h)] = FusedRecord(layer, x_saved, state, h, h._version, ops=ops)
     return h
 
 
@@ -237,7 +243,7 @@ def fused_backward(engine, error: torch.Tensor, batch_shape, plan: FusedPlan, si
             grads[id(r)] = g
     for r, d in claimed:
         if id(r) not in grads:  # per-layer: wgrad="per-layer", convolutions, mixed dtypes
-            grads[id(r)] = r.ops.weight_grad(d.reshape(r.out.shape) if isinstance(r.ops, _ConvOps) else d, r.x)
+            grads[id(r)] = r.ops.weight_grad(d, r.x)
     param_grads = []
     for r in plan.claimed:
         gw, gb = grads[id(r)]

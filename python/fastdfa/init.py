@@ -34,7 +34,7 @@ import torch
 from .dfa import DFA
 from .feedback import seeded_generator
 from .layers import Linear
-from .metrics import chain, weight_alignment
+from .metrics import _cos, chain, weight_alignment
 
 FWM_METHODS = ("lstsq", "svd")
 
@@ -212,6 +212,5 @@ def soft_align(dfa: DFA, angle: float, seed: int | None = None) -> dict[str, flo
     out = {}
     for name, tensor, value, reference in targets:
         tensor.copy_(value)
-        t, r = tensor.double().cpu().flatten(), reference.double().cpu().flatten()
-        out[name] = float((t @ r) / (t.norm() * r.norm()))
+        out[name] = _cos(tensor, reference)
     return out
