@@ -32,6 +32,10 @@ def _worker(rank, world, init_file, out_dir, mode, backend):
         shard = slice(rank * 4, rank * 4 + 4)
         F.cross_entropy(ddp(x[shard]), t[shard]).backward()
         torch.save([p.grad for p in model.parameters()], os.path.join(out_dir, f"grads{rank}.pt"))
+        # Both ranks done before teardown, and the reducer gone before its process group: without
+        # this a rank's gloo threads were occasionally torn down mid-exchange (SIGABRT, 1 run in 8).
+        dist.barrier()
+        del ddp
     finally:
         dist.destroy_process_group()
 
