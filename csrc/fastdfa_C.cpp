@@ -62,8 +62,9 @@ at::Tensor align_step(at::Tensor feedback, const at::Tensor& j, const at::Tensor
               "fastdfa._C.align_step: j must be a contiguous float32 tensor shaped like the feedback");
   TORCH_CHECK(feedback.stride(1) == 1, "fastdfa._C.align_step: the feedback needs a unit column stride");
   TORCH_CHECK(offsets.scalar_type() == at::kLong && rows.scalar_type() == at::kLong && offsets.is_cuda() &&
-                  rows.is_cuda() && offsets.numel() == rows.numel(),
-              "fastdfa._C.align_step: offsets and rows must be CUDA int64 tensors of equal length");
+                  rows.is_cuda() && offsets.numel() == rows.numel() && offsets.is_contiguous() &&
+                  rows.is_contiguous(),
+              "fastdfa._C.align_step: offsets and rows must be contiguous CUDA int64 tensors of equal length");
   const c10::cuda::CUDAGuard guard(feedback.device());
   at::Tensor cosines = at::empty({offsets.numel(), feedback.size(1)}, feedback.options().dtype(at::kFloat));
   auto stream = c10::cuda::getCurrentCUDAStream();

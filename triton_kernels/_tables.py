@@ -17,35 +17,60 @@ from collections.abc import Callable, Hashable, Sequence
 import torch
 
 
+def stream_capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is being captured into a CUDA graph (False off CUDA)."""
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class TableCache:
     """key -> device int tensor, least recently used evicted past ``maxsize``.
 
     ``maxsize`` 8: a model alternates at most a few shapes (train / last
     partial batch / eval), and each entry is a few hundred bytes.
+
+    Under CUDA graph capture (``fastdfa.CapturedStep``) a table the graph
+    reads must outlive the graph: every entry used during a capture is
+    pinned (never evicted), and one built during a capture keeps its pinned
+    host copy, since the captured host-to-device copy re-reads it at every
+    replay.
     """
 
     def __init__(self, maxsize: int = 8):
         self.maxsize = maxsize
         self.builds = 0
         self._tables: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._pinned: dict[Hashable, tuple[torch.Tensor, torch.Tensor | None]] = {}  # used by a captured graph
 
     def get(self, key: Hashable, build: Callable[[], Sequence[Sequence[int]]], dtype: torch.dtype,
             device: torch.device) -> torch.Tensor:
+        capturing = stream_capturing(device)
+        pinned = self._pinned.get(key)
+        if pinned is not None:
+            return pinned[0]
         table = self._tables.get(key)
         if table is not None:
-            self._tables.move_to_end(key)
+            if capturing:
+                self._pinned[key] = (self._tables.pop(key), None)
+            else:
+                self._tables.move_to_end(key)
             return table
         rows = build()
-        table = torch.tensor(rows, dtype=dtype).reshape(len(rows), -1)
+        host = torch.tensor(rows, dtype=dtype).reshape(len(rows), -1)
+        table = host
         if device.type == "cuda":
-            table = table.pin_memory().to(device, non_blocking=True)
-        self._tables[key] = table
+            host = host.pin_memory()
+            table = host.to(device, non_blocking=True)
         self.builds += 1
+        if capturing:
+            self._pinned[key] = (table, host)
+            return table
+        self._tables[key] = table
         if len(self._tables) > self.maxsize:
             self._tables.popitem(last=False)
         return table
 
     def clear(self) -> None:
+        """Forget the unpinned tables (the pinned ones belong to captured graphs)."""
         self._tables.clear()
 
 

@@ -58,6 +58,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                    help="grape: one tangent per site (exact) or one shared dual pass (default per-site)")
     p.add_argument("--calibrate-every", type=int, default=0, metavar="T",
                    help="one exact-BP batch every T epochs (GrAPE's calibration; 0: never)")
+    p.add_argument("--calibrate-every-steps", type=int, default=0, metavar="N",
+                   help="every N-th training step runs exact BP on its batch instead of the rule (sparse BP at rate 1/N, "
+                        "same number of steps; 0: never)")
     p.add_argument("--calibrate-below", type=float, default=None, metavar="GA",
                    help="adaptive calibration: one BP batch whenever the mean gradient alignment, checked every "
                         "--check-every steps on a fixed batch, is below GA")
@@ -82,7 +85,8 @@ def _config(args: argparse.Namespace, method: str) -> TrainConfig:
                        weight_decay=args.weight_decay, seed=args.seed, feedback=args.feedback,
                        conv_feedback=args.conv_feedback, device=args.device, backend=args.backend,
                        log_alignment=args.log_alignment, feedback_lr=args.feedback_lr, perturb=args.perturb,
-                       jvp=args.jvp, calibrate_every=args.calibrate_every, calibrate_below=args.calibrate_below,
+                       jvp=args.jvp, calibrate_every=args.calibrate_every,
+                       calibrate_every_steps=args.calibrate_every_steps, calibrate_below=args.calibrate_below,
                        check_every=args.check_every)
 
 

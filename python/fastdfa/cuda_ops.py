@@ -133,7 +133,9 @@ class CudaOps:
         for s in sites:
             p, t = s.perturbation.float(), s.tangent.float()
             j[s.offset:s.offset + s.rows] = p.t() @ t / p.shape[0]
-        offsets = torch.tensor([s.offset for s in sites], dtype=torch.int64, device=feedback_all.device)
-        rows = torch.tensor([s.rows for s in sites], dtype=torch.int64, device=feedback_all.device)
-        return self.C.align_step(feedback_all, j, offsets, rows, float(lr)).mean(dim=1)
+        # [2, sites]: row 0 the offsets, row 1 the row counts (each row contiguous, as the kernel reads
+        # them); cached, so no host-to-device copy per step (and none inside a captured CUDA graph)
+        layout = [tuple(s.offset for s in sites), tuple(s.rows for s in sites)]
+        table = self.tables.get(("align",) + tuple(layout), lambda: layout, torch.int64, feedback_all.device)
+        return self.C.align_step(feedback_all, j, table[0], table[1], float(lr)).mean(dim=1)
 

@@ -40,6 +40,7 @@ from torch import nn
 from . import fused, grape
 from .backends import BackendUnavailableError, kernels_for, resolve_backend
 from .feedback import FEEDBACK_KINDS, feedback_matrix, seeded_generator
+from .triton_kernels._tables import stream_capturing
 from .layers import FASTDFA_LAYERS, _init_feedback_weight
 from .project import dfa_project_reference
 
@@ -306,7 +307,6 @@ class DFA(nn.Module):
         self._jvp = None                    # the dual pass in progress (grape.dual_pass)
         self._grape_generators: dict = {}   # device -> seeded generator of the perturbations
         self.last_alignment: torch.Tensor | None = None  # per site: mean column cos(F, J_hat^T) before the last step
-        self._names = names
         self._candidates = [m for m in model.modules()
                             if (isinstance(m, FASTDFA_LAYERS) and id(m) not in inside_user) or id(m) in user_ids]
         self.feedback = _FeedbackStore()
@@ -361,6 +361,14 @@ class DFA(nn.Module):
     def backend(self) -> str | None:
         """The backend resolved when the feedback was built (None before)."""
         return self._backend
+
+    @property
+    def _names(self) -> dict[int, str]:
+        """id(module) -> its name in the model; recomputed for a copy (copy.deepcopy gives new ids)."""
+        cached = self.__dict__.get("_names_cache")
+        if cached is None or cached[0] != id(self):
+            cached = self.__dict__["_names_cache"] = (id(self), {id(m): n for n, m in self.model.named_modules()})
+        return cached[1]
 
     @property
     def fused_layers(self) -> list[str]:
@@ -569,7 +577,9 @@ class DFA(nn.Module):
 
     def _route(self, error: torch.Tensor, batch_shape: tuple[int, ...], site_dtypes: list[torch.dtype], plan):
         e = error.reshape(math.prod(batch_shape), -1)
-        if not bool(torch.isfinite(e).all()):
+        # The check reads the error on the host: a captured CUDA graph (fastdfa.CapturedStep) cannot, and
+        # leaves NaN/inf to flow into the gradients as BP does.
+        if not stream_capturing(e.device) and not bool(torch.isfinite(e).all()):
             if self.nonfinite == "raise":
                 raise NonFiniteErrorSignal(
                     "the output error dLoss/dy_hat holds NaN or inf; no gradient was accumulated. Check the "

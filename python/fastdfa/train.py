@@ -45,6 +45,7 @@ class TrainConfig:
     perturb: str = "activation"
     jvp: str = "per-site"
     calibrate_every: int = 0         # one exact-BP batch every T epochs (0: never)
+    calibrate_every_steps: int = 0   # every N-th training step runs exact BP instead of the rule (0: never)
     calibrate_below: float | None = None  # adaptive: one BP batch whenever the mean GA drops below this
     check_every: int = 50            # steps between GA checks for calibrate_below
 
@@ -61,11 +62,12 @@ class TrainConfig:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.calibrate_every < 0 or self.check_every < 1:
-            raise ValueError("calibrate_every must be >= 0 and check_every >= 1")
+        if self.calibrate_every < 0 or self.calibrate_every_steps < 0 or self.check_every < 1:
+            raise ValueError("calibrate_every and calibrate_every_steps must be >= 0 and check_every >= 1")
         if self.calibrate_below is not None and not -1 <= self.calibrate_below <= 1:
             raise ValueError(f"calibrate_below is a gradient alignment in [-1, 1], got {self.calibrate_below}")
-        if (self.calibrate_every or self.calibrate_below is not None) and self.method not in ("dfa", "grape", "fa"):
+        calibrates = self.calibrate_every or self.calibrate_every_steps or self.calibrate_below is not None
+        if calibrates and self.method not in ("dfa", "grape", "fa"):
             raise ValueError(f"calibration re-anchors fa, dfa or grape with BP steps; method is {self.method!r}")
 
 
@@ -215,6 +217,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
     x_align, y_align = x_train[:ALIGNMENT_SAMPLES], y_train[:ALIGNMENT_SAMPLES]
     if log_alignment:
         result.initial_alignment = measure_alignment(dfa, x_align, y_align)
+    steps_done = 0  # over all epochs, for calibrate_every_steps
     for epoch in range(1, config.epochs + 1):
         dfa.train()
         order = torch.randperm(n, generator=gen).to(device)
@@ -228,10 +231,21 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
             xb, yb = x_train[idx], y_train[idx]
             _sync(device)
             t0 = time.perf_counter()
-            loss = train_step(dfa, opt, xb, yb)
+            steps_done += 1
+            # sparse BP: every N-th step takes its own batch with exact BP instead of the rule, so the
+            # number of steps and the data seen are those of the uncalibrated run
+            bp_step = config.calibrate_every_steps and steps_done % config.calibrate_every_steps == 0
+            if bp_step:
+                from .dfa import backprop
+                with backprop(dfa):
+                    loss = train_step(dfa, opt, xb, yb)
+            else:
+                loss = train_step(dfa, opt, xb, yb)
             _sync(device)
             step_ms.append((time.perf_counter() - t0) * 1e3)
             losses.append(loss.detach())
+            if bp_step:
+                result.calibrations.append((epoch, len(losses), f"every {config.calibrate_every_steps} steps"))
             if config.calibrate_below is not None and len(losses) % config.check_every == 0:
                 from .metrics import alignment_summary, gradient_alignment
                 ga = alignment_summary(gradient_alignment(dfa, x_align, y_align))
