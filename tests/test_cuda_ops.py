@@ -119,3 +119,33 @@ def test_fan_out_on_cuda_streams_equals_sequential():
     torch.cuda.synchronize()
     for g, d, x in zip(got, deltas, inputs):
         torch.testing.assert_close(g, d.t() @ x)
+
+
+@pytest.mark.parametrize("streams,env,want", [(None, None, 4), (None, "2", 2), (8, "2", 8), (1, None, 1)])
+def test_the_engine_s_stream_count_reaches_the_fan_out(emulated_cuda_backend, monkeypatch, streams, env, want):
+    """DFA(streams=N) (else FASTDFA_STREAMS, else 4) is the pool size of the weight-gradient fan-out."""
+    import fastdfa.streams as streams_module
+
+    if env is None:
+        monkeypatch.delenv("FASTDFA_STREAMS", raising=False)
+    else:
+        monkeypatch.setenv("FASTDFA_STREAMS", env)
+    sizes = []
+    real = streams_module.fan_out
+    monkeypatch.setattr(streams_module, "fan_out", lambda tasks, size, **kw: sizes.append(size) or real(tasks, size, **kw))
+    torch.manual_seed(0)
+    dfa = fastdfa.DFA(make_mlp(10, (12, 9), 4, "relu"), seed=2, backend="cuda", streams=streams)
+    F.cross_entropy(dfa(torch.randn(7, 10)), torch.randint(0, 4, (7,))).backward()
+    assert sizes == [want]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True])
+def test_a_bad_stream_count_is_refused(bad):
+    with pytest.raises(ValueError, match="streams"):
+        fastdfa.DFA(make_mlp(10, (12,), 4), streams=bad)
+
+
+def test_a_bad_fastdfa_streams_is_refused(monkeypatch):
+    monkeypatch.setenv("FASTDFA_STREAMS", "many")
+    with pytest.raises(ValueError, match="FASTDFA_STREAMS"):
+        fastdfa.DFA(make_mlp(10, (12,), 4))

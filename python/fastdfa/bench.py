@@ -12,6 +12,10 @@ Methods (those that cannot run here are skipped, with the reason recorded):
   bp-compile      plain PyTorch under torch.compile (full presets only)
   dfa             fastdfa.DFA, torch backend
   dfa-triton      fastdfa.DFA, triton backend (GPU)
+  dfa-cuda        fastdfa.DFA, cuda backend (fastdfa._C), weight gradients on 4 CUDA streams;
+                  dfa-cuda-s1 / -s2 / -s8 with 1 (in order, no side stream), 2 or 8 streams
+  bp-graph, dfa-triton-graph, dfa-cuda-graph
+                  the same step captured in a CUDA graph and replayed (fastdfa.CapturedStep)
   fa              fastdfa.DFA in mode "fa"
   grape-per-site, grape-shared   fastdfa.DFA in mode "grape"
   dfa-hooks       biotorch's style (fastdfa.baselines.HookDFA)
@@ -37,7 +41,12 @@ from torch import nn
 from .steptime import interleaved_step_ms
 
 ALL_METHODS = ("bp", "bp-compile", "dfa", "dfa-triton", "fa", "grape-per-site", "grape-shared", "dfa-hooks",
-               "dfa-points")
+               "dfa-points", "dfa-cuda", "dfa-cuda-s1", "dfa-cuda-s2", "dfa-cuda-s8", "bp-graph",
+               "dfa-triton-graph", "dfa-cuda-graph")
+# issue "CUDA extension and stream scheduler": the GPU methods of its table
+GPU_METHODS = ("bp", "bp-compile", "dfa", "dfa-triton", "dfa-cuda", "dfa-cuda-s1", "dfa-cuda-s2", "dfa-cuda-s8",
+               "bp-graph", "dfa-triton-graph", "dfa-cuda-graph")
+GRAPH = "-graph"  # suffix: the same method, its whole step captured in a CUDA graph (fastdfa.CapturedStep)
 CPU_TARGET = 0.80  # issue "Speed reports": the best DFA/BP ratio of the CPU quick preset
 
 
@@ -113,17 +122,28 @@ def _wrapped(plain, method: str):
         return (HookDFA if method == "dfa-hooks" else FeedbackPointDFA)(plain, feedback), plain.parameters()
     ours = _fastdfa_model(plain)
     kwargs = {"dfa": dict(mode="dfa", backend="torch"), "dfa-triton": dict(mode="dfa", backend="triton"),
+              "dfa-cuda": dict(mode="dfa", backend="cuda"),
+              **{f"dfa-cuda-s{n}": dict(mode="dfa", backend="cuda", streams=n) for n in (1, 2, 8)},
               "fa": dict(mode="fa", backend="torch"), "grape-per-site": dict(mode="grape", jvp="per-site"),
               "grape-shared": dict(mode="grape", jvp="shared")}[method]
-    if kwargs.get("backend") == "triton":
-        status = backend_status("triton")
+    backend = kwargs.get("backend")
+    if backend in ("triton", "cuda"):
+        status = backend_status(backend)
         if not status.available or next(plain.parameters()).device.type != "cuda":
-            raise Unavailable(f"triton: {status.reason if not status.available else 'needs a CUDA device'}")
+            raise Unavailable(f"{backend}: {status.reason if not status.available else 'needs a CUDA device'}")
     return DFA(ours, seed=0, **kwargs), ours.parameters()
 
 
-def _step_fn(module, params, x, t):
+def _step_fn(module, params, x, t, graph: bool = False):
     opt = torch.optim.SGD(list(params), lr=1e-3)
+    if graph:
+        from .graphs import CapturedStep
+
+        captured = CapturedStep(module, opt)
+
+        def step(_round=None):
+            captured(x, t)  # copies the batch into the graph's static input, as a training loop would
+        return step
 
     def step(_round=None):
         opt.zero_grad(set_to_none=True)
@@ -170,9 +190,12 @@ def run_config(c: BenchConfig, methods, device: torch.device, rounds: int, warmu
     for m in methods:
         plain = copy.deepcopy(base)
         try:
-            module, params = _wrapped(plain, m)
+            graph = m.endswith(GRAPH)
+            if graph and device.type != "cuda":
+                raise Unavailable("CUDA graphs need a CUDA device")
+            module, params = _wrapped(plain, m[:-len(GRAPH)] if graph else m)
             params = list(params)
-            step = _step_fn(module, params, x, t)
+            step = _step_fn(module, params, x, t, graph)
             step()  # builds feedback, compiles, warms caches; errors show here
             memory[m] = _memory(step, module, params, x, t, device)
             steps[m] = step
@@ -210,7 +233,8 @@ def flop_floor(c: BenchConfig) -> float | None:
 
 
 def preset(name: str) -> list[BenchConfig]:
-    """quick (CPU, < 2 min), cpu (the full CPU grid), gpu (the GPU grid, fp32 and bf16)."""
+    """quick (CPU, < 2 min), cpu (the full CPU grid), targets (the CUDA issue's three models), gpu (the
+    targets, then the GPU grid, fp32 and bf16)."""
     if name == "quick":
         mlp = [BenchConfig("mlp", w, 4, 128) for w in (256, 1024, 2048)]
         mlp += [BenchConfig("mlp", 1024, d, 128) for d in (2, 8)]
@@ -221,8 +245,10 @@ def preset(name: str) -> list[BenchConfig]:
         out += [BenchConfig("mlp", 1024, d, 256) for d in (2, 3, 8, 16)]
         out += [BenchConfig("mlp", 1024, 4, b) for b in (32, 128, 1024)]
         return out + [BenchConfig("cnn", 32, d, 64) for d in (2, 4)]
+    if name == "targets":
+        return targets()
     if name == "gpu":
-        out = []
+        out = targets()
         for dtype in ("float32", "bfloat16"):
             out += [BenchConfig("mlp", w, 4, 1024, dtype) for w in (256, 1024, 2048, 4096, 8192)]
             out += [BenchConfig("mlp", 4096, d, 1024, dtype) for d in (2, 8, 16, 32)]
@@ -232,11 +258,44 @@ def preset(name: str) -> list[BenchConfig]:
     raise ValueError(f"unknown preset {name!r}: quick, cpu or gpu")
 
 
+def targets() -> list[BenchConfig]:
+    """The three models of the CUDA issue's targets: GEMM-bound (DFA <= 0.70x BP eager, FLOP floor ~0.67),
+    latency-bound (<= 0.35x) and a small CNN."""
+    return [BenchConfig("mlp", 4096, 8, 4096, "bfloat16"), BenchConfig("mlp", 512, 16, 256, "float32"),
+            BenchConfig("cnn", 32, 2, 256, "float32")]
+
+
+# (config label, DFA/BP target) of the CUDA issue: the FLOP floor of the GEMM-bound MLP is about 0.67
+TARGETS = {"mlp w4096 d8 b4096 bfloat16": 0.70, "mlp w512 d16 b256 float32": 0.35}
+
+
+def target_verdicts(results: list[dict]) -> list[dict]:
+    """For each target model in ``results``: the fastest DFA method's ratio to BP eager, and whether it meets
+    the target."""
+    out = []
+    for r in results:
+        label = BenchConfig(**r["config"]).label
+        if label not in TARGETS:
+            continue
+        dfa = {m: v["ratio_to_bp"] for m, v in r["methods"].items()
+               if m.startswith("dfa") and m not in ("dfa-hooks", "dfa-points") and v["ratio_to_bp"] is not None}
+        if not dfa:
+            continue
+        best = min(dfa, key=dfa.get)
+        meets = dfa[best] <= TARGETS[label]
+        out.append({"config": label, "target": TARGETS[label], "best_method": best, "ratio": dfa[best],
+                    "meets": meets, "text": f"{label}: best DFA {best} {dfa[best]:.3f} x BP eager, target "
+                                            f"<= {TARGETS[label]}: {'meets' if meets else 'MISSES'}"})
+    return out
+
+
 def default_methods(name: str) -> tuple[str, ...]:
     if name == "quick":
         return ("bp", "dfa", "fa", "dfa-hooks", "dfa-points")
     if name == "cpu":
         return ("bp", "bp-compile", "dfa", "fa", "grape-per-site", "grape-shared", "dfa-hooks", "dfa-points")
+    if name == "targets":
+        return GPU_METHODS
     return ALL_METHODS
 
 

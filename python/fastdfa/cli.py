@@ -237,10 +237,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    name = "quick" if args.quick else ("gpu" if args.gpu else "cpu")
-    if args.gpu and not torch.cuda.is_available():
-        raise ValueError("--gpu needs a CUDA GPU; on this machine run --quick or the full CPU preset")
-    device = torch.device("cuda" if args.gpu else "cpu")
+    name = "quick" if args.quick else ("gpu" if args.gpu else "targets" if args.targets else "cpu")
+    on_gpu = name in ("gpu", "targets")
+    if on_gpu and not torch.cuda.is_available():
+        raise ValueError(f"--{name} needs a CUDA GPU; on this machine run --quick or the full CPU preset")
+    device = torch.device("cuda" if on_gpu else "cpu")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if device.type == "cpu":
@@ -272,8 +273,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if device.type == "cpu" and "dfa" in methods:
         verdict = "meets" if best <= bench.CPU_TARGET else "MISSES"
         print(f"\nbest DFA/BP ratio {best:.3f}: {verdict} the CPU target <= {bench.CPU_TARGET}")
+    targets = bench.target_verdicts(results) if on_gpu else []
+    for line in targets:
+        print(line["text"])
     _write_json(args.json, {"machine": machine_info(), "preset": name, "rounds": args.rounds,
-                            "best_ratio": best, "results": results})
+                            "best_ratio": best, "results": results, "targets": targets})
     if args.plot is not None:
         bench.plot(results, args.plot)
         print(f"wrote {args.plot}")
@@ -314,7 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     p_bench = sub.add_parser("bench", help="time DFA, FA, GrAPE and the baselines against BP over a grid of models")
     which = p_bench.add_mutually_exclusive_group()
     which.add_argument("--quick", action="store_true", help="the small CPU preset (under 2 minutes on 2 cores)")
-    which.add_argument("--gpu", action="store_true", help="the GPU preset (fp32 and bf16)")
+    which.add_argument("--gpu", action="store_true", help="the GPU preset: the target models, then the grid "
+                       "(fp32 and bf16)")
+    which.add_argument("--targets", action="store_true",
+                       help="the three target models only (GEMM-bound 8x4096 b4096 bf16, latency-bound 16x512 b256, "
+                            "small CNN) with every GPU method: backends, stream counts, CUDA graphs (needs a GPU)")
     p_bench.add_argument("--methods", default=None, help="comma-separated methods (default: the preset's)")
     p_bench.add_argument("--rounds", type=int, default=15, help="interleaved timed rounds per method (default 15)")
     p_bench.add_argument("--threads", type=int, default=None)

@@ -71,6 +71,7 @@ class CudaOps:
     ProjectSite = ProjectSite
     AlignSite = AlignSite
     name = "cuda"
+    fans_out = True  # dfa_wgrad takes streams= (the engine's pool size)
 
     def __init__(self, C, streams: int = 4):
         self.C = C
@@ -103,14 +104,14 @@ class CudaOps:
         return result
 
     # -------------------------------------------------------------- dfa_wgrad
-    def dfa_wgrad(self, deltas, inputs, bias):
+    def dfa_wgrad(self, deltas, inputs, bias, streams: int | None = None):
         from .streams import fan_out
 
         def work(i):
             d, x = deltas[i], inputs[i]
             return d.t() @ x, (d.sum(0) if bias[i] else None)
 
-        return fan_out([lambda i=i: work(i) for i in range(len(deltas))], self.streams,
+        return fan_out([lambda i=i: work(i) for i in range(len(deltas))], streams or self.streams,
                        device=deltas[0].device if deltas else None, inputs=list(deltas) + list(inputs))
 
     # -------------------------------------------------------------- jvp_linear

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -230,7 +231,10 @@ class DFA(nn.Module):
             fastdfa.Linear layers (``fastdfa.fused``).
         wgrad: with a kernel backend, the claimed layers' weight gradients as
             one "grouped" GEMM launch (``dfa_wgrad``) or one GEMM per layer
-            ("per-layer").
+            ("per-layer"). On the cuda backend "grouped" fans the per-layer
+            GEMMs out over ``streams`` CUDA side streams (None:
+            ``FASTDFA_STREAMS``, else 4; 1 runs them in order on the current
+            stream); see ``fastdfa.streams``.
         feedback_lr, perturb, jvp: mode "grape" only: the alignment step size,
             where the JVP perturbs ("activation", "weight", "auto") and how the
             tangents are run ("per-site", "shared"); see ``fastdfa.grape``.
@@ -240,7 +244,8 @@ class DFA(nn.Module):
                  sites: list[nn.Module] | None = None, *, conv_feedback: str = "dense",
                  feedback_scale: float = 1.0, batch_dims: int = 1, nonfinite: str = "raise",
                  example_input=None, backend: str | None = None, wgrad: str = "grouped",
-                 feedback_lr: float = 0.5, perturb: str = "activation", jvp: str = "per-site"):
+                 feedback_lr: float = 0.5, perturb: str = "activation", jvp: str = "per-site",
+                 streams: int | None = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -252,6 +257,10 @@ class DFA(nn.Module):
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if wgrad not in WGRAD:
             raise ValueError(f"wgrad must be one of {WGRAD}, got {wgrad!r}")
+        if streams is None:
+            streams = _env_streams()
+        if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
+            raise ValueError(f"streams must be an int >= 1 (1: no side streams), got {streams!r}")
         if perturb not in grape.PERTURB:
             raise ValueError(f"perturb must be one of {grape.PERTURB}, got {perturb!r}")
         if jvp not in grape.JVP:
@@ -301,6 +310,7 @@ class DFA(nn.Module):
         self.skipped_steps = 0
         self._requested_backend = backend
         self.wgrad = wgrad
+        self.streams = streams
         self.feedback_lr = float(feedback_lr)
         self.perturb = perturb
         self.jvp = jvp
@@ -596,6 +606,14 @@ class DFA(nn.Module):
     def extra_repr(self) -> str:
         return (f"mode={self._mode!r}, seed={self.seed}, feedback={self.feedback_kind!r}, "
                 f"sites={len(self._sites) if self._sites is not None else 'unbuilt'}, backend={self._backend!r}")
+
+
+def _env_streams() -> int:
+    value = os.environ.get("FASTDFA_STREAMS", "4")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"FASTDFA_STREAMS must be an int >= 1, got {value!r}") from None
 
 
 def _check_backend_dtype(backend: str, dtype: torch.dtype) -> None:

@@ -237,9 +237,11 @@ def fused_backward(engine, error: torch.Tensor, batch_shape, plan: FusedPlan, si
     linear = [(r, d) for r, d in claimed if isinstance(r.ops, _LinearOps)]
     if (engine.wgrad == "grouped" and linear
             and len({d.dtype for _, d in linear} | {r.x.dtype for r, _ in linear}) == 1):
-        # ONE launch for every claimed Linear's dW and db.
+        # ONE launch for every claimed Linear's dW and db (triton), or one GEMM per layer fanned out
+        # over the engine's CUDA streams (cuda).
+        fan = {"streams": engine.streams} if getattr(kernels, "fans_out", False) else {}
         for (r, _), g in zip(linear, kernels.dfa_wgrad([d for _, d in linear], [r.x for r, _ in linear],
-                                                       [r.layer.bias is not None for r, _ in linear])):
+                                                       [r.layer.bias is not None for r, _ in linear], **fan)):
             grads[id(r)] = g
     for r, d in claimed:
         if id(r) not in grads:  # per-layer: wgrad="per-layer", convolutions, mixed dtypes
