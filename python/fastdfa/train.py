@@ -48,6 +48,7 @@ class TrainConfig:
     calibrate_every_steps: int = 0   # every N-th training step runs exact BP instead of the rule (0: never)
     calibrate_below: float | None = None  # adaptive: one BP batch whenever the mean GA drops below this
     check_every: int = 50            # steps between GA checks for calibrate_below
+    cuda_graph: bool = False         # each rule step captured once and replayed (fastdfa.CapturedStep; CUDA only)
 
     @property
     def effective_lr(self) -> float:
@@ -66,6 +67,8 @@ class TrainConfig:
             raise ValueError("calibrate_every and calibrate_every_steps must be >= 0 and check_every >= 1")
         if self.calibrate_below is not None and not -1 <= self.calibrate_below <= 1:
             raise ValueError(f"calibrate_below is a gradient alignment in [-1, 1], got {self.calibrate_below}")
+        if self.cuda_graph and not str(self.device).startswith("cuda"):
+            raise ValueError(f"cuda_graph replays CUDA graphs and needs a CUDA device, got device {self.device!r}")
         calibrates = self.calibrate_every or self.calibrate_every_steps or self.calibrate_below is not None
         if calibrates and self.method not in ("dfa", "grape", "fa"):
             raise ValueError(f"calibration re-anchors fa, dfa or grape with BP steps; method is {self.method!r}")
@@ -140,7 +143,9 @@ def build(config: TrainConfig, data: Dataset, model: nn.Module | None = None) ->
               perturb=config.perturb, jvp=config.jvp).to(config.device)
     dfa.build(data.x_train[:2].to(config.device))
     if config.optimizer == "adam":
-        opt = torch.optim.Adam(dfa.parameters(), lr=config.effective_lr, weight_decay=config.weight_decay)
+        # capturable: the step count stays on the GPU, so a replayed graph advances it (fastdfa.CapturedStep)
+        opt = torch.optim.Adam(dfa.parameters(), lr=config.effective_lr, weight_decay=config.weight_decay,
+                               **({"capturable": True} if config.cuda_graph else {}))
     else:
         opt = torch.optim.SGD(dfa.parameters(), lr=config.effective_lr, momentum=0.9,
                               weight_decay=config.weight_decay)
@@ -218,6 +223,10 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
     if log_alignment:
         result.initial_alignment = measure_alignment(dfa, x_align, y_align)
     steps_done = 0  # over all epochs, for calibrate_every_steps
+    captured = None
+    if config.cuda_graph:
+        from .graphs import CapturedStep
+        captured = CapturedStep(dfa, opt)  # the last partial batch gets its own graph
     for epoch in range(1, config.epochs + 1):
         dfa.train()
         order = torch.randperm(n, generator=gen).to(device)
@@ -239,6 +248,8 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
                 from .dfa import backprop
                 with backprop(dfa):
                     loss = train_step(dfa, opt, xb, yb)
+            elif captured is not None:
+                loss = captured(xb, yb)
             else:
                 loss = train_step(dfa, opt, xb, yb)
             _sync(device)
