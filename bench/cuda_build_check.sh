@@ -19,7 +19,7 @@ python3 -m venv "$work/venv"
     --index-url https://pypi.org/simple torch==2.13.0 numpy ninja setuptools wheel
 start=$(date +%s)
 (cd "$work/src" && CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} "$work/venv/bin/pip" install --isolated \
-    --no-build-isolation --no-deps -e . 2>&1 | tail -n 3)
+    --no-build-isolation --no-deps -e . 2>&1 | grep -v "^\[notice\]\|^$" | tail -n 5)
 seconds=$(( $(date +%s) - start ))
 cd "$work"  # import the built tree, not this checkout
 "$work/venv/bin/python" - "$seconds" "$record" "$(git -C "$repo" rev-parse HEAD)" <<'EOF'
