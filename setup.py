@@ -20,7 +20,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def cuda_extension_decision():
     """(build, reason, sources) for the CUDA extension."""
-    sources = sorted(glob.glob(os.path.join(HERE, "csrc", "*.cu")) + glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
+    # Relative to setup.py: setuptools refuses absolute source paths ("setup script specifies an absolute
+    # path", seen with setuptools 84 building the editable install in bench/cuda_build_check.sh).
+    sources = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.cu"))
+                     + glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
     if os.environ.get("FASTDFA_SKIP_CUDA_BUILD") == "1":
         return False, "FASTDFA_SKIP_CUDA_BUILD=1", sources
     if not sources:
