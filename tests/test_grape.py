@@ -214,6 +214,29 @@ def test_cli_grape_cnn_with_calibration(tmp_path):
     assert len(calibrations) == 3 and all(c[2].startswith("GA ") for c in calibrations)  # steps 4, 8, 12; GA < 1
 
 
+def test_sparse_bp_every_step_is_bp_and_every_third_step_replaces_the_rule():
+    """calibrate_every_steps=1 turns every step into exact BP (the weights of a BP run, bit for bit);
+    =3 makes steps 3, 6, 9, ... BP steps without adding steps."""
+    from fastdfa.data import load_dataset
+    from fastdfa.train import TrainConfig, build, train
+
+    data = load_dataset("digits")
+    base = TrainConfig(method="dfa", epochs=1, hidden=(16,), lr=1e-3, seed=0)
+    weights = {}
+    for name, config in (("bp", replace(base, method="bp")), ("all", replace(base, calibrate_every_steps=1))):
+        model, _ = build(config, data)
+        model = model.model
+        train(config, data, log=None, model=model)
+        weights[name] = [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(weights["all"], weights["bp"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    result = train(replace(base, method="grape", calibrate_every_steps=3), data, log=None)
+    steps = -(-len(data.x_train) // base.batch_size)
+    assert [c[1] for c in result.calibrations] == list(range(3, steps + 1, 3))
+    with pytest.raises(ValueError, match="calibrate_every_steps"):
+        replace(base, calibrate_every_steps=-1).validate()
+
+
 def test_grape_beats_dfa_on_digits_cnn():
     """make_cnn on digits, 5 epochs, Adam 3e-4, batch 128. Measured test accuracy over seeds 0-4:
     DFA 0.281 0.284 0.284 0.270 0.098, GrAPE 0.752 0.752 0.724 0.799 0.724 (gains 0.44-0.63).
