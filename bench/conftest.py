@@ -75,18 +75,19 @@ def _baseline_ratios(source):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    def dfa_bp_line(group, m, ratio, how, medians):
+        return (f"[fastdfa] {group}, {how}: BP {m['bp']['median_ms']:.2f} ms, DFA {m['dfa']['median_ms']:.2f} ms "
+                f"({medians}), DFA/BP = {ratio:.3f}")
+
     for group, ratio in _ratios(_MEDIANS).items():
-        m = _MEDIANS[group]
-        terminalreporter.write_line(
-            f"[fastdfa] {group}, timed one method after the other: BP {m['bp']['median_ms']:.2f} ms, "
-            f"DFA {m['dfa']['median_ms']:.2f} ms (medians), DFA/BP = {ratio:.3f}")
+        terminalreporter.write_line(dfa_bp_line(group, _MEDIANS[group], ratio, "timed one method after the other",
+                                                "medians"))
     ratios = _ratios(_INTERLEAVED)
     for group, ratio in ratios.items():
         verdict = "meets" if ratio <= RATIO_TARGET else "MISSES"
         m = _INTERLEAVED[group]
-        terminalreporter.write_line(
-            f"[fastdfa] {group}, interleaved: BP {m['bp']['median_ms']:.2f} ms, DFA {m['dfa']['median_ms']:.2f} ms "
-            f"(medians of {m['bp']['rounds']}), DFA/BP = {ratio:.3f}: {verdict} the target <= {RATIO_TARGET}")
+        terminalreporter.write_line(dfa_bp_line(group, m, ratio, "interleaved", f"medians of {m['bp']['rounds']}")
+                                    + f": {verdict} the target <= {RATIO_TARGET}")
     baseline = _baseline_ratios(_INTERLEAVED)
     for group, ratios_ in baseline.items():
         base = ratios_["baseline"]

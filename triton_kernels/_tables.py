@@ -43,10 +43,10 @@ class TableCache:
 
     def get(self, key: Hashable, build: Callable[[], Sequence[Sequence[int]]], dtype: torch.dtype,
             device: torch.device) -> torch.Tensor:
-        capturing = stream_capturing(device)
         pinned = self._pinned.get(key)
         if pinned is not None:
             return pinned[0]
+        capturing = stream_capturing(device)
         table = self._tables.get(key)
         if table is not None:
             if capturing:

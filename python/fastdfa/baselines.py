@@ -43,6 +43,7 @@ class _Baseline(nn.Module):
         self.sites = _activations(model)
         if len(self.sites) != len(feedback):
             raise ValueError(f"{len(self.sites)} hidden activations but {len(feedback)} feedback matrices")
+        self.feedback_of = {i: feedback[k] for k, i in enumerate(self.sites)}  # module index -> its feedback
 
 
 class HookDFA(_Baseline):
@@ -50,11 +51,10 @@ class HookDFA(_Baseline):
 
     def forward(self, x):
         error: list[torch.Tensor] = []
-        site_set = {i: k for k, i in enumerate(self.sites)}
         for i, module in enumerate(self.model):
             x = module(x)
-            if i in site_set and x.requires_grad:
-                f = self.feedback[site_set[i]]
+            f = self.feedback_of.get(i)
+            if f is not None and x.requires_grad:
                 x.register_hook(lambda g, f=f: (error[0] @ f.t()).reshape(g.shape))
         if x.requires_grad:
             x.register_hook(lambda g: error.append(g.reshape(g.shape[0], -1)))
@@ -89,9 +89,8 @@ class FeedbackPointDFA(_Baseline):
 
     def forward(self, x):
         store: list[torch.Tensor] = []
-        site_set = {i: k for k, i in enumerate(self.sites)}
         for i, module in enumerate(self.model):
             x = module(x)
-            if i in site_set:
-                x = _FeedbackPoint.apply(x, self.feedback[site_set[i]], store)
+            if i in self.feedback_of:
+                x = _FeedbackPoint.apply(x, self.feedback_of[i], store)
         return _ErrorTap.apply(x, store)

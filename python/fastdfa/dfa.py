@@ -272,10 +272,11 @@ class DFA(nn.Module):
         if not math.isfinite(feedback_scale) or feedback_scale <= 0:
             raise ValueError(f"feedback_scale must be a positive finite number, got {feedback_scale!r}")
 
-        names = {id(m): n for n, m in model.named_modules()}
+        # Keyed by the modules themselves, not id(): copy.deepcopy maps the keys to the copied modules.
+        names = {m: n for n, m in model.named_modules()}
         user_sites = list(sites or [])
         for m in user_sites:
-            if id(m) not in names:
+            if m not in names:
                 raise ValueError(f"site module {type(m).__name__} is not a submodule of the model")
             if m is model:
                 raise ValueError("the model itself cannot be a site: its input is the data")
@@ -287,7 +288,7 @@ class DFA(nn.Module):
             for sub in m.modules():
                 if sub is not m:
                     if id(sub) in user_ids:
-                        raise ValueError(f"site {names[id(sub)]!r} is inside site {names[id(m)]!r}; "
+                        raise ValueError(f"site {names[sub]!r} is inside site {names[m]!r}; "
                                          "name only the outer one (BP runs inside a site module)")
                     inside_user.add(id(sub))
         layers = [m for m in model.modules() if isinstance(m, FASTDFA_LAYERS)]
@@ -317,6 +318,7 @@ class DFA(nn.Module):
         self._jvp = None                    # the dual pass in progress (grape.dual_pass)
         self._grape_generators: dict = {}   # device -> seeded generator of the perturbations
         self.last_alignment: torch.Tensor | None = None  # per site: mean column cos(F, J_hat^T) before the last step
+        self._names = names
         self._candidates = [m for m in model.modules()
                             if (isinstance(m, FASTDFA_LAYERS) and id(m) not in inside_user) or id(m) in user_ids]
         self.feedback = _FeedbackStore()
@@ -327,7 +329,7 @@ class DFA(nn.Module):
         self._kernels = None  # the kernel backend's ops, once resolved
         self._fused_names: list[str] = []
         # fastdfa layers whose input is detached (or data): a kernel backend fuses them.
-        self._fusable = {id(m) for m in self._candidates if isinstance(m, FASTDFA_LAYERS) and id(m) not in user_ids}
+        self._fusable = {m for m in self._candidates if isinstance(m, FASTDFA_LAYERS) and id(m) not in user_ids}
         for i, layer in enumerate(layers):
             _init_feedback_weight(layer, self.seed, i)
         self._hooks = [m.register_forward_pre_hook(self._pre_hook) for m in self._candidates]
@@ -371,14 +373,6 @@ class DFA(nn.Module):
     def backend(self) -> str | None:
         """The backend resolved when the feedback was built (None before)."""
         return self._backend
-
-    @property
-    def _names(self) -> dict[int, str]:
-        """id(module) -> its name in the model; recomputed for a copy (copy.deepcopy gives new ids)."""
-        cached = self.__dict__.get("_names_cache")
-        if cached is None or cached[0] != id(self):
-            cached = self.__dict__["_names_cache"] = (id(self), {id(m): n for n, m in self.model.named_modules()})
-        return cached[1]
 
     @property
     def fused_layers(self) -> list[str]:
@@ -457,7 +451,7 @@ class DFA(nn.Module):
                 params += [r.layer.weight] + ([r.layer.bias] if r.layer.bias is not None else [])
             plan.n_params = len(params)
             plan.records = {}  # only the claimed ones are needed from here on
-            self._fused_names = [self._names[id(r.layer)] for r in plan.claimed]
+            self._fused_names = [self._names[r.layer] for r in plan.claimed]
         estimate = None
         if self._mode == "grape" and self._sites:
             estimate = grape.dual_pass(self, args, kwargs, math.prod(output.shape[:self.batch_dims]))
@@ -471,12 +465,12 @@ class DFA(nn.Module):
             return None
         # Once built, the order check below also catches a module running twice.
         if not self.built and any(m is module for m in rec.order):
-            raise RuntimeError(f"module {self._names[id(module)]!r} ran twice in one forward; a DFA site "
+            raise RuntimeError(f"module {self._names[module]!r} ran twice in one forward; a DFA site "
                                "must run once per forward (weight sharing is not supported in mode 'dfa')")
         position = len(rec.order)
         rec.order.append(module)
         if not args or not isinstance(args[0], torch.Tensor):
-            raise TypeError(f"site module {self._names[id(module)]!r} must take a tensor as its first "
+            raise TypeError(f"site module {self._names[module]!r} must take a tensor as its first "
                             "positional argument")
         x = args[0]
         if self.built:
@@ -484,7 +478,7 @@ class DFA(nn.Module):
         if position == 0:  # the first module executed: its input is the data, not a site
             return None
         if not self.built and x.dim() < self.batch_dims:
-            raise ValueError(f"site input of {self._names[id(module)]!r} has shape {tuple(x.shape)}: "
+            raise ValueError(f"site input of {self._names[module]!r} has shape {tuple(x.shape)}: "
                              f"fewer than batch_dims={self.batch_dims} dims")
         rec.inputs.append(x)
         rec.shapes.append(tuple(x.shape))
@@ -495,9 +489,9 @@ class DFA(nn.Module):
         """Validate a site input against the built feedback before the module runs."""
         expected = self._expected_order
         if position >= len(expected) or expected[position] is not module:
-            want = self._names[id(expected[position])] if position < len(expected) else "nothing"
+            want = self._names[expected[position]] if position < len(expected) else "nothing"
             raise RuntimeError(f"DFA sites ran in a different order than when the feedback was built: "
-                               f"position {position} is {self._names[id(module)]!r}, expected {want!r}")
+                               f"position {position} is {self._names[module]!r}, expected {want!r}")
         if position == 0:
             return
         site = self._sites[position - 1]
@@ -539,7 +533,7 @@ class DFA(nn.Module):
             site_shape = shape[self.batch_dims:]
             channelwise = self.conv_feedback == "channel" and len(site_shape) == 3
             rows = site_shape[0] if channelwise else math.prod(site_shape)
-            site = Site(self, i, self._names[id(module)], module, site_shape, channelwise, offset, rows)
+            site = Site(self, i, self._names[module], module, site_shape, channelwise, offset, rows)
             pending = store.pending.get(str(i))
             if pending is not None:
                 if tuple(pending.shape) != (rows, n_out):

@@ -51,7 +51,7 @@ _ACTIVE_ENGINE: contextvars.ContextVar = contextvars.ContextVar("fastdfa_fusing_
 def fusing_engine_for(layer) -> object | None:
     """The engine that fuses ``layer`` in the forward now running, or None."""
     engine = _ACTIVE_ENGINE.get()
-    if engine is None or id(layer) not in engine._fusable:
+    if engine is None or layer not in engine._fusable:
         return None
     return engine
 
@@ -211,7 +211,7 @@ def fused_backward(engine, error: torch.Tensor, batch_shape, plan: FusedPlan, si
     sites = engine._sites
     for rec in plan.claimed:
         if rec.out._version != rec.out_version:
-            raise RuntimeError(f"the output of fused layer {engine._names[id(rec.layer)]!r} was modified in "
+            raise RuntimeError(f"the output of fused layer {engine._names[rec.layer]!r} was modified in "
                                "place after the forward; its saved activation state is stale")
     site_grads, claimed = [], []  # claimed: (record, delta [N, features])
     if sites:

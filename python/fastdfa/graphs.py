@@ -48,9 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .triton_kernels._tables import stream_capturing
-
-__all__ = ["CapturedStep", "stream_capturing"]
+__all__ = ["CapturedStep"]
 
 
 @dataclass
@@ -214,7 +212,9 @@ class _Snapshot:
     """Parameters, buffers, RNG states and optimizer state, put back by ``restore``."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, dfa):
-        self.tensors = [(t, t.detach().clone()) for t in _unique(list(module.parameters()) + list(module.buffers()))]
+        # dict.fromkeys: each tensor once (tensors hash by identity), in order
+        tensors = dict.fromkeys([*module.parameters(), *module.buffers()])
+        self.tensors = [(t, t.detach().clone()) for t in tensors]
         self.optimizer = optimizer
         self.opt_state = {p: {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
                               for k, v in state.items()} for p, state in optimizer.state.items()}
@@ -250,11 +250,3 @@ class _Snapshot:
                     self.dfa._grape_generator(d)
             self.dfa.skipped_steps = self.skipped
 
-
-def _unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    seen, out = set(), []
-    for t in tensors:
-        if id(t) not in seen:
-            seen.add(id(t))
-            out.append(t)
-    return out

@@ -51,7 +51,7 @@ def chain(dfa: DFA) -> list[ChainLink]:
                            "example_input= to fastdfa.DFA")
     order = dfa._expected_order
     sites = dfa.sites
-    return [ChainLink(dfa._names[id(m)], m, sites[i - 1] if i > 0 else None, sites[i] if i < len(sites) else None)
+    return [ChainLink(dfa._names[m], m, sites[i - 1] if i > 0 else None, sites[i] if i < len(sites) else None)
             for i, m in enumerate(order)]
 
 
@@ -139,7 +139,7 @@ def gradient_alignment(dfa: DFA, x, target, loss_fn: Callable = F.cross_entropy)
             continue
         n = r.shape[0]
         per_sample = F.cosine_similarity(r.reshape(n, -1).double(), b.reshape(n, -1).double(), dim=1, eps=1e-30)
-        out[dfa._names[id(m)]] = float(per_sample.mean())
+        out[dfa._names[m]] = float(per_sample.mean())
     return out
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Dataset
-from .dfa import DFA
+from .dfa import DFA, backprop
 from .models import make_model
 
 METHODS = ("bp", "fa", "dfa", "grape")
@@ -245,7 +245,6 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
             # number of steps and the data seen are those of the uncalibrated run
             bp_step = config.calibrate_every_steps and steps_done % config.calibrate_every_steps == 0
             if bp_step:
-                from .dfa import backprop
                 with backprop(dfa):
                     loss = train_step(dfa, opt, xb, yb)
             elif captured is not None:
