@@ -149,3 +149,14 @@ def test_a_bad_fastdfa_streams_is_refused(monkeypatch):
     monkeypatch.setenv("FASTDFA_STREAMS", "many")
     with pytest.raises(ValueError, match="FASTDFA_STREAMS"):
         fastdfa.DFA(make_mlp(10, (12,), 4))
+
+
+def test_a_deep_copied_engine_still_fuses(emulated_cuda_backend):
+    """The fusable layers are the copy's own modules after copy.deepcopy (they were looked up by id())."""
+    torch.manual_seed(0)
+    dfa = fastdfa.DFA(make_mlp(10, (12, 9), 4, "relu"), seed=2, backend="cuda")
+    twin = copy.deepcopy(dfa)
+    x, t = torch.randn(7, 10), torch.randint(0, 4, (7,))
+    for engine in (dfa, twin):
+        F.cross_entropy(engine(x), t).backward()
+    assert twin.fused_layers == dfa.fused_layers and dfa.fused_layers
