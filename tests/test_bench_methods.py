@@ -9,9 +9,10 @@ from fastdfa import bench
 
 def test_gpu_only_methods_are_skipped_with_the_reason_on_cpu():
     c = bench.BenchConfig("mlp", 32, 3, 8)
-    r = bench.run_config(c, ["bp", "dfa", "dfa-cuda", "dfa-cuda-s2", "bp-graph", "dfa-triton-graph"],
-                         torch.device("cpu"), rounds=1, warmup=0, log=None)
+    r = bench.run_config(c, ["bp", "dfa", "dfa-cuda", "dfa-cuda-s2", "bp-graph", "dfa-triton-graph",
+                             "dfa-cuda-nocheck"], torch.device("cpu"), rounds=1, warmup=0, log=None)
     assert set(r["methods"]) == {"bp", "dfa"}
+    assert r["skipped"]["dfa-cuda-nocheck"].startswith("cuda:")
     assert r["skipped"]["bp-graph"] == r["skipped"]["dfa-triton-graph"] == "CUDA graphs need a CUDA device"
     assert r["skipped"]["dfa-cuda"].startswith("cuda:") and r["skipped"]["dfa-cuda-s2"].startswith("cuda:")
 

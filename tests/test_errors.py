@@ -33,7 +33,7 @@ def test_model_without_fastdfa_layer():
     (dict(mode="backprop"), "mode must be one of"),
     (dict(feedback="normal"), "feedback must be one of"),
     (dict(conv_feedback="sparse"), "conv_feedback must be one of"),
-    (dict(nonfinite="ignore"), "nonfinite must be one of"),
+    (dict(nonfinite="warn"), "nonfinite must be one of"),
     (dict(batch_dims=0), "batch_dims"),
     (dict(feedback_scale=float("nan")), "feedback_scale"),
     (dict(sites=[nn.Linear(2, 2)]), "not a submodule"),
@@ -178,6 +178,27 @@ def test_nonfinite_error_skipped_on_request():
     opt.step()
     assert not torch.equal(dfa.model[1].weight, snap["model.1.weight"])
     assert dfa.skipped_steps == 1
+
+
+def test_nonfinite_error_ignored_on_request_flows_into_the_gradients():
+    dfa, opt, x, t = _nan_setup(nonfinite="ignore")
+    _nan_loss(dfa, x, t).backward()  # no check, no host read of the error
+    assert dfa.skipped_steps == 0
+    for p in dfa.parameters():  # every layer got a gradient, NaN where the error's NaN reached it
+        assert p.grad is not None
+    assert torch.isnan(dfa.model[1].weight.grad).any() and torch.isnan(dfa.model[-1].weight.grad).any()
+
+
+def test_nonfinite_ignore_reads_nothing_on_the_host(monkeypatch):
+    """"ignore" never asks whether the error is finite (the check is what syncs a GPU)."""
+    calls = []
+    real = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: calls.append(t.shape) or real(t))
+    for mode, expected in (("ignore", 0), ("raise", 1)):
+        calls.clear()
+        dfa, opt, x, t = _nan_setup(nonfinite=mode)
+        F.mse_loss(dfa(x), t).backward()
+        assert len(calls) == expected, mode
 
 
 def test_explicit_unavailable_backend_raises_before_touching_the_model():

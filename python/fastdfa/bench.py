@@ -16,6 +16,8 @@ Methods (those that cannot run here are skipped, with the reason recorded):
                   dfa-cuda-s1 / -s2 / -s8 with 1 (in order, no side stream), 2 or 8 streams
   bp-graph, dfa-triton-graph, dfa-cuda-graph
                   the same step captured in a CUDA graph and replayed (fastdfa.CapturedStep)
+  dfa-triton-nocheck, dfa-cuda-nocheck
+                  nonfinite="ignore": no NaN/inf check on the error, so no device sync mid-step
   fa              fastdfa.DFA in mode "fa"
   grape-per-site, grape-shared   fastdfa.DFA in mode "grape"
   dfa-hooks       biotorch's style (fastdfa.baselines.HookDFA)
@@ -42,10 +44,10 @@ from .steptime import interleaved_step_ms
 
 ALL_METHODS = ("bp", "bp-compile", "dfa", "dfa-triton", "fa", "grape-per-site", "grape-shared", "dfa-hooks",
                "dfa-points", "dfa-cuda", "dfa-cuda-s1", "dfa-cuda-s2", "dfa-cuda-s8", "bp-graph",
-               "dfa-triton-graph", "dfa-cuda-graph")
+               "dfa-triton-graph", "dfa-cuda-graph", "dfa-triton-nocheck", "dfa-cuda-nocheck")
 # issue "CUDA extension and stream scheduler": the GPU methods of its table
 GPU_METHODS = ("bp", "bp-compile", "dfa", "dfa-triton", "dfa-cuda", "dfa-cuda-s1", "dfa-cuda-s2", "dfa-cuda-s8",
-               "bp-graph", "dfa-triton-graph", "dfa-cuda-graph")
+               "bp-graph", "dfa-triton-graph", "dfa-cuda-graph", "dfa-triton-nocheck", "dfa-cuda-nocheck")
 GRAPH = "-graph"  # suffix: the same method, its whole step captured in a CUDA graph (fastdfa.CapturedStep)
 CPU_TARGET = 0.80  # issue "Speed reports": the best DFA/BP ratio of the CPU quick preset
 
@@ -124,6 +126,9 @@ def _wrapped(plain, method: str):
     kwargs = {"dfa": dict(mode="dfa", backend="torch"), "dfa-triton": dict(mode="dfa", backend="triton"),
               "dfa-cuda": dict(mode="dfa", backend="cuda"),
               **{f"dfa-cuda-s{n}": dict(mode="dfa", backend="cuda", streams=n) for n in (1, 2, 8)},
+              # without the NaN/inf check on the error, whose host read syncs the device once a step
+              "dfa-triton-nocheck": dict(mode="dfa", backend="triton", nonfinite="ignore"),
+              "dfa-cuda-nocheck": dict(mode="dfa", backend="cuda", nonfinite="ignore"),
               "fa": dict(mode="fa", backend="torch"), "grape-per-site": dict(mode="grape", jvp="per-site"),
               "grape-shared": dict(mode="grape", jvp="shared")}[method]
     backend = kwargs.get("backend")

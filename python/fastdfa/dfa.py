@@ -47,7 +47,9 @@ from .project import dfa_project_reference
 
 MODES = ("bp", "fa", "dfa", "grape")
 CONV_FEEDBACK = ("dense", "channel")
-NONFINITE = ("raise", "skip")
+# What a NaN/inf output error does. "raise" and "skip" read the error on the host: one device sync per
+# backward, which stalls the CPU's launch queue on a GPU; "ignore" checks nothing (BP's behaviour).
+NONFINITE = ("raise", "skip", "ignore")
 WGRAD = ("grouped", "per-layer")
 
 
@@ -222,8 +224,11 @@ class DFA(nn.Module):
         batch_dims: leading dims shared by site tensors and the output and
             treated as the batch (2 for ``[batch, tokens, ...]`` models).
         nonfinite: what a NaN/inf output error does: "raise"
-            (``NonFiniteErrorSignal``, no gradient accumulated) or "skip"
-            (no gradient accumulated for the step, ``dfa.skipped_steps`` += 1).
+            (``NonFiniteErrorSignal``, no gradient accumulated), "skip"
+            (no gradient accumulated for the step, ``dfa.skipped_steps`` += 1)
+            or "ignore" (no check: NaN/inf flow into the gradients, as in BP).
+            "raise" and "skip" read the error on the host, one device sync
+            per backward on a GPU; "ignore" keeps the step free of syncs.
         example_input: build the feedback now with one no-grad forward in eval
             mode instead of on the first training forward.
         backend: "auto", "torch", "triton" or "cuda" (None: ``FASTDFA_BACKEND``
@@ -583,7 +588,7 @@ class DFA(nn.Module):
         e = error.reshape(math.prod(batch_shape), -1)
         # The check reads the error on the host: a captured CUDA graph (fastdfa.CapturedStep) cannot, and
         # leaves NaN/inf to flow into the gradients as BP does.
-        if not stream_capturing(e.device) and not bool(torch.isfinite(e).all()):
+        if self.nonfinite != "ignore" and not stream_capturing(e.device) and not bool(torch.isfinite(e).all()):
             if self.nonfinite == "raise":
                 raise NonFiniteErrorSignal(
                     "the output error dLoss/dy_hat holds NaN or inf; no gradient was accumulated. Check the "
