@@ -1,4 +1,6 @@
-"""GPU benchmarks of the Triton kernels (each against its PyTorch reference) and of whole DFA steps.
+"""GPU benchmarks of the Triton kernels (each against its PyTorch reference and, where ``fastdfa._C``
+is built, against the cuda backend's op: cuBLAS GEMMs plus the csrc/ epilogue kernels) and of whole
+DFA steps.
 
     python -m pytest bench/test_triton_kernels.py --fastdfa-record bench/results/triton-<gpu>.json
 
@@ -42,6 +44,27 @@ DTYPES = [torch.float32, torch.bfloat16] if not SMOKE else [torch.float32]
 ROUNDS = 50 if not SMOKE else 2
 
 
+def _cuda_ops():
+    """The cuda backend's ops (``fastdfa.cuda_ops``) when ``fastdfa._C`` is built and a GPU is here, else None.
+
+    They answer issue 4's "cuBLAS with a separate epilogue, or a hand kernel: measure which wins": each
+    kernel group below times the fused Triton kernel against cuBLAS + one csrc/ epilogue launch."""
+    from fastdfa.backends import backend_status, kernels_for
+    from fastdfa.cuda_ops import CudaOps, EmulatedC
+
+    if SMOKE and DEVICE.type != "cuda":
+        return CudaOps(EmulatedC)  # plumbing only: the same calls into the kernels' torch emulation
+    return kernels_for("cuda") if DEVICE.type == "cuda" and backend_status("cuda").available else None
+
+
+CUDA_OPS = _cuda_ops()
+
+
+def _with_cuda(fns, name, fn):
+    """fns plus the cuda op under ``name`` when the extension is built (else fns unchanged)."""
+    return {**fns, name: fn} if CUDA_OPS is not None else fns
+
+
 def _sync():
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
@@ -73,8 +96,9 @@ def test_dfa_project(benchmark, record_step, record_interleaved, shape, dtype):
     masks = [(torch.randn(n, width, device=DEVICE) > 0).to(torch.uint8) for _ in range(layers)]
     sites = [dfa_project.ProjectSite(i * width, width, "relu", masks[i]) for i in range(layers)]
     _bench(benchmark, record_step, record_interleaved, f"dfa_project-{n}x{width}x{layers}-o{n_out}-{dtype}",
-           {"triton": lambda: dfa_project.dfa_project(e, f, sites),
-            "torch": lambda: dfa_project.dfa_project_reference(e, f, sites)})
+           _with_cuda({"triton": lambda: dfa_project.dfa_project(e, f, sites),
+                       "torch": lambda: dfa_project.dfa_project_reference(e, f, sites)},
+                      "cuda", lambda: CUDA_OPS.dfa_project(e, f, sites)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -86,8 +110,9 @@ def test_dfa_wgrad(benchmark, record_step, record_interleaved, shape, dtype):
     inputs = [torch.randn(n, width, device=DEVICE, dtype=dtype) for _ in range(layers)]
     bias = [True] * layers
     _bench(benchmark, record_step, record_interleaved, f"dfa_wgrad-{n}x{width}x{layers}-{dtype}",
-           {"triton": lambda: dfa_wgrad.dfa_wgrad(deltas, inputs, bias),
-            "torch": lambda: dfa_wgrad.dfa_wgrad_reference(deltas, inputs, bias)})
+           _with_cuda({"triton": lambda: dfa_wgrad.dfa_wgrad(deltas, inputs, bias),
+                       "torch": lambda: dfa_wgrad.dfa_wgrad_reference(deltas, inputs, bias)},
+                      "cuda-4-streams", lambda: CUDA_OPS.dfa_wgrad(deltas, inputs, bias, streams=4)))
 
 
 @pytest.mark.parametrize("tangents", [0, 4])
@@ -100,8 +125,9 @@ def test_jvp_linear(benchmark, record_step, record_interleaved, shape, dtype, ta
     b = torch.randn(width, device=DEVICE, dtype=dtype)
     dx = torch.randn(tangents, n, width, device=DEVICE, dtype=dtype) if tangents else None
     _bench(benchmark, record_step, record_interleaved, f"jvp_linear-{n}x{width}-t{tangents}-{dtype}",
-           {"triton": lambda: jvp_linear.jvp_linear(x, w, b, "relu", dx),
-            "torch": lambda: jvp_linear.jvp_linear_reference(x, w, b, "relu", dx)})
+           _with_cuda({"triton": lambda: jvp_linear.jvp_linear(x, w, b, "relu", dx),
+                       "torch": lambda: jvp_linear.jvp_linear_reference(x, w, b, "relu", dx)},
+                      "cuda", lambda: CUDA_OPS.jvp_linear(x, w, b, "relu", dx)))
 
 
 @pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
@@ -110,10 +136,11 @@ def test_align_step(benchmark, record_step, record_interleaved, shape):
     fb = torch.randn(width * layers, n_out, device=DEVICE)
     sites = [align_step.AlignSite(i * width, width, torch.randn(n, width, device=DEVICE),
                                   torch.randn(n, n_out, device=DEVICE)) for i in range(layers)]
-    fb_ref = fb.clone()
+    fb_ref, fb_cuda = fb.clone(), fb.clone()
     _bench(benchmark, record_step, record_interleaved, f"align_step-{n}x{width}x{layers}-o{n_out}",
-           {"triton": lambda: align_step.align_step(fb, sites, 0.1),
-            "torch": lambda: align_step.align_step_reference(fb_ref, sites, 0.1)})
+           _with_cuda({"triton": lambda: align_step.align_step(fb, sites, 0.1),
+                       "torch": lambda: align_step.align_step_reference(fb_ref, sites, 0.1)},
+                      "cuda", lambda: CUDA_OPS.align_step(fb_cuda, sites, 0.1)))
 
 
 def _step(method, backend, shape, dtype, wgrad="grouped"):
