@@ -195,6 +195,37 @@ def test_calibrate_is_one_bp_step_and_keeps_the_mode():
     assert dfa.mode == "grape"
 
 
+def test_calibrate_rule_scale_takes_bp_direction_at_the_rule_gradient_norm():
+    """scale="rule": each parameter steps along its BP gradient g, rescaled to the norm of the DFA
+    gradient that GrAPE's rule gives on the same batch: g |g_rule| / |g| (SGD, lr 1: the step is the
+    gradient). The feedback, GrAPE's generator and the mode stay as they were."""
+    model = _mlp()
+    twin_bp, twin_dfa = copy.deepcopy(model), copy.deepcopy(model)
+    x, t = torch.randn(6, 6, dtype=DT), torch.randint(0, 3, (6,))
+    dfa = fastdfa.DFA(model, mode="grape", seed=3)
+    dfa.train()
+    F.cross_entropy(dfa(x), t).backward()  # builds the feedback; one GrAPE step moves it off its init
+    model.zero_grad(set_to_none=True)
+    feedback = dfa.feedback.flat.detach().clone()
+    generator = dfa._grape_generator(x.device).get_state()
+    rule = fastdfa.DFA(twin_dfa, mode="dfa", seed=3)
+    rule(x)  # builds the twin's sites
+    rule.feedback.flat.data.copy_(feedback)
+    F.cross_entropy(rule(x), t).backward()
+    F.cross_entropy(twin_bp(x), t).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    grape.calibrate(dfa, torch.optim.SGD(model.parameters(), lr=1.0), x, t, scale="rule")
+    for p0, p1, g_rule, g_bp in zip(before, model.parameters(), twin_dfa.parameters(), twin_bp.parameters()):
+        expected = g_bp.grad * (g_rule.grad.norm() / g_bp.grad.norm())
+        torch.testing.assert_close(p0 - p1.detach(), expected, rtol=1e-10, atol=1e-13)
+    assert dfa.mode == "grape" and torch.equal(dfa.feedback.flat, feedback)
+    assert torch.equal(dfa._grape_generator(x.device).get_state(), generator)
+    # the last layer's rule gradient is BP's: rescaling leaves it as BP's step
+    torch.testing.assert_close(before[-2] - model[-1].weight.detach(), twin_bp[-1].weight.grad, rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="scale must be one of"):
+        grape.calibrate(dfa, torch.optim.SGD(model.parameters(), lr=1.0), x, t, scale="norm")
+
+
 def test_bad_grape_arguments():
     for kwargs, match in [({"perturb": "space"}, "perturb"), ({"jvp": "all"}, "jvp"), ({"feedback_lr": 0}, "feedback_lr")]:
         with pytest.raises(ValueError, match=match):
@@ -235,6 +266,13 @@ def test_sparse_bp_every_step_is_bp_and_every_third_step_replaces_the_rule():
     assert [c[1] for c in result.calibrations] == list(range(3, steps + 1, 3))
     with pytest.raises(ValueError, match="calibrate_every_steps"):
         replace(base, calibrate_every_steps=-1).validate()
+    with pytest.raises(ValueError, match="calibrate_scale"):
+        replace(base, calibrate_scale="norm").validate()
+    # rescaled BP steps: the same schedule, other weights than raw BP steps
+    raw, scaled = (train(replace(base, method="grape", calibrate_every_steps=3, calibrate_scale=s), data, log=None)
+                   for s in ("raw", "rule"))
+    assert [c[1] for c in scaled.calibrations] == [c[1] for c in raw.calibrations]
+    assert not torch.equal(raw.model.model[-1].weight, scaled.model.model[-1].weight)
 
 
 def test_grape_beats_dfa_on_digits_cnn():

@@ -64,6 +64,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate-below", type=float, default=None, metavar="GA",
                    help="adaptive calibration: one BP batch whenever the mean gradient alignment, checked every "
                         "--check-every steps on a fixed batch, is below GA")
+    p.add_argument("--calibrate-scale", choices=("raw", "rule"), default="raw",
+                   help="calibration BP gradients as they are (raw) or rescaled per parameter to the norm of the "
+                        "rule's gradient on the same batch (rule: BP's direction at a rule step's size under Adam)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each training step once in a CUDA graph and replay it (fastdfa.CapturedStep; "
                         "needs --device cuda; Adam is created with capturable=True)")
@@ -90,7 +93,8 @@ def _config(args: argparse.Namespace, method: str) -> TrainConfig:
                        log_alignment=args.log_alignment, feedback_lr=args.feedback_lr, perturb=args.perturb,
                        jvp=args.jvp, calibrate_every=args.calibrate_every,
                        calibrate_every_steps=args.calibrate_every_steps, calibrate_below=args.calibrate_below,
-                       check_every=args.check_every, cuda_graph=args.cuda_graph)
+                       check_every=args.check_every, calibrate_scale=args.calibrate_scale,
+                       cuda_graph=args.cuda_graph)
 
 
 def _load(args: argparse.Namespace):

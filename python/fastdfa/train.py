@@ -48,6 +48,7 @@ class TrainConfig:
     calibrate_every_steps: int = 0   # every N-th training step runs exact BP instead of the rule (0: never)
     calibrate_below: float | None = None  # adaptive: one BP batch whenever the mean GA drops below this
     check_every: int = 50            # steps between GA checks for calibrate_below
+    calibrate_scale: str = "raw"     # "rule": each BP gradient rescaled to the rule's norm (fastdfa.grape.calibrate)
     cuda_graph: bool = False         # each rule step captured once and replayed (fastdfa.CapturedStep; CUDA only)
 
     @property
@@ -69,6 +70,9 @@ class TrainConfig:
             raise ValueError(f"calibrate_below is a gradient alignment in [-1, 1], got {self.calibrate_below}")
         if self.cuda_graph and not str(self.device).startswith("cuda"):
             raise ValueError(f"cuda_graph replays CUDA graphs and needs a CUDA device, got device {self.device!r}")
+        from .grape import CALIBRATE_SCALES
+        if self.calibrate_scale not in CALIBRATE_SCALES:
+            raise ValueError(f"calibrate_scale must be one of {CALIBRATE_SCALES}, got {self.calibrate_scale!r}")
         calibrates = self.calibrate_every or self.calibrate_every_steps or self.calibrate_below is not None
         if calibrates and self.method not in ("dfa", "grape", "fa"):
             raise ValueError(f"calibration re-anchors fa, dfa or grape with BP steps; method is {self.method!r}")
@@ -182,7 +186,7 @@ def _calibrate(dfa: DFA, opt, x_train, y_train, config: TrainConfig, gen: torch.
     from .grape import calibrate
 
     idx = torch.randperm(len(x_train), generator=gen)[:config.batch_size].to(x_train.device)
-    calibrate(dfa, opt, x_train[idx], y_train[idx])
+    calibrate(dfa, opt, x_train[idx], y_train[idx], scale=config.calibrate_scale)
 
 
 def measure_alignment(dfa: DFA, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -244,7 +248,10 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
             # sparse BP: every N-th step takes its own batch with exact BP instead of the rule, so the
             # number of steps and the data seen are those of the uncalibrated run
             bp_step = config.calibrate_every_steps and steps_done % config.calibrate_every_steps == 0
-            if bp_step:
+            if bp_step and config.calibrate_scale != "raw":
+                from .grape import calibrate
+                loss = torch.tensor(calibrate(dfa, opt, xb, yb, scale=config.calibrate_scale))
+            elif bp_step:
                 with backprop(dfa):
                     loss = train_step(dfa, opt, xb, yb)
             elif captured is not None:
