@@ -622,13 +622,20 @@ def _check_backend_dtype(backend: str, dtype: torch.dtype) -> None:
 
 
 @contextlib.contextmanager
-def backprop(dfa: DFA):
-    """Run exact BP inside the block (e.g. a calibration step), then restore the mode."""
+def using_mode(dfa: DFA, mode: str):
+    """Run the block in ``mode``, then restore the wrapper's mode."""
     if not isinstance(dfa, DFA):
-        raise TypeError(f"fastdfa.backprop needs a fastdfa.DFA, got {type(dfa).__name__}")
+        raise TypeError(f"fastdfa needs a fastdfa.DFA here, got {type(dfa).__name__}")
     previous = dfa.mode
-    dfa.mode = "bp"
+    dfa.mode = mode
     try:
         yield dfa
     finally:
         dfa.mode = previous
+
+
+def backprop(dfa: DFA):
+    """Run exact BP inside the block (e.g. a calibration step), then restore the mode."""
+    if not isinstance(dfa, DFA):
+        raise TypeError(f"fastdfa.backprop needs a fastdfa.DFA, got {type(dfa).__name__}")
+    return using_mode(dfa, "bp")

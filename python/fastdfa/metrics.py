@@ -31,6 +31,7 @@ from torch import nn
 
 from .activations import CAPTURE
 from .dfa import DFA, Site
+from .grape import rule_mode
 from .layers import FASTDFA_LAYERS, Linear
 
 
@@ -123,7 +124,7 @@ def gradient_alignment(dfa: DFA, x, target, loss_fn: Callable = F.cross_entropy)
         dfa.eval()
         dfa._kernels = None  # torch route for this measurement
         # GrAPE's update rule is DFA's (its feedback step happens apart from the deltas).
-        rule = _deltas(dfa, "dfa" if mode == "grape" else mode, x, target, loss_fn)
+        rule = _deltas(dfa, rule_mode(mode), x, target, loss_fn)
         exact = _deltas(dfa, "bp", x, target, loss_fn)
     finally:
         dfa.mode = mode

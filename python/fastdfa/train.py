@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Dataset
-from .dfa import DFA, backprop
+from .dfa import DFA
+from .grape import CALIBRATE_SCALES, calibration_step
 from .models import make_model
 
 METHODS = ("bp", "fa", "dfa", "grape")
@@ -70,7 +71,6 @@ class TrainConfig:
             raise ValueError(f"calibrate_below is a gradient alignment in [-1, 1], got {self.calibrate_below}")
         if self.cuda_graph and not str(self.device).startswith("cuda"):
             raise ValueError(f"cuda_graph replays CUDA graphs and needs a CUDA device, got device {self.device!r}")
-        from .grape import CALIBRATE_SCALES
         if self.calibrate_scale not in CALIBRATE_SCALES:
             raise ValueError(f"calibrate_scale must be one of {CALIBRATE_SCALES}, got {self.calibrate_scale!r}")
         calibrates = self.calibrate_every or self.calibrate_every_steps or self.calibrate_below is not None
@@ -183,10 +183,8 @@ ALIGNMENT_SAMPLES = 256  # the fixed training batch WA/GA logging measures GA on
 
 def _calibrate(dfa: DFA, opt, x_train, y_train, config: TrainConfig, gen: torch.Generator) -> None:
     """GrAPE's calibration: one exact-BP step on one random batch (``fastdfa.grape.calibrate``)."""
-    from .grape import calibrate
-
     idx = torch.randperm(len(x_train), generator=gen)[:config.batch_size].to(x_train.device)
-    calibrate(dfa, opt, x_train[idx], y_train[idx], scale=config.calibrate_scale)
+    calibration_step(dfa, opt, x_train[idx], y_train[idx], scale=config.calibrate_scale)
 
 
 def measure_alignment(dfa: DFA, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -248,12 +246,8 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
             # sparse BP: every N-th step takes its own batch with exact BP instead of the rule, so the
             # number of steps and the data seen are those of the uncalibrated run
             bp_step = config.calibrate_every_steps and steps_done % config.calibrate_every_steps == 0
-            if bp_step and config.calibrate_scale != "raw":
-                from .grape import calibrate
-                loss = torch.tensor(calibrate(dfa, opt, xb, yb, scale=config.calibrate_scale))
-            elif bp_step:
-                with backprop(dfa):
-                    loss = train_step(dfa, opt, xb, yb)
+            if bp_step:
+                loss = calibration_step(dfa, opt, xb, yb, scale=config.calibrate_scale)
             elif captured is not None:
                 loss = captured(xb, yb)
             else:
