@@ -108,6 +108,88 @@ def test_fan_out_keeps_order_and_runs_everything_on_cpu():
     assert out == [0, 1, 4, 9, 16] and calls == [0, 1, 2, 3, 4]
 
 
+class _RecordingStreams:
+    """Stand-ins for torch.cuda's stream API that log every call, so fan_out's synchronisation protocol
+    can be checked on the CPU: which stream waits for which, when, and which tensors are recorded where."""
+
+    def __init__(self):
+        self.log = []
+        self.main = self.Stream(self, "main")
+        self.current = self.main
+
+    class Stream:
+        def __init__(self, owner, name=None, device=None):
+            self.owner, self.name = owner, name or f"side{sum(1 for e in owner.log if e[0] == 'new')}"
+            owner.log.append(("new", self.name))
+
+        def wait_stream(self, other):
+            self.owner.log.append(("wait", self.name, other.name))
+
+    def install(self, monkeypatch):
+        import contextlib
+
+        import fastdfa.streams as streams_module
+
+        @contextlib.contextmanager
+        def stream(s):
+            before, self.current = self.current, s
+            try:
+                yield
+            finally:
+                self.current = before
+
+        monkeypatch.setattr(streams_module, "_POOLS", {})
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: self.Stream(self, device=device))
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current)
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(torch.Tensor, "record_stream",
+                            lambda t, s: self.log.append(("record", id(t), s.name)), raising=False)
+
+
+def test_fan_out_protocol_orders_the_streams(monkeypatch):
+    """On a GPU, fan_out must: make each side stream wait for the caller's stream before its task runs
+    there; record every input on each side stream that reads it; record each result on the caller's
+    stream; make the caller's stream wait for every side stream used, after the last task; return the
+    results in task order, round-robin over the pool. Checked here with logging stand-ins."""
+    from fastdfa.streams import fan_out
+
+    rec = _RecordingStreams()
+    rec.install(monkeypatch)
+    inputs = [torch.ones(2), torch.zeros(3)]
+    outputs = [torch.full((1,), float(i)) for i in range(5)]
+
+    def task(i):
+        rec.log.append(("run", i, rec.current.name))
+        return outputs[i]
+
+    got = fan_out([lambda i=i: task(i) for i in range(5)], 3, device=torch.device("cuda"), inputs=inputs)
+    assert got == outputs
+    log = [e for e in rec.log if e[0] != "new"]
+    runs = [(k, e) for k, e in enumerate(log) if e[0] == "run"]
+    sides = [e[2] for _, e in runs]
+    assert sides == ["side1", "side2", "side3", "side1", "side2"]  # round robin, never the caller's stream
+    for k, (_, i, side) in runs:
+        before = log[:k]
+        last_wait = max(j for j, e in enumerate(before) if e == ("wait", side, "main"))
+        # the side waited for main after any earlier task on it, and its inputs were recorded there since
+        assert all(not (e[0] == "run" and e[2] == side) for e in before[last_wait:])
+        assert {("record", id(t), side) for t in inputs} <= set(before[last_wait:])
+        assert log[k + 1] == ("record", id(outputs[i]), "main")
+    last_run = runs[-1][0]
+    assert [e for e in log[last_run:] if e[0] == "wait"] == [("wait", "main", s) for s in ("side1", "side2", "side3")]
+    assert rec.current is rec.main
+
+
+def test_fan_out_protocol_uses_only_as_many_streams_as_tasks(monkeypatch):
+    from fastdfa.streams import fan_out
+
+    rec = _RecordingStreams()
+    rec.install(monkeypatch)
+    fan_out([lambda: torch.ones(1), lambda: torch.zeros(1)], 8, device=torch.device("cuda"))
+    assert [e for e in rec.log if e[0] == "wait" and e[1] == "main"] == [("wait", "main", "side1"),
+                                                                         ("wait", "main", "side2")]
+
+
 @pytest.mark.gpu
 def test_fan_out_on_cuda_streams_equals_sequential():
     from fastdfa.streams import fan_out
