@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 from fastdfa.data import load_dataset, subsample_train  # noqa: E402
 from fastdfa.info import machine_info  # noqa: E402
+from fastdfa.models import MODELS  # noqa: E402
 from fastdfa.train import TrainConfig, train  # noqa: E402
 
 CALIBRATIONS = {"epoch": dict(calibrate_every=1), "steps25": dict(calibrate_every_steps=25),
@@ -54,10 +55,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--train-samples", type=int, default=10000)
-    parser.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
+    parser.add_argument("--model", default="mlp", choices=MODELS)
     parser.add_argument("--hidden", default="256,256,256,256,256,256,256,256")
     parser.add_argument("--activation", default="relu")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--jvp", default="per-site", choices=("per-site", "shared"),
+                        help="GrAPE's tangent pass (shared: one dual pass for all sites, as for a ResNet on a CPU)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rules", default="dfa,grape")
     parser.add_argument("--variants", default="epoch,steps10")
@@ -76,7 +79,7 @@ def main(argv=None):
         data = subsample_train(data, args.train_samples)  # the seeded subset the CLI's --train-samples takes
     seeds = [int(s) for s in args.seeds.split(",")]
     base = TrainConfig(model=args.model, hidden=tuple(int(h) for h in args.hidden.split(",")),
-                       activation=args.activation, epochs=args.epochs)
+                       activation=args.activation, epochs=args.epochs, jvp=args.jvp)
     results, runs = {}, {}
     for name, method, calibration, paired in rows_for(args.rules.split(","), variants):
         accs, steps_ms, bp_steps = [], [], []
@@ -102,7 +105,7 @@ def main(argv=None):
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {"machine": machine_info(), "command": "python examples/grape_calibration.py " + " ".join(
             sys.argv[1:] if argv is None else argv), "data": data.name, "model": args.model, "hidden": base.hidden,
-            "activation": args.activation, "epochs": args.epochs, "seeds": seeds, "summary": results, "runs": runs}
+            "activation": args.activation, "epochs": args.epochs, "jvp": args.jvp, "seeds": seeds, "summary": results, "runs": runs}
         args.json.write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {args.json}")
 

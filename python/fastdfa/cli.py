@@ -12,6 +12,7 @@ import torch
 
 from .backends import BackendUnavailableError
 from .info import info_text, machine_info
+from .models import MODELS
 from .steptime import interleaved_step_ms
 from .train import METHODS, TrainConfig, make_step, train
 
@@ -32,7 +33,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                         "or a directory of MNIST-layout IDX files (default: digits)")
     p.add_argument("--train-samples", type=int, default=None, metavar="N",
                    help="train on a seeded random N of the training set (the test set stays whole)")
-    p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    p.add_argument("--model", choices=MODELS, default="mlp",
+                   help="mlp, cnn (two conv blocks), resnet8 or resnet20 (CIFAR ResNets with BatchNorm)")
     p.add_argument("--hidden", type=_hidden, default=(256, 256, 256), help="MLP hidden widths (default 256,256,256)")
     p.add_argument("--activation", choices=("relu", "tanh", "gelu", "sigmoid"), default="relu")
     p.add_argument("--epochs", type=int, default=10)

@@ -51,12 +51,68 @@ def make_cnn(input_shape: tuple[int, int, int], n_out: int, channels: tuple[int,
     )
 
 
+class ResidualBlock(nn.Module):
+    """He et al.'s basic block: ``g(BN(conv3x3(g(BN(conv3x3_s(x))))) + shortcut(x))``.
+
+    The shortcut is the identity, or a strided 1x1 fastdfa.Conv2d + BN where the shape changes. The
+    convolutions have no bias (BN follows) and no fused activation (BN sits between them and g). Under
+    DFA each convolution's input is a site; the identity shortcut is not a layer, so the error reaching
+    a block's output also flows, exactly, down the shortcut into the block below.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, activation: str = "relu"):
+        super().__init__()
+        self.conv1 = Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.act = ACTIVATIONS[activation]()
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        y = self.act(self.bn1(self.conv1(x)))
+        return self.act(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+def make_resnet(input_shape: tuple[int, int, int], n_out: int, blocks: int = 1,
+                channels: tuple[int, int, int] = (16, 32, 64), activation: str = "relu") -> nn.Sequential:
+    """The CIFAR ResNet of He et al. (2016) with ``blocks`` basic blocks per stage (3 gives ResNet-20,
+    the net of GrAPE's calibration result; 1 gives ResNet-8): a 3x3 conv + BN + g stem, three stages of
+    ``channels`` (the 2nd and 3rd halve the resolution), global average pooling, a fastdfa.Linear head.
+
+    For 28x28 inputs: 16x28x28 -> 32x14x14 -> 64x7x7 -> 64 -> n_out.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if blocks < 1:
+        raise ValueError(f"blocks must be >= 1, got {blocks}")
+    c_in = input_shape[0]
+    layers: list[nn.Module] = [Conv2d(c_in, channels[0], 3, padding=1, bias=False), nn.BatchNorm2d(channels[0]),
+                               ACTIVATIONS[activation]()]
+    width = channels[0]
+    for stage, c in enumerate(channels):
+        for b in range(blocks):
+            layers.append(ResidualBlock(width, c, stride=2 if stage > 0 and b == 0 else 1, activation=activation))
+            width = c
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), Linear(width, n_out)]
+    return nn.Sequential(*layers)
+
+
+# --model: name -> ResNet blocks per stage
+RESNETS = {"resnet8": 1, "resnet20": 3}
+MODELS = ("mlp", "cnn", *RESNETS)
+
+
 def make_model(kind: str, input_shape: tuple[int, ...], n_out: int, hidden: tuple[int, ...] = (256, 256, 256),
                activation: str = "relu") -> nn.Sequential:
     if kind == "mlp":
         return make_mlp(math.prod(input_shape), hidden, n_out, activation)
-    if kind == "cnn":
+    if kind in ("cnn", *RESNETS):
         if len(input_shape) != 3:
-            raise ValueError(f"--model cnn needs image inputs [C, H, W], got {input_shape}")
-        return make_cnn(input_shape, n_out, activation=activation)
-    raise ValueError(f"unknown model {kind!r}: use 'mlp' or 'cnn'")
+            raise ValueError(f"--model {kind} needs image inputs [C, H, W], got {input_shape}")
+        if kind == "cnn":
+            return make_cnn(input_shape, n_out, activation=activation)
+        return make_resnet(input_shape, n_out, RESNETS[kind], activation=activation)
+    raise ValueError(f"unknown model {kind!r}: use one of {', '.join(MODELS)}")
