@@ -12,7 +12,7 @@ import fastdfa
 from fastdfa import backends
 from fastdfa.align import AlignSite, align_step_reference
 from fastdfa.cuda_ops import CudaOps, EmulatedC
-from fastdfa.models import make_cnn, make_mlp
+from fastdfa.models import make_cnn, make_mlp, make_resnet
 from fastdfa.project import ProjectSite
 
 pytest.importorskip("triton")
@@ -79,11 +79,13 @@ def emulated_cuda_backend(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["dfa", "grape"])
-@pytest.mark.parametrize("make", ["mlp", "cnn"])
+@pytest.mark.parametrize("make", ["mlp", "cnn", "resnet"])
 def test_engine_through_the_cuda_ops_equals_torch(emulated_cuda_backend, mode, make):
     torch.manual_seed(0)
     if make == "mlp":
         model, x = make_mlp(10, (12, 9), 4, "tanh"), torch.randn(7, 10)
+    elif make == "resnet":  # BN and shortcuts: generic route for every conv
+        model, x = make_resnet((1, 6, 6), 4, channels=(2, 3, 4)), torch.randn(7, 1, 6, 6)
     else:
         model, x = make_cnn((1, 8, 8), 4, channels=(3, 4), hidden=6), torch.randn(7, 1, 8, 8)
     t = torch.randint(0, 4, (7,))

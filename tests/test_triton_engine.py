@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastdfa
-from fastdfa.models import make_cnn
+from fastdfa.models import make_cnn, make_resnet
 
 pytest.importorskip("triton")
 from fastdfa.triton_kernels import align_step, dfa_project, dfa_wgrad, jvp_linear  # noqa: E402
@@ -179,6 +179,18 @@ def test_cnn_pooled_convolutions_take_the_generic_route(conv_feedback):
     x, t = torch.randn(5, 1, 8, 8, device=DEVICE), torch.randint(0, 4, (5,), device=DEVICE)
     counts = _grads_both_backends(make, x, t, conv_feedback=conv_feedback)
     assert counts.get("dfa_project") == 1 and counts.get("jvp_linear") == 2
+
+
+@pytest.mark.parametrize("mode", ["dfa", "grape"])
+def test_resnet_with_batchnorm_and_shortcuts(mode):
+    """BN between each conv and its activation, identity and 1x1 shortcuts: no conv output is claimable,
+    so every layer takes the generic route; two steps, so GrAPE's aligned feedback is compared too."""
+    def make():
+        return make_resnet((1, 6, 6), 3, channels=(2, 3, 4))
+    x, t = torch.randn(5, 1, 6, 6, device=DEVICE), torch.randint(0, 3, (5,), device=DEVICE)
+    counts = _grads_both_backends(make, x, t, steps=2, mode=mode, jvp="shared")
+    assert counts.get("dfa_project") == 2
+    assert counts.get("align_step") == (2 * 2 if mode == "grape" else None)  # two passes per alignment step
 
 
 def test_tokens_as_batch_dims():
