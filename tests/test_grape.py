@@ -275,6 +275,27 @@ def test_sparse_bp_every_step_is_bp_and_every_third_step_replaces_the_rule():
     assert not torch.equal(raw.model.model[-1].weight, scaled.model.model[-1].weight)
 
 
+def test_per_epoch_calibration_leaves_the_data_order_alone(monkeypatch):
+    """A run with one BP batch per epoch trains on the same batches, in the same order, as the
+    uncalibrated run of its seed (the calibration batch has its own generator), so a paired gain
+    measures the BP steps and nothing else. It failed when the calibration batch was drawn from
+    the generator of the epoch permutations."""
+    import fastdfa.train as train_module
+    from fastdfa.data import load_dataset
+    from fastdfa.train import TrainConfig, train
+
+    data = load_dataset("digits")
+    seen, real = [], train_module.train_step
+    monkeypatch.setattr(train_module, "train_step", lambda dfa, opt, x, y: seen.append(y.clone()) or real(dfa, opt, x, y))
+    orders = {}
+    for every in (0, 1):
+        seen.clear()
+        r = train(TrainConfig(method="dfa", epochs=3, hidden=(8,), seed=4, calibrate_every=every), data, log=None)
+        orders[every] = torch.cat(seen)
+        assert len(r.calibrations) == (3 if every else 0)
+    assert torch.equal(orders[0], orders[1])
+
+
 def test_grape_beats_dfa_on_digits_cnn():
     """make_cnn on digits, 5 epochs, Adam 3e-4, batch 128. Measured test accuracy over seeds 0-4:
     DFA 0.281 0.284 0.284 0.270 0.098, GrAPE 0.752 0.752 0.724 0.799 0.724 (gains 0.44-0.63).

@@ -13,6 +13,7 @@ from torch import nn
 
 from .data import Dataset
 from .dfa import DFA
+from .feedback import seeded_generator
 from .grape import CALIBRATE_SCALES, calibration_step
 from .models import make_model
 
@@ -217,6 +218,9 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     gen = torch.Generator().manual_seed(config.seed)
+    # Calibration batches come from their own stream, so a calibrated run sees the data in the same
+    # order as the uncalibrated run of its seed and the two differ only by the BP steps.
+    calibration_gen = seeded_generator(config.seed, "calibration")
     result = TrainResult(config={**asdict(config), "lr": config.effective_lr}, dataset=data.name,
                          test_accuracy=0.0, prepared=prepared)
     n = len(x_train)
@@ -261,13 +265,13 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
                 from .metrics import alignment_summary, gradient_alignment
                 ga = alignment_summary(gradient_alignment(dfa, x_align, y_align))
                 if ga < config.calibrate_below:  # event-driven: re-anchor when the rule drifts from BP
-                    _calibrate(dfa, opt, x_train, y_train, config, gen)
+                    _calibrate(dfa, opt, x_train, y_train, config, calibration_gen)
                     result.calibrations.append((epoch, len(losses), f"GA {ga:.3f} < {config.calibrate_below}"))
             if progress and len(losses) % 20 == 0:
                 bar.set_postfix(loss=f"{float(losses[-1]):.4f}")
         bar.close()
         if config.calibrate_every and epoch % config.calibrate_every == 0:
-            _calibrate(dfa, opt, x_train, y_train, config, gen)
+            _calibrate(dfa, opt, x_train, y_train, config, calibration_gen)
             result.calibrations.append((epoch, len(losses), f"every {config.calibrate_every} epochs"))
         seconds = time.perf_counter() - start
         acc = evaluate(dfa, x_test, y_test)
