@@ -60,6 +60,18 @@ def test_info_subprocess():
         assert word in proc.stdout
 
 
+def test_a_record_names_the_commit_the_process_loaded(monkeypatch):
+    """A run that outlives a commit records the code it ran; the checkout's commit at write time is added."""
+    from fastdfa import info
+
+    loaded = info.LOADED_COMMIT
+    monkeypatch.setattr(info, "source_commit", lambda: "f00d")
+    record = info.machine_info()
+    assert record["commit"] == loaded and record["commit_at_write"] == "f00d"
+    monkeypatch.setattr(info, "source_commit", lambda: loaded)
+    assert "commit_at_write" not in info.machine_info()
+
+
 def test_train_with_the_triton_backend(tmp_path):
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1" and not __import__("torch").cuda.is_available():

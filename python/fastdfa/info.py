@@ -26,10 +26,16 @@ def source_commit() -> str | None:
         return None
 
 
+# The commit of the code this process loaded: a long run that writes its record after a later commit
+# must name the code it ran, not the code checked out when it finished.
+LOADED_COMMIT = source_commit()
+
+
 def machine_info() -> dict:
-    """Facts that identify a measurement: versions, device, threads, source commit."""
+    """Facts that identify a measurement: versions, device, threads, and the source commit the
+    process loaded (plus ``commit_at_write`` when the checkout has moved on since)."""
     info = {
-        "commit": source_commit(),
+        "commit": LOADED_COMMIT,
         "fastdfa": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -44,6 +50,9 @@ def machine_info() -> dict:
         info["device"] = torch.cuda.get_device_name(0)
     else:
         info["device"] = "cpu"
+    now = source_commit()
+    if now != LOADED_COMMIT:
+        info["commit_at_write"] = now
     return info
 
 
