@@ -44,6 +44,10 @@ def test_a_resnet_needs_image_inputs_and_blocks():
         make_model("resnet8", (64,), 10)
     with pytest.raises(ValueError, match="blocks"):
         make_resnet((1, 8, 8), 10, blocks=0)
+    with pytest.raises(ValueError, match="image inputs"):
+        make_resnet((64,), 10)
+    with pytest.raises(ValueError, match="activation"):
+        ResidualBlock(4, 4, activation="swish")
 
 
 def _rule_reference(plain: nn.Sequential, feedback: dict, x, target):

@@ -11,14 +11,18 @@ from .layers import Conv2d, Linear
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
 
 
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+
+
 def make_mlp(in_features: int, hidden: tuple[int, ...], n_out: int, activation: str = "relu") -> nn.Sequential:
     """Flatten -> fastdfa.Linear(activation=...) * len(hidden) -> fastdfa.Linear.
 
     The activation lives in the layers (``activation=``) so a kernel backend
     fuses it (``fastdfa.fused``); the math is that of separate modules.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    _check_activation(activation)
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
     for h in hidden:
@@ -35,8 +39,7 @@ def make_cnn(input_shape: tuple[int, int, int], n_out: int, channels: tuple[int,
 
     For 28x28 inputs: 32x14x14 -> 64x7x7 -> 128 -> n_out; for 8x8: 32x4x4 -> 64x2x2 -> 128 -> n_out.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    _check_activation(activation)
     c_in, height, width = input_shape
     c1, c2 = channels
     flat = c2 * (height // 4) * (width // 4)
@@ -61,6 +64,7 @@ class ResidualBlock(nn.Module):
     """
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1, activation: str = "relu"):
+        _check_activation(activation)
         super().__init__()
         self.conv1 = Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
@@ -84,10 +88,11 @@ def make_resnet(input_shape: tuple[int, int, int], n_out: int, blocks: int = 1,
 
     For 28x28 inputs: 16x28x28 -> 32x14x14 -> 64x7x7 -> 64 -> n_out.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    _check_activation(activation)
     if blocks < 1:
         raise ValueError(f"blocks must be >= 1, got {blocks}")
+    if len(input_shape) != 3:
+        raise ValueError(f"a ResNet needs image inputs [C, H, W], got {input_shape}")
     c_in = input_shape[0]
     layers: list[nn.Module] = [Conv2d(c_in, channels[0], 3, padding=1, bias=False), nn.BatchNorm2d(channels[0]),
                                ACTIVATIONS[activation]()]
