@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 from fastdfa.data import load_dataset, subsample_train  # noqa: E402
 from fastdfa.info import machine_info  # noqa: E402
+from fastdfa.grape import JVP  # noqa: E402
 from fastdfa.models import MODELS  # noqa: E402
 from fastdfa.train import TrainConfig, train  # noqa: E402
 
@@ -59,7 +60,7 @@ def main(argv=None):
     parser.add_argument("--hidden", default="256,256,256,256,256,256,256,256")
     parser.add_argument("--activation", default="relu")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--jvp", default="per-site", choices=("per-site", "shared"),
+    parser.add_argument("--jvp", default="per-site", choices=JVP,
                         help="GrAPE's tangent pass (shared: one dual pass for all sites, as for a ResNet on a CPU)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rules", default="dfa,grape")

@@ -12,7 +12,8 @@ import torch
 
 from .backends import BackendUnavailableError
 from .info import info_text, machine_info
-from .models import MODELS
+from .grape import CALIBRATE_SCALES, JVP, PERTURB
+from .models import ACTIVATIONS, MODELS
 from .steptime import interleaved_step_ms
 from .train import METHODS, TrainConfig, make_step, train
 
@@ -36,7 +37,7 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=MODELS, default="mlp",
                    help="mlp, cnn (two conv blocks), resnet8 or resnet20 (CIFAR ResNets with BatchNorm)")
     p.add_argument("--hidden", type=_hidden, default=(256, 256, 256), help="MLP hidden widths (default 256,256,256)")
-    p.add_argument("--activation", choices=("relu", "tanh", "gelu", "sigmoid"), default="relu")
+    p.add_argument("--activation", choices=tuple(ACTIVATIONS), default="relu")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=None,
@@ -54,9 +55,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON to this path")
     p.add_argument("--feedback-lr", type=float, default=0.5, help="grape: step size of the feedback alignment")
-    p.add_argument("--perturb", choices=("activation", "weight", "auto"), default="activation",
+    p.add_argument("--perturb", choices=PERTURB, default="activation",
                    help="grape: where the JVP perturbs (default activation)")
-    p.add_argument("--jvp", choices=("per-site", "shared"), default="per-site",
+    p.add_argument("--jvp", choices=JVP, default="per-site",
                    help="grape: one tangent per site (exact) or one shared dual pass (default per-site)")
     p.add_argument("--calibrate-every", type=int, default=0, metavar="T",
                    help="one exact-BP batch every T epochs (GrAPE's calibration; 0: never)")
@@ -66,7 +67,7 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate-below", type=float, default=None, metavar="GA",
                    help="adaptive calibration: one BP batch whenever the mean gradient alignment, checked every "
                         "--check-every steps on a fixed batch, is below GA")
-    p.add_argument("--calibrate-scale", choices=("raw", "rule"), default="raw",
+    p.add_argument("--calibrate-scale", choices=CALIBRATE_SCALES, default="raw",
                    help="calibration BP gradients as they are (raw) or rescaled per parameter to the norm of the "
                         "rule's gradient on the same batch (rule: BP's direction at a rule step's size under Adam)")
     p.add_argument("--cuda-graph", action="store_true",

@@ -113,6 +113,15 @@ class _Injection:
         block = size0 // self.replicas
         return slice(k * block, (k + 1) * block) if self.replicas > 1 else slice(0, size0)
 
+    def scatter(self, k: int, values: torch.Tensor, shape) -> torch.Tensor:
+        """``values`` in replica k's rows of an otherwise zero tangent of ``shape``; with one replica
+        (shared tangents) the rows are the whole tensor, so ``values`` itself."""
+        if self.replicas == 1:
+            return values
+        out = values.new_zeros(shape)
+        out[self.leading(k, shape[0])] = values
+        return out
+
 
 def _site_feeds_linear(site):
     from .layers import Linear
@@ -145,8 +154,7 @@ def pre_hook(engine, module, args):
     p = torch.randn(primal[mine].shape, generator=engine._grape_generator(primal.device),
                     device=primal.device, dtype=torch.float32).to(primal.dtype)
     inj.perturbations[k] = p.reshape(inj.n, *site.shape)
-    inject = torch.zeros_like(primal)
-    inject[mine] = p
+    inject = inj.scatter(k, p, primal.shape)
     new_tangent = inject if tangent is None else tangent + inject
     return (fwAD.make_dual(primal, new_tangent),) + tuple(args[1:])
 
@@ -168,9 +176,7 @@ def dual_pass(engine, args, kwargs, n: int) -> GrapeEstimate:
 
             def tangent_fn(x_primal, v=v, k=k):
                 mine = inj.leading(k, x_primal.shape[0])
-                out = torch.zeros(*x_primal.shape[:-1], v.shape[0], dtype=x_primal.dtype, device=x_primal.device)
-                out[mine] = F.linear(x_primal[mine], v)
-                return out
+                return inj.scatter(k, F.linear(x_primal[mine], v), (*x_primal.shape[:-1], v.shape[0]))
             weight_table[id(layer)] = tangent_fn
     if replicas > 1:  # every tensor argument carries the batch in dim 0 (as the sites do): stack the replicas
         def rep(a):
