@@ -165,10 +165,10 @@ class CapturedStep:
 
     # --------------------------------------------------------------- capture
     def _device(self) -> torch.device:
-        params = list(self.module.parameters())
-        if not params:
+        first = next(self.module.parameters(), None)  # every call: no list of all parameters
+        if first is None:
             raise ValueError("the module has no parameters to train")
-        return params[0].device
+        return first.device
 
     def _hyperparameters(self) -> tuple:
         """What a replay bakes in as Python values: optimizer scalars, DFA mode and feedback_lr, train flags."""
