@@ -1,6 +1,6 @@
 """Build fastdfa: the Python package, plus the CUDA extension fastdfa._C when it can be built.
 
-Build switches (xformers' rule, DESIGN.md section 4):
+Build switches (xformers' rule, docs/design.md section 4):
   * the extension is built when torch has CUDA and nvcc exists, or when
     FASTDFA_FORCE_CUDA=1;
   * FASTDFA_SKIP_CUDA_BUILD=1 skips it;

@@ -17,7 +17,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "python"))
 
-RATIO_TARGET = 0.80  # issue "Core": DFA/BP step time on CPU; the graph-cut FLOP floor here is ~0.72
+# DFA/BP step-time targets on the CPU, per benchmark group (prefix): issue "Core"'s MLP (FLOP floor 0.72),
+# and issue "Layout"'s whole steps against plain torch.nn BP: the overhead-bound small MLP (floor 0.84)
+# and the GEMM-bound big one (floor 0.72).
+TARGETS = {"core-": 0.80, "mlp-step-784x256x3-": 0.95, "mlp-step-784x1024x4-": 0.78}
 _MEDIANS: dict = {}      # pytest-benchmark stats per group and method (methods timed one after the other)
 _INTERLEAVED: dict = {}  # interleaved_step_ms per group: the ratio the target is checked on
 
@@ -49,7 +52,11 @@ def record_interleaved():
     return _record
 
 
-TARGET_GROUPS = ("core-",)  # the groups RATIO_TARGET applies to (issue "Core"'s step benchmark)
+TARGET_GROUPS = tuple(TARGETS)  # the groups a target applies to
+
+
+def target_of(group: str) -> float:
+    return next(t for prefix, t in TARGETS.items() if group.startswith(prefix))
 
 
 def _ratios(source):
@@ -84,10 +91,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                                 "medians"))
     ratios = _ratios(_INTERLEAVED)
     for group, ratio in ratios.items():
-        verdict = "meets" if ratio <= RATIO_TARGET else "MISSES"
+        verdict = "meets" if ratio <= target_of(group) else "MISSES"
         m = _INTERLEAVED[group]
         terminalreporter.write_line(dfa_bp_line(group, m, ratio, "interleaved", f"medians of {m['bp']['rounds']}")
-                                    + f": {verdict} the target <= {RATIO_TARGET}")
+                                    + f": {verdict} the target <= {target_of(group)}")
     baseline = _baseline_ratios(_INTERLEAVED)
     for group, ratios_ in baseline.items():
         base = ratios_["baseline"]
@@ -106,7 +113,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "command": "python -m pytest " + " ".join(config.invocation_params.args),
                   "pytest_benchmark": _MEDIANS, "sequential_ratios": _ratios(_MEDIANS),
-                  "interleaved": _INTERLEAVED, "ratios": ratios, "target": RATIO_TARGET,
+                  "interleaved": _INTERLEAVED, "ratios": ratios, "targets": {g: target_of(g) for g in ratios},
                   "ratios_to_baseline": baseline}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
@@ -116,5 +123,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if any(r > RATIO_TARGET for r in _ratios(_INTERLEAVED).values()) and session.exitstatus == 0:
+    if any(r > target_of(g) for g, r in _ratios(_INTERLEAVED).items()) and session.exitstatus == 0:
         session.exitstatus = 1

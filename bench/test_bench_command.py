@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 
-from fastdfa import bench
-from fastdfa.cli import main
+from fastdfa.lab import bench
+from fastdfa.lab.cli import main
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PRESET = "gpu" if DEVICE.type == "cuda" else "quick"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import fastdfa
 from fastdfa.models import make_cnn, make_mlp
-from fastdfa.steptime import interleaved_step_ms
+from fastdfa.lab.steptime import interleaved_step_ms
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 THREADS = 2

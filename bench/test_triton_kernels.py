@@ -10,7 +10,7 @@ Skipped without a CUDA GPU: the interpreter's timings mean nothing.
 
 Every timed function ends with ``torch.cuda.synchronize()`` (eager timing:
 the launch and the kernel both count). Each group's methods are also timed
-interleaved, round after round (``fastdfa.steptime``), and the recorded ratios
+interleaved, round after round (``fastdfa.lab.steptime``), and the recorded ratios
 are the interleaved ones: a shared GPU drifts too.
 """
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import fastdfa
 from fastdfa.models import make_mlp
-from fastdfa.steptime import interleaved_step_ms
+from fastdfa.lab.steptime import interleaved_step_ms
 
 SMOKE = os.environ.get("FASTDFA_BENCH_SMOKE") == "1"
 if not torch.cuda.is_available() and not SMOKE:
@@ -45,16 +45,16 @@ ROUNDS = 50 if not SMOKE else 2
 
 
 def _cuda_ops():
-    """The cuda backend's ops (``fastdfa.cuda_ops``) when ``fastdfa._C`` is built and a GPU is here, else None.
+    """The cuda backend's ops (``fastdfa.backends.cuda_ops``) when ``fastdfa._C`` is built and a GPU is here, else None.
 
     They answer issue 4's "cuBLAS with a separate epilogue, or a hand kernel: measure which wins": each
     kernel group below times the fused Triton kernel against cuBLAS + one csrc/ epilogue launch."""
-    from fastdfa.backends import backend_status, kernels_for
-    from fastdfa.cuda_ops import CudaOps, EmulatedC
+    from fastdfa.backends import backend_status, get_backend
+    from fastdfa.backends.cuda_ops import CudaBackend, EmulatedC
 
     if SMOKE and DEVICE.type != "cuda":
-        return CudaOps(EmulatedC)  # plumbing only: the same calls into the kernels' torch emulation
-    return kernels_for("cuda") if DEVICE.type == "cuda" and backend_status("cuda").available else None
+        return CudaBackend(EmulatedC)  # plumbing only: the same calls into the kernels' torch emulation
+    return get_backend("cuda") if DEVICE.type == "cuda" and backend_status("cuda").available else None
 
 
 CUDA_OPS = _cuda_ops()

@@ -1,5 +1,5 @@
 // Activation functions, their derivatives and the saved-state rule shared by the fastdfa CUDA kernels.
-// No torch headers: every .cu here compiles standalone in about a second (DESIGN.md section 5).
+// No torch headers: every .cu here compiles standalone in about a second (docs/design.md section 5).
 //
 // Codes match triton_kernels/_common.py:
 //   0 none     g(a) = a                       state: nothing           g' = 1

@@ -1,7 +1,7 @@
 // Host launchers of the fastdfa CUDA kernels: plain C++ (no torch types), so the .cu files compile
 // standalone and only the one binding file (fastdfa_C.cpp) includes torch. Every launcher enqueues on
 // the stream it is given: the binding passes the caller's current stream, so multi-stream scheduling
-// does not silently serialise (DESIGN.md section 4).
+// does not silently serialise (docs/design.md section 4).
 #pragma once
 
 #include <cstdint>

@@ -1,7 +1,7 @@
 """How large a calibration BP gradient is next to the rule's gradient, layer by layer.
 
 Trains the 784-256x8-10 ReLU MLP with DFA and with GrAPE for 3 epochs (Fashion-MNIST 10k, seed 0,
-``fastdfa.train``), then on one batch of 128 prints, per weight matrix: the norms of the rule's
+``fastdfa.lab.train``), then on one batch of 128 prints, per weight matrix: the norms of the rule's
 gradient and of BP's, their ratio and cosine. Under Adam, whose moments the rule's gradients built,
 a raw BP step moves a layer by roughly that ratio of a rule step; this is why
 ``fastdfa.grape.calibrate(..., scale="rule")`` exists (README, GrAPE section).
@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-from fastdfa.data import load_dataset, subsample_train  # noqa: E402
+from fastdfa.lab.data import load_dataset, subsample_train  # noqa: E402
 from fastdfa.dfa import using_mode  # noqa: E402
 from fastdfa.grape import rule_mode  # noqa: E402
-from fastdfa.train import TrainConfig, train  # noqa: E402
+from fastdfa.lab.train import TrainConfig, train  # noqa: E402
 
 
 def weight_grads(dfa, x, y, mode: str):

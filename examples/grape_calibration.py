@@ -1,7 +1,7 @@
 """Does sparse BP calibration lift GrAPE (and DFA) where the rule alone falls short of BP?
 
 Runs BP / DFA / DFA + calibration / GrAPE / GrAPE + calibration on one model and dataset over
-seeds, every run with the same init, data order and budget (``fastdfa.train``), and records the
+seeds, every run with the same init, data order and budget (``fastdfa.lab.train``), and records the
 test accuracies with their mean, standard deviation and the paired gain of each calibrated rule
 over its uncalibrated run of the same seed. Calibration variants (``--variants``):
 
@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-from fastdfa.data import load_dataset, subsample_train  # noqa: E402
+from fastdfa.lab.data import load_dataset, subsample_train  # noqa: E402
 from fastdfa.info import machine_info  # noqa: E402
 from fastdfa.grape import JVP  # noqa: E402
 from fastdfa.models import MODELS  # noqa: E402
-from fastdfa.train import TrainConfig, train  # noqa: E402
+from fastdfa.lab.train import TrainConfig, train  # noqa: E402
 
 CALIBRATIONS = {"epoch": dict(calibrate_every=1), "steps25": dict(calibrate_every_steps=25),
                 "steps10": dict(calibrate_every_steps=10), "ga0.2": dict(calibrate_below=0.2)}

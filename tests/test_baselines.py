@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastdfa
-from fastdfa.baselines import FeedbackPointDFA, HookDFA
+from fastdfa.lab.baselines import FeedbackPointDFA, HookDFA
 
 DT = torch.float64
 

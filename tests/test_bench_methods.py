@@ -1,10 +1,10 @@
-"""fastdfa.bench's GPU methods and target verdicts, as far as they can be checked on the CPU."""
+"""fastdfa.lab.bench's GPU methods and target verdicts, as far as they can be checked on the CPU."""
 
 from dataclasses import asdict
 
 import torch
 
-from fastdfa import bench
+from fastdfa.lab import bench
 
 
 def test_gpu_only_methods_are_skipped_with_the_reason_on_cpu():

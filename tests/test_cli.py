@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fastdfa.cli import main
+from fastdfa.lab.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastdfa.activations import ACTIVATION_CODES, STATE_OF, apply_activation, derivative_from_state
-from fastdfa.align import column_step
+from fastdfa.ops.align_step import column_step
 from tolerance import assert_matches_reference
 
 ROOT = Path(__file__).resolve().parents[1]

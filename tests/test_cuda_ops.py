@@ -1,4 +1,4 @@
-"""The cuda backend's Python side (fastdfa.cuda_ops) with the csrc/ kernels emulated in torch: its
+"""The cuda backend's Python side (fastdfa.backends.cuda_ops) with the csrc/ kernels emulated in torch: its
 tables, stacking and splitting equal the references, and the engine gives torch's gradients through it.
 The kernels themselves are compiled by tests/test_csrc.py and run against these references on a GPU."""
 
@@ -10,17 +10,17 @@ import torch.nn.functional as F
 
 import fastdfa
 from fastdfa import backends
-from fastdfa.align import AlignSite, align_step_reference
-from fastdfa.cuda_ops import CudaOps, EmulatedC
+from fastdfa.ops.align_step import AlignSite, align_step_reference
+from fastdfa.backends.cuda_ops import CudaBackend, EmulatedC
 from fastdfa.models import make_cnn, make_mlp, make_resnet
-from fastdfa.project import ProjectSite
+from fastdfa.ops.dfa_project import ProjectSite
 
 pytest.importorskip("triton")
 from fastdfa.triton_kernels.dfa_project import dfa_project_reference  # noqa: E402
 from fastdfa.triton_kernels.dfa_wgrad import dfa_wgrad_reference  # noqa: E402
 from fastdfa.triton_kernels.jvp_linear import jvp_linear_reference  # noqa: E402
 
-OPS = CudaOps(EmulatedC)
+OPS = CudaBackend(EmulatedC)
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
@@ -67,14 +67,14 @@ def test_align_step_and_wgrad_plumbing():
 
 @pytest.fixture
 def emulated_cuda_backend(monkeypatch):
-    """backend="cuda" resolves to CudaOps(EmulatedC) on the CPU."""
+    """backend="cuda" resolves to CudaBackend(EmulatedC) on the CPU."""
     status = backends.BackendStatus("cuda", True, "emulated for the test")
-    real_status, real_kernels = backends.backend_status, backends.kernels_for
+    real_status, real_get = backends.backend_status, backends.get_backend
     monkeypatch.setattr(backends, "backend_status", lambda name: status if name == "cuda" else real_status(name))
-    monkeypatch.setattr(backends, "kernels_for", lambda name: OPS if name == "cuda" else real_kernels(name))
+    monkeypatch.setattr(backends, "get_backend", lambda name: OPS if name == "cuda" else real_get(name))
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # resolve_backend's non-CUDA-device escape hatch
     import fastdfa.dfa as dfa_module
-    monkeypatch.setattr(dfa_module, "kernels_for", backends.kernels_for)
+    monkeypatch.setattr(dfa_module, "get_backend", backends.get_backend)
     monkeypatch.setattr(dfa_module, "resolve_backend", backends.resolve_backend)
 
 
@@ -104,7 +104,7 @@ def test_engine_through_the_cuda_ops_equals_torch(emulated_cuda_backend, mode, m
 
 
 def test_fan_out_keeps_order_and_runs_everything_on_cpu():
-    from fastdfa.streams import fan_out
+    from fastdfa.backends.streams import fan_out
     calls = []
     out = fan_out([lambda i=i: calls.append(i) or i * i for i in range(5)], 3, device=torch.device("cpu"))
     assert out == [0, 1, 4, 9, 16] and calls == [0, 1, 2, 3, 4]
@@ -130,7 +130,7 @@ class _RecordingStreams:
     def install(self, monkeypatch):
         import contextlib
 
-        import fastdfa.streams as streams_module
+        import fastdfa.backends.streams as streams_module
 
         @contextlib.contextmanager
         def stream(s):
@@ -153,7 +153,7 @@ def test_fan_out_protocol_orders_the_streams(monkeypatch):
     there; record every input on each side stream that reads it; record each result on the caller's
     stream; make the caller's stream wait for every side stream used, after the last task; return the
     results in task order, round-robin over the pool. Checked here with logging stand-ins."""
-    from fastdfa.streams import fan_out
+    from fastdfa.backends.streams import fan_out
 
     rec = _RecordingStreams()
     rec.install(monkeypatch)
@@ -183,7 +183,7 @@ def test_fan_out_protocol_orders_the_streams(monkeypatch):
 
 
 def test_fan_out_protocol_uses_only_as_many_streams_as_tasks(monkeypatch):
-    from fastdfa.streams import fan_out
+    from fastdfa.backends.streams import fan_out
 
     rec = _RecordingStreams()
     rec.install(monkeypatch)
@@ -194,7 +194,7 @@ def test_fan_out_protocol_uses_only_as_many_streams_as_tasks(monkeypatch):
 
 @pytest.mark.gpu
 def test_fan_out_on_cuda_streams_equals_sequential():
-    from fastdfa.streams import fan_out
+    from fastdfa.backends.streams import fan_out
     dev = torch.device("cuda")
     deltas = [torch.randn(256, 512, device=dev) for _ in range(6)]
     inputs = [torch.randn(256, 384, device=dev) for _ in range(6)]
@@ -208,7 +208,7 @@ def test_fan_out_on_cuda_streams_equals_sequential():
 @pytest.mark.parametrize("streams,env,want", [(None, None, 4), (None, "2", 2), (8, "2", 8), (1, None, 1)])
 def test_the_engine_s_stream_count_reaches_the_fan_out(emulated_cuda_backend, monkeypatch, streams, env, want):
     """DFA(streams=N) (else FASTDFA_STREAMS, else 4) is the pool size of the weight-gradient fan-out."""
-    import fastdfa.streams as streams_module
+    import fastdfa.backends.streams as streams_module
 
     if env is None:
         monkeypatch.delenv("FASTDFA_STREAMS", raising=False)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdfa import data
+from fastdfa.lab import data
 
 
 def _write_idx(path, array, gz):

@@ -72,8 +72,8 @@ def test_wide_output_error_takes_several_k_steps():
 
 
 def test_matches_the_engine_reference_without_epilogue():
-    """No activation: the kernel equals fastdfa's own one-GEMM projection (project.py)."""
-    from fastdfa.project import dfa_project_reference as engine_reference
+    """No activation: the kernel equals fastdfa's own one-GEMM projection (fastdfa/ops/dfa_project.py)."""
+    from fastdfa.ops.dfa_project import project_to_sites as engine_reference
     gen = torch.Generator().manual_seed(3)
     e, f = torch.randn(9, 4, generator=gen), torch.randn(30, 4, generator=gen)
     layout = [(0, 12, (12,), False), (12, 18, (18,), False)]

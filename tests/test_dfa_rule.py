@@ -1,5 +1,6 @@
 """The DFA / FA / BP rules against their formulas, in float64 on CPU."""
 
+import copy
 import math
 
 import pytest
@@ -267,9 +268,14 @@ def test_optimizers_step_with_dfa_gradients(opt_name):
 
 def test_backprop_context_restores_mode_even_on_error():
     dfa = fastdfa.DFA(_mlp("relu"), mode="fa")
+    x = torch.randn(3, dfa.model[0].in_features, dtype=DT, requires_grad=True)
     with fastdfa.backprop(dfa):
         assert dfa.mode == "bp"
-        assert not any(m._fa_active for m in dfa.model if isinstance(m, fastdfa.Linear))
+        dfa(x).sum().backward()  # BP inside: the input gradient goes through the weights, not FA's B
+    bp_x = x.grad.clone()
+    x.grad = None
+    copy.deepcopy(dfa.model)(x).sum().backward()
+    torch.testing.assert_close(bp_x, x.grad)
     assert dfa.mode == "fa"
     with pytest.raises(KeyError):
         with fastdfa.backprop(dfa):

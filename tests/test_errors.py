@@ -191,9 +191,11 @@ def test_nonfinite_error_ignored_on_request_flows_into_the_gradients():
 
 def test_nonfinite_ignore_reads_nothing_on_the_host(monkeypatch):
     """"ignore" never asks whether the error is finite (the check is what syncs a GPU)."""
+    import fastdfa.engine.output as output
+
     calls = []
-    real = torch.isfinite
-    monkeypatch.setattr(torch, "isfinite", lambda t: calls.append(t.shape) or real(t))
+    real = output.all_finite
+    monkeypatch.setattr(output, "all_finite", lambda t: calls.append(t.shape) or real(t))
     for mode, expected in (("ignore", 0), ("raise", 1)):
         calls.clear()
         dfa, opt, x, t = _nan_setup(nonfinite=mode)
@@ -209,3 +211,19 @@ def test_explicit_unavailable_backend_raises_before_touching_the_model():
     _assert_untouched(model, snap)
     assert not model[1]._forward_pre_hooks
     assert torch.equal(model[2].feedback_weight, fastdfa.Linear(4, 3).feedback_weight)  # not re-seeded
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_finiteness_check_is_exact(dtype):
+    """The one-reduction check says "finite" exactly when every element is, also for values near the
+    dtype's largest, whose plain sum would overflow."""
+    from fastdfa.engine.output import all_finite
+
+    big = torch.finfo(dtype).max
+    e = torch.full((64, 10), big, dtype=dtype)
+    assert all_finite(e) and bool(torch.isfinite(e).all())
+    assert all_finite(-e) and all_finite(torch.zeros(0, 10, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        f = torch.randn(64, 10).to(dtype)
+        f[17, 3] = bad
+        assert not all_finite(f)

@@ -6,11 +6,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fastdfa.cli import main
-from fastdfa.data import load_dataset, parse_classes
-from fastdfa.finetune import finetune_runs, new_head, pretrain, summary
+from fastdfa.lab.cli import main
+from fastdfa.lab.data import load_dataset, parse_classes
+from fastdfa.lab.finetune import finetune_runs, new_head, pretrain, summary
 from fastdfa.models import make_mlp
-from fastdfa.train import TrainConfig
+from fastdfa.lab.train import TrainConfig
 
 
 def test_class_subsets_are_relabelled():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fastdfa
 from fastdfa import grape
-from fastdfa.cli import main
+from fastdfa.lab.cli import main
 from fastdfa.models import make_cnn, make_mlp
 
 DT = torch.float64
@@ -207,7 +207,7 @@ def test_calibrate_rule_scale_takes_bp_direction_at_the_rule_gradient_norm():
     F.cross_entropy(dfa(x), t).backward()  # builds the feedback; one GrAPE step moves it off its init
     model.zero_grad(set_to_none=True)
     feedback = dfa.feedback.flat.detach().clone()
-    generator = dfa._grape_generator(x.device).get_state()
+    generator = dfa.perturbations.generator(x.device).get_state()
     rule = fastdfa.DFA(twin_dfa, mode="dfa", seed=3)
     rule(x)  # builds the twin's sites
     rule.feedback.flat.data.copy_(feedback)
@@ -219,7 +219,7 @@ def test_calibrate_rule_scale_takes_bp_direction_at_the_rule_gradient_norm():
         expected = g_bp.grad * (g_rule.grad.norm() / g_bp.grad.norm())
         torch.testing.assert_close(p0 - p1.detach(), expected, rtol=1e-10, atol=1e-13)
     assert dfa.mode == "grape" and torch.equal(dfa.feedback.flat, feedback)
-    assert torch.equal(dfa._grape_generator(x.device).get_state(), generator)
+    assert torch.equal(dfa.perturbations.generator(x.device).get_state(), generator)
     # the last layer's rule gradient is BP's: rescaling leaves it as BP's step
     torch.testing.assert_close(before[-2] - model[-1].weight.detach(), twin_bp[-1].weight.grad, rtol=1e-10, atol=1e-13)
     with pytest.raises(ValueError, match="scale must be one of"):
@@ -248,8 +248,8 @@ def test_cli_grape_cnn_with_calibration(tmp_path):
 def test_sparse_bp_every_step_is_bp_and_every_third_step_replaces_the_rule():
     """calibrate_every_steps=1 turns every step into exact BP (the weights of a BP run, bit for bit);
     =3 makes steps 3, 6, 9, ... BP steps without adding steps."""
-    from fastdfa.data import load_dataset
-    from fastdfa.train import TrainConfig, build, train
+    from fastdfa.lab.data import load_dataset
+    from fastdfa.lab.train import TrainConfig, build, train
 
     data = load_dataset("digits")
     base = TrainConfig(method="dfa", epochs=1, hidden=(16,), lr=1e-3, seed=0)
@@ -280,9 +280,9 @@ def test_per_epoch_calibration_leaves_the_data_order_alone(monkeypatch):
     uncalibrated run of its seed (the calibration batch has its own generator), so a paired gain
     measures the BP steps and nothing else. It failed when the calibration batch was drawn from
     the generator of the epoch permutations."""
-    import fastdfa.train as train_module
-    from fastdfa.data import load_dataset
-    from fastdfa.train import TrainConfig, train
+    import fastdfa.lab.train as train_module
+    from fastdfa.lab.data import load_dataset
+    from fastdfa.lab.train import TrainConfig, train
 
     data = load_dataset("digits")
     seen, real = [], train_module.train_step
@@ -300,8 +300,8 @@ def test_grape_beats_dfa_on_digits_cnn():
     """make_cnn on digits, 5 epochs, Adam 3e-4, batch 128. Measured test accuracy over seeds 0-4:
     DFA 0.281 0.284 0.284 0.270 0.098, GrAPE 0.752 0.752 0.724 0.799 0.724 (gains 0.44-0.63).
     Asserted for seeds 0 and 1: a gain of at least 0.22 each (half the smallest seen)."""
-    from fastdfa.data import load_dataset
-    from fastdfa.train import TrainConfig, train
+    from fastdfa.lab.data import load_dataset
+    from fastdfa.lab.train import TrainConfig, train
     torch.set_flush_denormal(True)
     data = load_dataset("digits")
     for seed in (0, 1):

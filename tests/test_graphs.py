@@ -109,7 +109,7 @@ def test_warmup_is_undone_before_the_first_replay():
     x, y = _batches(1)[0]
     dfa.build(x)
     before = {k: v.clone() for k, v in dfa.state_dict().items() if isinstance(v, torch.Tensor)}
-    gen_before = dfa._grape_generator(x.device).get_state()
+    gen_before = dfa.perturbations.generator(x.device).get_state()
     opt = torch.optim.SGD(dfa.parameters(), lr=0.1, momentum=0.9)
     step = StandIn(dfa, opt, warmup=5)
     step._graphs_impl.replay = lambda graph: None  # capture (after the undone warm-up) but do not replay
@@ -117,7 +117,7 @@ def test_warmup_is_undone_before_the_first_replay():
     for k, v in dfa.state_dict().items():
         if isinstance(v, torch.Tensor):
             torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
-    assert torch.equal(dfa._grape_generator(x.device).get_state(), gen_before)
+    assert torch.equal(dfa.perturbations.generator(x.device).get_state(), gen_before)
     assert all(not s["momentum_buffer"].any() for s in opt.state.values())  # created by the warm-up: fresh
 
 
@@ -237,7 +237,7 @@ def test_cuda_graph_replay_equals_eager(backend, mode):
 
 
 def test_train_cuda_graph_needs_a_cuda_device(capsys):
-    from fastdfa.cli import main
+    from fastdfa.lab.cli import main
 
     assert main(["train", "--data", "digits", "--epochs", "1", "--cuda-graph", "--no-progress"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
@@ -247,8 +247,8 @@ def test_train_cuda_graph_needs_a_cuda_device(capsys):
 def test_train_with_cuda_graph_learns_like_eager():
     """The CLI's --cuda-graph: digits, DFA, 20 epochs (0.958 eager on the CPU), the same accuracy as eager
     within noise."""
-    from fastdfa.data import load_dataset
-    from fastdfa.train import TrainConfig, train
+    from fastdfa.lab.data import load_dataset
+    from fastdfa.lab.train import TrainConfig, train
 
     data = load_dataset("digits")
     acc = {}

@@ -43,9 +43,8 @@ def test_feedback_weight_buffer_has_weight_shape_and_moves():
 
 
 def _fa_grads(layer, x, grad_out, fa):
-    layer._fa_active = fa
     x = x.clone().requires_grad_()
-    y = layer(x)
+    y = layer.fa_forward(x) if fa else layer(x)
     y.backward(grad_out)
     return x.grad, layer.weight.grad.clone(), None if layer.bias is None else layer.bias.grad.clone()
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from fastdfa.data import load_digits
-from fastdfa.train import TrainConfig, train
+from fastdfa.lab.data import load_digits
+from fastdfa.lab.train import TrainConfig, train
 
 
 @pytest.mark.slow

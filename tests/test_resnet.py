@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastdfa
-from fastdfa.cli import main
-from fastdfa.data import load_dataset
+from fastdfa.lab.cli import main
+from fastdfa.lab.data import load_dataset
 from fastdfa.models import MODELS, ResidualBlock, make_model, make_resnet
-from fastdfa.train import TrainConfig, train
+from fastdfa.lab.train import TrainConfig, train
 
 from test_graph_cut import _backward_counts
 

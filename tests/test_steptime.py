@@ -2,7 +2,7 @@
 
 import pytest
 
-from fastdfa.steptime import interleaved_step_ms
+from fastdfa.lab.steptime import interleaved_step_ms
 
 
 def test_methods_alternate_and_warmup_is_excluded():

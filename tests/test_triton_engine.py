@@ -227,3 +227,77 @@ def test_eval_and_bp_modes_run_plain_torch():
         with fastdfa.backprop(dfa):
             dfa(x).sum().backward()
     assert counts == {}
+
+
+def _step(dfa, x, classes=3):
+    F.cross_entropy(dfa(x), torch.randint(0, classes, (x.shape[0],))).backward()
+
+
+def test_fusion_report_says_why_each_layer_is_not_fused():
+    """Every fastdfa layer is "fused" or has the reason it is not (issue "Layout", item 3)."""
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = fastdfa.Linear(6, 5, activation="relu")
+            self.b = fastdfa.Linear(5, 5, activation="tanh")     # its output is used twice
+            self.c = fastdfa.Linear(5, 5)
+            self.head = fastdfa.Linear(5, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            g = self.b(h)
+            return self.head(self.c(g) + g)  # a residual add: c's and b's outputs reach head through ops
+
+    dfa = fastdfa.DFA(Branchy(), backend="triton")
+    _step(dfa, torch.randn(4, 6, device=DEVICE))
+    report = dfa.fusion_report()
+    assert set(report) == {"a", "b", "c", "head"}
+    assert report["a"] == "fused" and report["b"] == "fused" and report["head"] == "fused"
+    assert "through other ops" in report["c"]
+    assert dfa.fused_layers == ["a", "b", "head"]
+
+
+def test_fusion_report_for_whole_forwards_outside_the_fused_route():
+    model = nn.Sequential(fastdfa.Linear(6, 5, activation="relu"), fastdfa.Linear(5, 3))
+    x = torch.randn(4, 6, device=DEVICE)
+    torch_dfa = fastdfa.DFA(copy.deepcopy(model), backend="torch")
+    _step(torch_dfa, x)
+    assert all("torch backend" in why for why in torch_dfa.fusion_report().values())
+    dfa = fastdfa.DFA(copy.deepcopy(model), backend="triton")
+    assert all("no training forward" in why for why in dfa.fusion_report().values())
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        _step(dfa, x)
+    assert all("autocast" in why for why in dfa.fusion_report().values())
+    _step(dfa, x)
+    assert set(dfa.fusion_report().values()) == {"fused"}
+
+
+def test_fusion_report_names_the_claim_that_failed():
+    """An output changed in place, a channel-wise site, a layer inside a site module."""
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = fastdfa.Linear(6, 5)
+            self.b = fastdfa.Linear(5, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            h.mul_(2)  # after the layer returned it: its saved state would be stale
+            return self.b(h)
+
+    dfa = fastdfa.DFA(InPlace(), backend="triton")
+    _step(dfa, torch.randn(4, 6, device=DEVICE))
+    assert "in place" in dfa.fusion_report()["a"]
+
+    cnn = nn.Sequential(fastdfa.Conv2d(1, 2, 3, padding=1, activation="relu"),
+                        fastdfa.Conv2d(2, 2, 3, padding=1), nn.Flatten(), fastdfa.Linear(2 * 5 * 5, 3))
+    dfa = fastdfa.DFA(cnn, backend="triton", conv_feedback="channel")
+    _step(dfa, torch.randn(4, 1, 5, 5, device=DEVICE))
+    assert "channel-wise" in dfa.fusion_report()["0"]
+
+    block = nn.Sequential(fastdfa.Linear(5, 5, activation="relu"), fastdfa.Linear(5, 5))
+    model = nn.Sequential(fastdfa.Linear(6, 5), block, fastdfa.Linear(5, 3))
+    dfa = fastdfa.DFA(model, backend="triton", sites=[block])
+    _step(dfa, torch.randn(4, 6, device=DEVICE))
+    report = dfa.fusion_report()
+    assert "inside a module named in sites=" in report["1.0"] and "inside" in report["1.1"]

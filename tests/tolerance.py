@@ -1,4 +1,4 @@
-"""Tolerances derived from the reference itself (flash-attention's rule, DESIGN.md section 4).
+"""Tolerances derived from the reference itself (flash-attention's rule, docs/design.md section 4).
 
 A kernel output ``out`` at dtype d passes when
 

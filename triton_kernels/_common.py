@@ -19,6 +19,9 @@ tanh and sigmoid reuse the layer output itself, so they cost no extra memory.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -49,6 +52,35 @@ def dot_precision() -> str:
     silent switch would make the triton backend 1e-3 off the torch one.
     """
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+@dataclass
+class Launch:
+    """One kernel launch, bound but not yet run: what a launcher would launch, with what.
+
+    Each op's launcher is split in two: ``plan_<op>`` checks the inputs,
+    allocates the outputs, builds the tables and returns the launches;
+    ``<op>`` runs them. The ahead-of-time compile check
+    (``triton_kernels/aot.py``, ``tests/test_triton_compile.py``) compiles
+    ``kernel`` from exactly these ``args`` / ``constexprs`` / options, so what
+    it checks is what would run.
+    """
+
+    kernel: Any                      # the @triton.jit function (looked up at plan time: tests wrap it)
+    grid: tuple[int, ...]
+    args: tuple                      # the runtime arguments, positionally, in the kernel's order
+    constexprs: dict[str, Any]       # the tl.constexpr arguments, by name
+    num_warps: int = 4
+    num_stages: int = 3
+    keep: tuple = field(default=(), repr=False)  # tensors a table points at: alive until the launch
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def run_launches(launches) -> None:
+    for launch in launches:
+        launch()
 
 
 @triton.jit

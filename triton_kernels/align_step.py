@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..align import AlignSite, align_step_reference  # noqa: F401  (the PyTorch definition, kept with the engine)
-from ._common import dot_precision, load_grouped_tile, tl_dtype
+from ..ops.align_step import AlignSite, align_step_reference  # noqa: F401  (the PyTorch definition, kept with the engine)
+from ._common import Launch, dot_precision, load_grouped_tile, run_launches, tl_dtype
 from ._tables import TableCache, grouped_tiles
 
 _SITE_FIELDS = tl.constexpr(6)  # offset, rows, P address, P row stride, T address, T row stride
@@ -110,9 +110,9 @@ def _align_step_kernel(
         tl.store(feedback_ptr + b_off, new_b.to(DTYPE), mask=mask)
 
 
-def _blocks(batch: int, rows_max: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
+def _blocks(batch: int, rows_max: int, k: int, gpu: bool) -> tuple[int, int, int, int]:
     """GPU: 64x64 tiles of B, 32 batch rows a step; interpreter: as large as the problem."""
-    if device.type == "cuda":
+    if gpu:
         return 64, 64, 32, 4
     cap = lambda v, hi: max(16, min(hi, triton.next_power_of_2(v)))  # noqa: E731
     return cap(rows_max, 128), cap(k, 128), cap(batch, 128), 4
@@ -124,9 +124,21 @@ _TABLES = TableCache()
 def align_step(feedback_all: torch.Tensor, sites: Sequence[AlignSite], lr: float) -> torch.Tensor:
     """One GrAPE step on every site's feedback, in place; returns each site's mean column cosine
     between B and J_hat^T BEFORE the step (``[S]`` fp32), the alignment the step improved on."""
-    if not sites:
-        return torch.empty(0, dtype=torch.float32, device=feedback_all.device)
+    stats, launches = plan_align_step(feedback_all, sites, lr)
+    run_launches(launches)
+    bj, jj, bb = stats.unbind(-1)
+    live = (jj > 0) & (bb > 0)
+    cos = torch.where(live, bj / (bb.sqrt() * jj.sqrt()).clamp_min(1e-30), torch.zeros_like(bj))
+    return cos.mean(dim=1)
+
+
+def plan_align_step(feedback_all: torch.Tensor, sites: Sequence[AlignSite], lr: float,
+                    gpu: bool | None = None) -> tuple[torch.Tensor, list[Launch]]:
+    """``align_step``'s checks, zeroed ``[S, n_out, 3]`` column sums and tables, and its two launches
+    (not run). ``gpu``: GPU tile sizes (default: whether the tensors are on a GPU)."""
     r, k = feedback_all.shape
+    if not sites:
+        return torch.zeros(0, k, 3, dtype=torch.float32, device=feedback_all.device), []
     dtype, device = feedback_all.dtype, feedback_all.device
     if feedback_all.stride(1) != 1:
         raise ValueError("align_step updates the feedback in place: it needs a unit column stride")
@@ -145,18 +157,16 @@ def align_step(feedback_all: torch.Tensor, sites: Sequence[AlignSite], lr: float
         rows.append((s.offset, s.rows, p.data_ptr(), p.stride(0), t.data_ptr(), t.stride(0)))
     stats = torch.zeros(len(sites), k, 3, dtype=torch.float32, device=device)
     if batch == 0:
-        return stats[:, 0, 0].clone()
-    bm, bn, br, warps = _blocks(batch, max(s.rows for s in sites), k, device)
+        return stats, []
+    gpu = device.type == "cuda" if gpu is None else gpu
+    bm, bn, br, warps = _blocks(batch, max(s.rows for s in sites), k, gpu)
     shapes = tuple((s.rows, k) for s in sites)
     tiles = _TABLES.get(("tiles", bm, bn) + shapes, lambda: grouped_tiles(shapes, bm, bn), torch.int64, device)
     table = _TABLES.get(("sites",) + tuple(rows), lambda: rows, torch.int64, device)
-    for pass_ in (1, 2):
-        _align_step_kernel[(tiles.shape[0],)](
-            feedback_all, stats, table, tiles, batch, k, feedback_all.stride(0), 1.0 / batch, lr / k,
-            PASS=pass_, DTYPE=tl_dtype(dtype), DOT_PRECISION=dot_precision(),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, num_warps=warps,
-        )
-    bj, jj, bb = stats.unbind(-1)
-    live = (jj > 0) & (bb > 0)
-    cos = torch.where(live, bj / (bb.sqrt() * jj.sqrt()).clamp_min(1e-30), torch.zeros_like(bj))
-    return cos.mean(dim=1)
+    launches = [Launch(_align_step_kernel, (tiles.shape[0],),
+                       (feedback_all, stats, table, tiles, batch, k, feedback_all.stride(0), 1.0 / batch, lr / k),
+                       dict(PASS=pass_, DTYPE=tl_dtype(dtype), DOT_PRECISION=dot_precision(),
+                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br),
+                       num_warps=warps, keep=tuple(keep))
+                for pass_ in (1, 2)]
+    return stats, launches

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..project import ProjectSite  # noqa: F401  (the site description, shared with the cuda backend)
-from ._common import ACTIVATION_CODES, STATE_OF, derivative_from_state, dot_precision, tl_dtype
+from ..ops.dfa_project import ProjectSite, dfa_project_reference  # noqa: F401  (the site description and the PyTorch definition)
+from ._common import ACTIVATION_CODES, STATE_OF, Launch, dot_precision, run_launches, tl_dtype
 from ._tables import TableCache
 
 
@@ -87,7 +87,7 @@ def _dfa_project_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(n: int, k: int, rows_max: int, device: torch.device) -> tuple[int, int, int, int]:
+def _blocks(n: int, k: int, rows_max: int, gpu: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps).
 
     K = n_out is small in DFA (10 to 1000), so one or a few K steps; on a GPU
@@ -96,7 +96,7 @@ def _blocks(n: int, k: int, rows_max: int, device: torch.device) -> tuple[int, i
     (DESIGN.md section 5), so on CPU the tiles are as large as the problem.
     """
     bk = max(16, min(64, triton.next_power_of_2(k)))
-    if device.type == "cuda":
+    if gpu:
         return 64, 64, bk, 4
     bm = max(16, min(128, triton.next_power_of_2(n)))
     bn = max(16, min(128, triton.next_power_of_2(rows_max)))
@@ -113,6 +113,19 @@ def dfa_project(
     out: torch.Tensor | None = None,  # [N, R], written in place when given
 ) -> torch.Tensor:
     """All sites' deltas ``[N, R]`` (see the module docstring); site s is ``out[:, s.offset:s.offset+s.rows]``."""
+    out, launches = plan_dfa_project(error, feedback_all, sites, out)
+    run_launches(launches)
+    return out
+
+
+def plan_dfa_project(
+    error: torch.Tensor,
+    feedback_all: torch.Tensor,
+    sites: Sequence[ProjectSite],
+    out: torch.Tensor | None = None,
+    gpu: bool | None = None,      # GPU tile sizes (default: whether the tensors are on a GPU)
+) -> tuple[torch.Tensor, list[Launch]]:
+    """``dfa_project``'s checks, output and tables, and the launch it makes (not run): ``(out, [launch])``."""
     n, k = error.shape
     r, k2 = feedback_all.shape
     if k2 != k:
@@ -127,9 +140,10 @@ def dfa_project(
     if out is None:
         out = torch.empty(n, r, dtype=dtype, device=error.device)
     if n == 0 or not sites:
-        return out
-    bm, bn, bk, warps = _blocks(n, k, max(s.rows for s in sites), error.device)
-    site_rows, key = [], [bn]
+        return out, []
+    gpu = error.device.type == "cuda" if gpu is None else gpu
+    bm, bn, bk, warps = _blocks(n, k, max(s.rows for s in sites), gpu)
+    site_rows, key, states = [], [bn], []
     for s in sites:
         code = ACTIVATION_CODES[s.activation]
         if code and s.state is None:
@@ -140,6 +154,7 @@ def dfa_project(
             if state.dtype != want or state.shape != (n, s.rows) or state.stride(1) != 1:
                 raise ValueError(f"state of the site at offset {s.offset}: expected a [{n}, {s.rows}] {want} "
                                  f"tensor with unit column stride, got {tuple(state.shape)} {state.dtype}")
+            states.append(state)
         row = (s.offset, s.rows, code, state.data_ptr() if state is not None else 0,
                state.stride(0) if state is not None else 0)
         site_rows.append(row)
@@ -150,25 +165,10 @@ def dfa_project(
                              lambda: [(i, c) for i, s in enumerate(sites) for c in range(0, s.rows, bn)],
                              torch.int64, error.device)
     grid = (triton.cdiv(n, bm), tile_table.shape[0])
-    _dfa_project_kernel[grid](
-        error, feedback_all, out, site_table, tile_table,
-        n, k, error.stride(0), feedback_all.stride(0), out.stride(0),
-        STATE_DTYPE=tl_dtype(dtype), DOT_PRECISION=dot_precision(),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-    )
-    return out
-
-
-def dfa_project_reference(error: torch.Tensor, feedback_all: torch.Tensor,
-                          sites: Sequence[ProjectSite]) -> torch.Tensor:
-    """PyTorch definition: ``out[:, block_s] = (e @ F_s^T) * g_s'(state_s)``, at the inputs' dtype."""
-    dtype = feedback_all.dtype
-    out = torch.zeros(error.shape[0], feedback_all.shape[0], dtype=dtype, device=error.device)
-    e = error.to(dtype)
-    for s in sites:
-        block = e @ feedback_all[s.offset:s.offset + s.rows].t()
-        if s.activation is not None:
-            state = s.state if STATE_OF[s.activation] == "mask" else s.state.to(dtype)
-            block = block * derivative_from_state(state, s.activation).to(dtype)
-        out[:, s.offset:s.offset + s.rows] = block
-    return out
+    launch = Launch(
+        _dfa_project_kernel, grid,
+        (error, feedback_all, out, site_table, tile_table, n, k, error.stride(0), feedback_all.stride(0),
+         out.stride(0)),
+        dict(STATE_DTYPE=tl_dtype(dtype), DOT_PRECISION=dot_precision(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+        num_warps=warps, keep=tuple(states))
+    return out, [launch]

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, load_grouped_tile, tl_dtype
+from ..ops.dfa_wgrad import dfa_wgrad_reference  # noqa: F401  (the PyTorch definition)
+from ._common import Launch, dot_precision, load_grouped_tile, run_launches, tl_dtype
 from ._tables import TableCache, grouped_tiles
 
 _GROUP_FIELDS = 8  # delta addr, delta row stride, x addr, x row stride, dW addr, db addr (0: none), M, K
@@ -76,11 +77,11 @@ def _dfa_wgrad_kernel(
 
 
 
-def _blocks(n: int, m_max: int, k_max: int, device: torch.device) -> tuple[int, int, int, int]:
+def _blocks(n: int, m_max: int, k_max: int, gpu: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_R, num_warps). GPU: 64x64 output tiles, 32 batch rows a step
     (1024x1024 layers give 256 tiles a layer, ~2 waves on 132 SMs for 4 layers);
     interpreter: as large as the problem (cost ~ programs x loop steps)."""
-    if device.type == "cuda":
+    if gpu:
         return 64, 64, 32, 4
     cap = lambda v, hi: max(16, min(hi, triton.next_power_of_2(v)))  # noqa: E731
     return cap(m_max, 128), cap(k_max, 128), cap(n, 128), 4
@@ -95,10 +96,22 @@ def dfa_wgrad(
     bias: Sequence[bool],             # whether layer l has a bias
 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """``[(dW_l, db_l or None)]`` for all layers, in one launch (see the module docstring)."""
+    outs, launches = plan_dfa_wgrad(deltas, inputs, bias)
+    run_launches(launches)
+    return outs
+
+
+def plan_dfa_wgrad(
+    deltas: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    bias: Sequence[bool],
+    gpu: bool | None = None,          # GPU tile sizes (default: whether the tensors are on a GPU)
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor | None]], list[Launch]]:
+    """``dfa_wgrad``'s checks, outputs and tables, and the launch it makes (not run)."""
     if not (len(deltas) == len(inputs) == len(bias)):
         raise ValueError("dfa_wgrad needs one delta, one input and one bias flag per layer")
     if not deltas:
-        return []
+        return [], []
     n = deltas[0].shape[0]
     dtype, device = deltas[0].dtype, deltas[0].device
     outs, rows, prepared = [], [], []
@@ -121,18 +134,13 @@ def dfa_wgrad(
             dw.zero_()
             if db is not None:
                 db.zero_()
-        return outs
-    bm, bn, br, warps = _blocks(n, max(r[6] for r in rows), max(r[7] for r in rows), device)
+        return outs, []
+    gpu = device.type == "cuda" if gpu is None else gpu
+    bm, bn, br, warps = _blocks(n, max(r[6] for r in rows), max(r[7] for r in rows), gpu)
     shapes = tuple((r[6], r[7]) for r in rows)
     tiles = _TABLES.get(("tiles", bm, bn) + shapes, lambda: grouped_tiles(shapes, bm, bn), torch.int64, device)
     groups = _TABLES.get(("groups",) + tuple(rows), lambda: rows, torch.int64, device)
-    _dfa_wgrad_kernel[(tiles.shape[0],)](
-        groups, tiles, n, DTYPE=tl_dtype(dtype), DOT_PRECISION=dot_precision(),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, num_warps=warps,
-    )
-    return outs
-
-
-def dfa_wgrad_reference(deltas, inputs, bias):
-    """PyTorch definition: ``dW_l = delta_l^T h_{l-1}``, ``db_l = delta_l.sum(0)``, one mm per layer."""
-    return [(d.t() @ x, d.sum(0) if b else None) for d, x, b in zip(deltas, inputs, bias)]
+    launch = Launch(_dfa_wgrad_kernel, (tiles.shape[0],), (groups, tiles, n),
+                    dict(DTYPE=tl_dtype(dtype), DOT_PRECISION=dot_precision(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br),
+                    num_warps=warps, keep=tuple(prepared))
+    return outs, [launch]

@@ -26,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ACTIVATION_CODES, STATE_OF, activation_reference, apply_activation, derivative_of_pre,
-                      dot_precision, tl_dtype)
+from ..ops.jvp_linear import jvp_linear_reference  # noqa: F401  (the PyTorch definition)
+from ._common import (ACTIVATION_CODES, STATE_OF, Launch, apply_activation, derivative_of_pre, dot_precision,
+                      run_launches, tl_dtype)
 
 # Tangents per launch: the tangent accumulator is T_pad * BLOCK_M x BLOCK_N fp32
 # registers (8 x 16 x 64 x 4 B = 32 KiB at the GPU tiles below); more tangents
@@ -95,9 +96,9 @@ def _jvp_linear_kernel(
                  scaled.to(dh_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
 
 
-def _blocks(n: int, m: int, k: int, t_pad: int, device: torch.device) -> tuple[int, int, int, int]:
+def _blocks(n: int, m: int, k: int, t_pad: int, gpu: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps); see MAX_TANGENTS_PER_LAUNCH for the register budget."""
-    if device.type == "cuda":
+    if gpu:
         bm = 64 if t_pad <= 1 else max(16, 128 // t_pad)
         return bm, 64, 32, 4 if t_pad <= 2 else 8
     # Interpreter: cost grows with programs x K steps, so tiles as large as the problem allows.
@@ -114,6 +115,20 @@ def jvp_linear(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(h, dh, state)``: ``h = g(x W^T + b)`` ``[N, out]``, ``dh`` ``[T, N, out]`` (None without
     tangents) and the activation state (``_common``; for tanh/sigmoid it is ``h`` itself)."""
+    result, launches = plan_jvp_linear(x, weight, bias, activation, tangents)
+    run_launches(launches)
+    return result
+
+
+def plan_jvp_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None = None,
+    tangents: torch.Tensor | None = None,
+    gpu: bool | None = None,          # GPU tile sizes (default: whether the tensors are on a GPU)
+) -> tuple[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None], list[Launch]]:
+    """``jvp_linear``'s checks and outputs, and the launches it makes (not run): ``((h, dh, state), launches)``."""
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"activation must be one of {list(ACTIVATION_CODES)}, got {activation!r}")
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
@@ -144,35 +159,25 @@ def jvp_linear(
     else:
         dh = None
     if n == 0 or m == 0:
-        return h, dh, state
+        return (h, dh, state), []
+    gpu = x.device.type == "cuda" if gpu is None else gpu
+    launches = []
     chunks = [(c, min(n_t, c + MAX_TANGENTS_PER_LAUNCH)) for c in range(0, n_t, MAX_TANGENTS_PER_LAUNCH)] or [(0, 0)]
     for i, (t0, t1) in enumerate(chunks):
         t_pad = triton.next_power_of_2(t1 - t0) if t1 > t0 else 0
-        bm, bn, bk, warps = _blocks(n, m, k, t_pad, x.device)
+        bm, bn, bk, warps = _blocks(n, m, k, t_pad, gpu)
         dx_chunk = tangents[t0:t1] if t1 > t0 else x  # any tensor when there are no tangents
         dh_chunk = dh[t0:t1] if t1 > t0 else h
         grid = (triton.cdiv(n, bm), triton.cdiv(m, bn))
-        _jvp_linear_kernel[grid](
-            x, dx_chunk, weight, bias if bias is not None else weight, h, state if state_code else h, dh_chunk,
-            n, m, k, t1 - t0,
-            x.stride(0), dx_chunk.stride(0) if t1 > t0 else 0, dx_chunk.stride(1) if t1 > t0 else 0,
-            weight.stride(0), h.stride(0), dh_chunk.stride(0) if t1 > t0 else 0,
-            dh_chunk.stride(1) if t1 > t0 else 0,
-            ACT=ACTIVATION_CODES[activation], STATE=state_code, HAS_BIAS=bias is not None,
-            STORE_PRIMAL=i == 0, T_PAD=t_pad, DOT_PRECISION=dot_precision(),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-        )
-    return h, dh, state
-
-
-def jvp_linear_reference(x, weight, bias, activation=None, tangents=None):
-    """PyTorch definition: ``(g(a), g'(a) * (dx_t W^T), state)`` with ``a = x W^T + b``."""
-    a = torch.nn.functional.linear(x, weight, bias)
-    h = activation_reference(a, activation)
-    kind = STATE_OF[activation]
-    state = {"mask": (a > 0).to(torch.uint8), "pre": a, "output": h, None: None}[kind]
-    dh = None
-    if tangents is not None:
-        _, dh = torch.func.jvp(lambda a_: activation_reference(a_, activation),
-                               (a.expand(tangents.shape[0], *a.shape).contiguous(),), (tangents @ weight.t(),))
-    return h, dh, state
+        launches.append(Launch(
+            _jvp_linear_kernel, grid,
+            (x, dx_chunk, weight, bias if bias is not None else weight, h, state if state_code else h, dh_chunk,
+             n, m, k, t1 - t0,
+             x.stride(0), dx_chunk.stride(0) if t1 > t0 else 0, dx_chunk.stride(1) if t1 > t0 else 0,
+             weight.stride(0), h.stride(0), dh_chunk.stride(0) if t1 > t0 else 0,
+             dh_chunk.stride(1) if t1 > t0 else 0),
+            dict(ACT=ACTIVATION_CODES[activation], STATE=state_code, HAS_BIAS=bias is not None,
+                 STORE_PRIMAL=i == 0, T_PAD=t_pad, DOT_PRECISION=dot_precision(),
+                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+            num_warps=warps))
+    return (h, dh, state), launches

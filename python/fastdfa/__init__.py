@@ -5,12 +5,13 @@ looked for lazily (``python -m fastdfa info`` reports them).
 """
 
 from .backends import BackendUnavailableError
+from .config import DFAConfig
 from .dfa import DFA, NonFiniteErrorSignal, Site, backprop
 from .graphs import CapturedStep
 from .layers import Conv2d, Linear
-from . import init, metrics  # noqa: E402  (fastdfa.init.feedback_weight_matching / soft_align, fastdfa.metrics)
+from . import grape, init, metrics  # fastdfa.grape.calibrate, fastdfa.init.feedback_weight_matching, fastdfa.metrics
 
 __version__ = "0.1.0"
 
-__all__ = ["DFA", "Site", "Linear", "Conv2d", "backprop", "CapturedStep", "NonFiniteErrorSignal",
-           "BackendUnavailableError", "init", "metrics", "__version__"]
+__all__ = ["DFA", "DFAConfig", "Site", "Linear", "Conv2d", "backprop", "CapturedStep", "NonFiniteErrorSignal",
+           "BackendUnavailableError", "grape", "init", "metrics", "__version__"]

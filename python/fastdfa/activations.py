@@ -27,11 +27,14 @@ def check_activation(activation) -> None:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
+_FUNCTIONS = {"relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": F.gelu}
+
+
 def apply_activation(a: torch.Tensor, activation: str | None) -> torch.Tensor:
     """g(a); GELU is the exact (erf) one, as ``torch.nn.GELU()``."""
     if activation is None:
         return a
-    return {"relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": F.gelu}[activation](a)
+    return _FUNCTIONS[activation](a)
 
 
 def derivative_from_state(state: torch.Tensor | None, activation: str | None,
@@ -60,4 +63,4 @@ def activate(module, a: torch.Tensor, activation: str | None) -> torch.Tensor:
     captured = CAPTURE.get()
     if captured is not None:
         captured.append((module, a))
-    return apply_activation(a, activation)
+    return a if activation is None else _FUNCTIONS[activation](a)

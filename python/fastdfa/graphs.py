@@ -47,6 +47,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .dfa import DFA
 
 __all__ = ["CapturedStep"]
 
@@ -104,8 +107,6 @@ class CapturedStep:
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy, *,
                  warmup: int = 3, max_graphs: int = 4):
-        from torch.nn.parallel import DistributedDataParallel
-
         if isinstance(module, DistributedDataParallel):
             raise ValueError("CapturedStep does not capture DistributedDataParallel models: the reducer's "
                              "all-reduce runs outside the graph. Train DDP models with eager steps.")
@@ -184,8 +185,6 @@ class CapturedStep:
         return loss.detach()
 
     def _capture(self, x: torch.Tensor, target: torch.Tensor, device: torch.device) -> _Captured:
-        from .dfa import DFA
-
         impl = self._graphs_impl
         dfa = self.module if isinstance(self.module, DFA) else None
         if dfa is not None and not dfa.built and dfa.mode in ("dfa", "grape"):
@@ -201,7 +200,7 @@ class CapturedStep:
             impl.join(device, stream)
         finally:
             saved.restore()  # the warm-up did not happen, as far as training is concerned
-        generators = list(dfa._grape_generators.values()) if dfa is not None else []
+        generators = list(dfa.perturbations.generators.values()) if dfa is not None else []
         self.optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients in its own pool
         graph, loss = impl.capture(lambda: self._one_step(static_x, static_t), generators)
         self.captures += 1
@@ -221,7 +220,7 @@ class _Snapshot:
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         self.dfa = dfa
-        self.generators = {d: g.get_state() for d, g in dfa._grape_generators.items()} if dfa is not None else {}
+        self.generators = dfa.perturbations.snapshot() if dfa is not None else {}
         self.skipped = dfa.skipped_steps if dfa is not None else 0
 
     def restore(self) -> None:
@@ -242,11 +241,6 @@ class _Snapshot:
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
         if self.dfa is not None:
-            for d, g in list(self.dfa._grape_generators.items()):
-                if d in self.generators:
-                    g.set_state(self.generators[d])
-                else:  # first drawn in the warm-up: back to its seed
-                    del self.dfa._grape_generators[d]
-                    self.dfa._grape_generator(d)
+            self.dfa.perturbations.restore(self.generators)  # first drawn in the warm-up: back to its seed
             self.dfa.skipped_steps = self.skipped
 

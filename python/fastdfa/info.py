@@ -9,7 +9,7 @@ import subprocess
 import torch
 
 from . import __version__
-from .backends import BACKENDS, OPS, _module_version, backend_status
+from .backends import BACKENDS, OPS, module_version, backend_status
 
 
 def source_commit() -> str | None:
@@ -42,7 +42,7 @@ def machine_info() -> dict:
         "processor": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "triton": _module_version("triton"),
+        "triton": module_version("triton"),
         "threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
     }

@@ -189,7 +189,7 @@ def soft_align(dfa: DFA, angle: float, seed: int | None = None) -> dict[str, flo
         for j, layer in enumerate(dfa.feedback.fa_layers):
             w = layer.weight
             b = _at_angle(w, theta, seeded_generator(seed, "soft_align", "fa", j), float(w.double().norm()))
-            targets.append((dfa._names[layer], layer.feedback_weight, b, w))
+            targets.append((dfa.name_of(layer), layer.feedback_weight, b, w))
     elif dfa.mode == "dfa":
         links = chain(dfa)
         for i, link in enumerate(links[1:], start=1):

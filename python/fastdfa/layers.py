@@ -8,15 +8,26 @@ Feedback Alignment (FA, Lillicrap et al. 2016) uses in place of the weight for
 the input gradient. ``fastdfa.DFA`` seeds it and saves it in its own
 state_dict; the layer alone never does, so its keys stay torch's.
 
-Modes (set by the owning ``fastdfa.DFA``):
-    bp / dfa: ``F.linear`` / ``F.conv2d``; in DFA the graph cut is done by the
-              wrapper (the layer's input arrives detached).
-    fa:       forward identical; backward computes
+Two forwards, chosen by the engine that runs the layer:
+    ``plain_forward``: ``F.linear`` / ``F.conv2d`` and the activation (BP; in DFA
+              the graph cut is done by the engine: the input arrives detached).
+    ``fa_forward``: the same result; its backward computes
               ``dX = dY @ B`` (Linear) or ``conv2d_input(dY, B)`` (Conv2d) with
               ``B = feedback_weight``, and the usual ``dW``, ``db``.
+Called on its own (no engine), a layer is its torch counterpart: ``plain_forward``.
+
+The layers know nothing of the engine that trains them (imports go one way,
+docs/design.md section 3). An engine that needs to run a layer's forward its
+own way (record the site, detach the input, fuse the activation, push dual
+numbers) sets ``LAYER_FORWARD`` to a handler ``handler(layer, input) -> output``
+for the duration of its forward; a layer with a handler set calls it instead
+of its own forward, and the handler computes the plain result with
+``layer.plain_forward(input)`` where it wants it.
 """
 
 from __future__ import annotations
+
+import contextvars
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +35,14 @@ from torch import nn
 
 from .activations import activate, check_activation
 from .feedback import feedback_matrix, seeded_generator
-from .fused import fused_conv_forward, fused_linear_forward, fusing_engine_for
-from .grape import DUAL_KERNELS, PREACTIVATION_TANGENT, add_preactivation_tangent, dual_linear_forward
+
+# The forward handler of the engine running the model now, if any (see the module docstring). A context
+# variable, not an attribute on the layers: layers stay picklable and free of references to a wrapper,
+# and one layer can be trained by two wrappers in turn.
+LAYER_FORWARD: contextvars.ContextVar = contextvars.ContextVar("fastdfa_layer_forward", default=None)
 
 
-def _init_feedback_weight(layer: nn.Module, seed: int, index: int) -> None:
+def init_feedback_weight(layer: nn.Module, seed: int, index: int) -> None:
     """Seed ``layer.feedback_weight`` with U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 
     That is the bound of torch's default weight init (kaiming_uniform with
@@ -146,7 +160,7 @@ class Linear(nn.Linear):
     "tanh", "sigmoid", "gelu"): the layer computes ``g(x W^T + b)``. With a
     kernel backend in DFA mode that is one fused pass that also saves g''s
     state, and the backward computes this layer's delta inside the projection
-    (``fastdfa.fused``). Adds the buffer ``feedback_weight`` (shape of
+    (``fastdfa.engine.fused``). Adds the buffer ``feedback_weight`` (shape of
     ``weight``, not in the layer's own state_dict) used for dX in FA mode.
     """
 
@@ -156,32 +170,28 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = activation
         self.register_buffer("feedback_weight", torch.empty_like(self.weight), persistent=False)
-        self._fa_active = False  # set by fastdfa.DFA when its mode is "fa"
-        _init_feedback_weight(self, seed=0, index=0)
+        init_feedback_weight(self, seed=0, index=0)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if DUAL_KERNELS.get() is not None:  # a GrAPE dual pass on a kernel backend
-            out = dual_linear_forward(self, input)
-            if out is not None:
-                return out
-        if torch.is_grad_enabled():
-            engine = fusing_engine_for(self)
-            # A data input that needs its own gradient keeps the autograd route.
-            if engine is not None and not input.requires_grad:
-                return fused_linear_forward(engine, self, input)
-            if self._fa_active:
-                return activate(self, _FALinearFn.apply(input, self.weight, self.bias, self.feedback_weight),
-                                self.activation)
-        a = F.linear(input, self.weight, self.bias)
-        if PREACTIVATION_TANGENT.get() is not None:  # a GrAPE dual pass perturbing this layer's weight
-            a = add_preactivation_tangent(self, input, a)
-        return activate(self, a, self.activation)
+        handler = LAYER_FORWARD.get()
+        if handler is not None:
+            return handler(self, input)
+        return self.plain_forward(input)
+
+    def plain_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``g(x W^T + b)``, autograd's backward (no engine involved)."""
+        return activate(self, F.linear(input, self.weight, self.bias), self.activation)
+
+    def fa_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``g(x W^T + b)`` whose backward uses ``feedback_weight`` for dX (Feedback Alignment)."""
+        return activate(self, _FALinearFn.apply(input, self.weight, self.bias, self.feedback_weight),
+                        self.activation)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
 
 
-def _explicit_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+def explicit_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """Pad ``x`` the way ``conv`` would and return it with the remaining symmetric padding.
 
     ``aten.convolution_backward`` only takes symmetric integer padding, so
@@ -222,21 +232,23 @@ class Conv2d(nn.Conv2d):
                          device=device, dtype=dtype)
         self.activation = activation
         self.register_buffer("feedback_weight", torch.empty_like(self.weight), persistent=False)
-        self._fa_active = False
-        _init_feedback_weight(self, seed=0, index=0)
+        init_feedback_weight(self, seed=0, index=0)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            engine = fusing_engine_for(self)
-            if engine is not None and not input.requires_grad:
-                x, padding = _explicit_padding(self, input)
-                return fused_conv_forward(engine, self, x, padding)
-        if self._fa_active and torch.is_grad_enabled():
-            x, padding = _explicit_padding(self, input)
-            y = _FAConv2dFn.apply(x, self.weight, self.bias, self.feedback_weight,
-                                  self.stride, padding, self.dilation, self.groups)
-        else:
-            y = super().forward(input)
+        handler = LAYER_FORWARD.get()
+        if handler is not None:
+            return handler(self, input)
+        return self.plain_forward(input)
+
+    def plain_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """The convolution and ``g``, autograd's backward (no engine involved)."""
+        return activate(self, super().forward(input), self.activation)
+
+    def fa_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """The convolution and ``g``, whose backward uses ``feedback_weight`` for dX (Feedback Alignment)."""
+        x, padding = explicit_padding(self, input)
+        y = _FAConv2dFn.apply(x, self.weight, self.bias, self.feedback_weight,
+                              self.stride, padding, self.dilation, self.groups)
         return activate(self, y, self.activation)
 
     def extra_repr(self) -> str:

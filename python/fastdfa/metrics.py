@@ -33,6 +33,7 @@ from .activations import CAPTURE
 from .dfa import DFA, Site
 from .grape import rule_mode
 from .layers import FASTDFA_LAYERS, Linear
+from .plots import plot_alignment_records
 
 
 @dataclass
@@ -50,9 +51,9 @@ def chain(dfa: DFA) -> list[ChainLink]:
     if not dfa.built:
         raise RuntimeError("the feedback is not built yet: run one forward of the wrapper first, or pass "
                            "example_input= to fastdfa.DFA")
-    order = dfa._expected_order
+    order = dfa.execution_order
     sites = dfa.sites
-    return [ChainLink(dfa._names[m], m, sites[i - 1] if i > 0 else None, sites[i] if i < len(sites) else None)
+    return [ChainLink(dfa.name_of(m), m, sites[i - 1] if i > 0 else None, sites[i] if i < len(sites) else None)
             for i, m in enumerate(order)]
 
 
@@ -119,16 +120,14 @@ def gradient_alignment(dfa: DFA, x, target, loss_fn: Callable = F.cross_entropy)
         raise ValueError("dfa.mode is 'bp': its gradient alignment with BP is 1 by definition; set the mode "
                          "whose alignment you want ('dfa' or 'fa')")
     training = [(m, m.training) for m in dfa.modules()]
-    kernels = dfa._kernels
     try:
         dfa.eval()
-        dfa._kernels = None  # torch route for this measurement
-        # GrAPE's update rule is DFA's (its feedback step happens apart from the deltas).
-        rule = _deltas(dfa, rule_mode(mode), x, target, loss_fn)
-        exact = _deltas(dfa, "bp", x, target, loss_fn)
+        with dfa.using_backend("torch"):  # the torch route for this measurement
+            # GrAPE's update rule is DFA's (its feedback step happens apart from the deltas).
+            rule = _deltas(dfa, rule_mode(mode), x, target, loss_fn)
+            exact = _deltas(dfa, "bp", x, target, loss_fn)
     finally:
         dfa.mode = mode
-        dfa._kernels = kernels
         for m, t in training:
             m.training = t
     out = {}
@@ -140,7 +139,7 @@ def gradient_alignment(dfa: DFA, x, target, loss_fn: Callable = F.cross_entropy)
             continue
         n = r.shape[0]
         per_sample = F.cosine_similarity(r.reshape(n, -1).double(), b.reshape(n, -1).double(), dim=1, eps=1e-30)
-        out[dfa._names[m]] = float(per_sample.mean())
+        out[dfa.name_of(m)] = float(per_sample.mean())
     return out
 
 
@@ -176,7 +175,5 @@ class AlignmentLog:
         return record
 
     def plot(self, path, label: str | None = None):
-        from .plots import plot_alignment_records
-
         return plot_alignment_records({label or self.dfa.mode: [(r["step"], r) for r in self.records]}, path,
                                       xlabel="step")

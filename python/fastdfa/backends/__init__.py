@@ -1,10 +1,12 @@
 """Backend availability and the dispatch rule.
 
 Backends: ``torch`` (the reference; always available, runs on CPU),
-``triton`` and ``cuda``. Availability is checked once and cached (xformers'
-rule): importing fastdfa never imports triton or the compiled extension.
+``triton`` and ``cuda``, each a ``KernelBackend`` (``base.py``: the contract;
+``torch_ops.py``, ``triton_ops.py``, ``cuda_ops.py``: the implementations).
+Availability is checked once and cached (xformers' rule): importing fastdfa
+never imports triton or the compiled extension.
 
-Dispatch rule (DESIGN.md section 2):
+Dispatch rule (docs/design.md section 2):
   * ``"auto"`` picks the first available of cuda, triton, torch for the
     device, falling back silently;
   * an explicitly requested backend (argument or ``FASTDFA_BACKEND``) that is
@@ -18,10 +20,12 @@ import functools
 import importlib
 import os
 import shutil
-import types
 from dataclasses import dataclass
 
 import torch
+
+from .base import KernelBackend
+from .torch_ops import TorchBackend
 
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "FASTDFA_BACKEND"
@@ -46,7 +50,7 @@ class BackendStatus:
 
 
 @functools.lru_cache(maxsize=None)
-def _module_version(name: str) -> str | None:
+def module_version(name: str) -> str | None:
     try:
         module = importlib.import_module(name)
     except Exception:  # any import failure means "not usable", reported with its reason
@@ -55,7 +59,7 @@ def _module_version(name: str) -> str | None:
 
 
 def _triton_status() -> BackendStatus:
-    version = _module_version("triton")
+    version = module_version("triton")
     if version is None:
         return BackendStatus("triton", False, "the triton package is not installed (pip install triton)")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -99,22 +103,18 @@ def _cuda_status() -> BackendStatus:
 
 
 @functools.lru_cache(maxsize=None)
-def kernels_for(name: str):
-    """The ops of a kernel backend as one namespace (``dfa_project``, ``ProjectSite``,
-    ``dfa_wgrad``, ``jvp_linear``, ``align_step``, ``AlignSite``), or None for "torch"."""
+def get_backend(name: str) -> KernelBackend:
+    """The ``KernelBackend`` named ``name`` (one instance per process). The triton and cuda
+    implementations are imported here, on first use: they import triton / the compiled extension."""
     if name == "torch":
-        return None
+        return TorchBackend()
     if name == "triton":
-        from .triton_kernels import align_step, dfa_project, dfa_wgrad, jvp_linear
-        return types.SimpleNamespace(
-            name="triton", dfa_project=dfa_project.dfa_project, ProjectSite=dfa_project.ProjectSite,
-            dfa_wgrad=dfa_wgrad.dfa_wgrad, jvp_linear=jvp_linear.jvp_linear,
-            align_step=align_step.align_step, AlignSite=align_step.AlignSite)
+        triton_ops = importlib.import_module("fastdfa.backends.triton_ops")
+        return triton_ops.TritonBackend()
     if name == "cuda":
-        import fastdfa._C as C
-
-        from .cuda_ops import CudaOps
-        return CudaOps(C)
+        kernels = importlib.import_module("fastdfa._C")
+        cuda_ops = importlib.import_module("fastdfa.backends.cuda_ops")
+        return cuda_ops.CudaBackend(kernels)
     raise BackendUnavailableError(f"backend {name!r} has no kernels in this version")
 
 

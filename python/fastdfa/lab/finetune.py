@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .data import Dataset
-from .init import FWM_METHODS, feedback_weight_matching
-from .layers import Linear
+from ..init import FWM_METHODS, feedback_weight_matching
+from ..layers import Linear
 from .train import TrainConfig, TrainResult, train
 
 FINETUNE_METHODS = ("bp", "dfa", "fwm")

@@ -40,6 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backends import backend_status
+from ..dfa import DFA
+from ..graphs import CapturedStep
+from ..layers import Conv2d, Linear
+from ..plots import save_figure
+from .baselines import FeedbackPointDFA, HookDFA
 from .steptime import interleaved_step_ms
 
 ALL_METHODS = ("bp", "bp-compile", "dfa", "dfa-triton", "fa", "grape-per-site", "grape-shared", "dfa-hooks",
@@ -80,7 +86,6 @@ def _plain_model(c: BenchConfig) -> nn.Sequential:
 
 def _fastdfa_model(plain: nn.Sequential) -> nn.Sequential:
     """The same network in fastdfa layers with the activations fused into them."""
-    from .layers import Conv2d, Linear
 
     out: list[nn.Module] = []
     for m in plain:
@@ -106,9 +111,6 @@ class Unavailable(Exception):
 
 def _wrapped(plain, method: str):
     """(module to call, its parameters) for one method."""
-    from .backends import backend_status
-    from .baselines import FeedbackPointDFA, HookDFA
-    from .dfa import DFA
 
     if method == "bp":
         return plain, plain.parameters()
@@ -142,7 +144,6 @@ def _wrapped(plain, method: str):
 def _step_fn(module, params, x, t, graph: bool = False):
     opt = torch.optim.SGD(list(params), lr=1e-3)
     if graph:
-        from .graphs import CapturedStep
 
         captured = CapturedStep(module, opt)
 
@@ -325,7 +326,6 @@ def plot(results: list[dict], path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
 
-    from .plots import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     mlp = [r for r in results if r["config"]["model"] == "mlp"]

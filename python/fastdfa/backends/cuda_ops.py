@@ -1,16 +1,15 @@
 """The "cuda" backend's ops: cuBLAS GEMMs (through torch, on the current stream) plus the csrc/
-kernels of ``fastdfa._C``. Same call signatures as the Triton ops, so ``fastdfa.fused`` and
-``fastdfa.grape`` use either.
+kernels of ``fastdfa._C``, on the ``KernelBackend`` contract (``fastdfa.backends.base``).
 
     dfa_project  P = e F^T (cuBLAS) + ONE epilogue launch applying every claimed site's g'
     dfa_wgrad    one cuBLAS GEMM per layer, fanned out over a pool of CUDA streams
-                 (``fastdfa.streams``), joined before the gradients are returned
+                 (``fastdfa.backends.streams``), joined before the gradients are returned
     jvp_linear   ONE GEMM over the stacked [x; dx_1; ...] rows (W read once) + the dual-number
                  activation epilogue (h, g'(a) u_t and the state in one pass)
     align_step   J^T = P^T T / N per site (cuBLAS, fp32) + ONE kernel for the column cosines,
                  the step and the normalisation of every site
 
-``CudaOps(C)`` binds them to a kernel module: ``fastdfa._C`` on a GPU, or
+``CudaBackend(C)`` binds them to a kernel module: ``fastdfa._C`` on a GPU, or
 ``EmulatedC`` (the same contracts in torch) so the wrappers' plumbing is
 tested on the CPU.
 """
@@ -21,10 +20,12 @@ from collections.abc import Sequence
 
 import torch
 
-from .activations import ACTIVATION_CODES, STATE_OF, apply_activation, derivative_from_state
-from .align import AlignSite, column_step
-from .project import ProjectSite
-from .triton_kernels._tables import TableCache
+from ..activations import ACTIVATION_CODES, STATE_OF, apply_activation, derivative_from_state
+from ..ops.align_step import AlignSite, column_step
+from ..ops.dfa_project import ProjectSite
+from ..triton_kernels._tables import TableCache
+from .base import KernelBackend
+from . import streams as stream_pool
 
 _CODE_NAMES = {v: k for k, v in ACTIVATION_CODES.items()}
 
@@ -65,12 +66,11 @@ class EmulatedC:
         return [h, d * u, state]
 
 
-class CudaOps:
-    """The cuda backend's op namespace, bound to a kernel module ``C``."""
+class CudaBackend(KernelBackend):
+    """The cuda backend's ops, bound to a kernel module ``C``."""
 
-    ProjectSite = ProjectSite
-    AlignSite = AlignSite
     name = "cuda"
+    fuses_layers = True
     fans_out = True  # dfa_wgrad takes streams= (the engine's pool size)
 
     def __init__(self, C, streams: int = 4):
@@ -105,13 +105,11 @@ class CudaOps:
 
     # -------------------------------------------------------------- dfa_wgrad
     def dfa_wgrad(self, deltas, inputs, bias, streams: int | None = None):
-        from .streams import fan_out
-
         def work(i):
             d, x = deltas[i], inputs[i]
             return d.t() @ x, (d.sum(0) if bias[i] else None)
 
-        return fan_out([lambda i=i: work(i) for i in range(len(deltas))], streams or self.streams,
+        return stream_pool.fan_out([lambda i=i: work(i) for i in range(len(deltas))], streams or self.streams,
                        device=deltas[0].device if deltas else None, inputs=list(deltas) + list(inputs))
 
     # -------------------------------------------------------------- jvp_linear

@@ -10,12 +10,17 @@ from pathlib import Path
 
 import torch
 
-from .backends import BackendUnavailableError
-from .info import info_text, machine_info
-from .grape import CALIBRATE_SCALES, JVP, PERTURB
-from .models import ACTIVATIONS, MODELS
+from ..backends import BackendUnavailableError
+from ..config import BACKEND_CHOICES, CONV_FEEDBACK, FEEDBACK_KINDS, JVP, PERTURB
+from ..grape import CALIBRATE_SCALES
+from ..info import info_text, machine_info
+from ..models import ACTIVATIONS, MODELS
+from ..plots import plot_alignment
+from . import bench
+from .data import load_dataset, subsample_train
+from .finetune import FINETUNE_METHODS, finetune_runs, pretrain, summary
 from .steptime import interleaved_step_ms
-from .train import METHODS, TrainConfig, make_step, train
+from .train import METHODS, TrainConfig, build, make_step, train
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -46,10 +51,10 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--feedback", choices=("uniform", "gaussian"), default="uniform")
-    p.add_argument("--conv-feedback", choices=("dense", "channel"), default="dense")
+    p.add_argument("--feedback", choices=FEEDBACK_KINDS, default="uniform")
+    p.add_argument("--conv-feedback", choices=CONV_FEEDBACK, default="dense")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default=None,
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
                    help="kernel backend for DFA (default: $FASTDFA_BACKEND, else auto: triton or cuda on a GPU, "
                         "torch on the CPU); see `python -m fastdfa info`")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -101,7 +106,6 @@ def _config(args: argparse.Namespace, method: str) -> TrainConfig:
 
 
 def _load(args: argparse.Namespace):
-    from .data import load_dataset
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -109,7 +113,6 @@ def _load(args: argparse.Namespace):
         torch.set_flush_denormal(True)
     data = load_dataset(args.data)
     if args.train_samples is not None:
-        from .data import subsample_train
         data = subsample_train(data, args.train_samples)
     print(f"data: {data.name}, {len(data.x_train)} train / {len(data.x_test)} test, input {data.input_shape}, "
           f"{data.n_classes} classes; model {args.model}; device {args.device}; threads {torch.get_num_threads()}")
@@ -132,7 +135,6 @@ def _check_plot(args: argparse.Namespace) -> None:
 def _plot(args: argparse.Namespace, runs: dict[str, dict]) -> None:
     if args.plot is None:
         return
-    from .plots import plot_alignment
 
     print(f"wrote {plot_alignment(runs, args.plot)}")
 
@@ -196,8 +198,6 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .data import load_dataset
-    from .finetune import FINETUNE_METHODS, finetune_runs, pretrain, summary
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     bad = [m for m in methods if m not in FINETUNE_METHODS]
@@ -212,7 +212,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise ValueError(f"--pretrain-data {args.pretrain_data} has inputs {source.input_shape} but --data has "
                          f"{target.input_shape}")
     if args.pretrained is not None and args.pretrained.exists():
-        from .train import build
 
         dfa, _ = build(replace(base, seed=args.seeds[0]), source)
         dfa.model.load_state_dict(torch.load(args.pretrained, map_location=args.device, weights_only=True))
@@ -245,7 +244,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
 
     name = "quick" if args.quick else ("gpu" if args.gpu else "targets" if args.targets else "cpu")
     on_gpu = name in ("gpu", "targets")

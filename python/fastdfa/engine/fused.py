@@ -1,4 +1,4 @@
-"""The kernel-backend path of ``fastdfa.DFA``: fused layers, one projection, grouped weight gradients.
+"""The kernel-backend route of ``fastdfa.DFA``: fused layers, one projection, grouped weight gradients.
 
 With a kernel backend ("triton"), a ``fastdfa.Linear`` in DFA mode runs its
 training forward through ``jvp_linear`` (GEMM, bias, activation and the
@@ -26,34 +26,26 @@ branch) gets both contributions.
 
 The math is the same as the torch backend's (tests/test_triton_engine.py
 compares the gradients of both).
+
+Every layer that does not take the whole fused route is given a reason in
+words (``FusedPlan.reasons``), which ``fastdfa.DFA.fusion_report()`` shows.
 """
 
 from __future__ import annotations
 
 import math
-import contextvars
 from dataclasses import dataclass, field
 
 import torch
-
 import torch.nn.functional as F
 
-from .activations import STATE_OF, apply_activation, derivative_from_state
-from .project import split_projection
+from ..activations import STATE_OF, apply_activation, derivative_from_state
+from ..layers import Linear, explicit_padding
+from ..ops.dfa_project import split_projection
 
-
-# The engine whose training forward is running with a kernel backend, if any. A
-# context variable, not an attribute on the layers: layers stay picklable and
-# free of references to the wrapper.
-_ACTIVE_ENGINE: contextvars.ContextVar = contextvars.ContextVar("fastdfa_fusing_engine", default=None)
-
-
-def fusing_engine_for(layer) -> object | None:
-    """The engine that fuses ``layer`` in the forward now running, or None."""
-    engine = _ACTIVE_ENGINE.get()
-    if engine is None or layer not in engine._fusable:
-        return None
-    return engine
+FUSED = "fused"
+NOT_NEXT_SITE = ("fused forward, but its output reaches the next site through other ops (pooling, a view, "
+                 "dropout, a residual add): its own backward computes delta (generic route)")
 
 
 @dataclass
@@ -82,16 +74,42 @@ class FusedPlan:
     records: dict[int, FusedRecord] = field(default_factory=dict)   # id(out) -> record
     site_producers: list[FusedRecord | None] = field(default_factory=list)  # per site: claimed producer
     output_producer: FusedRecord | None = None
+    n_params: int = 0
+    reasons: dict = field(default_factory=dict)  # layer -> "fused" or why it is not (fusion_report)
 
     def claim(self, x: torch.Tensor, rows: int, n: int, channelwise: bool = False) -> FusedRecord | None:
         """The fused record whose output is exactly ``x`` (``n`` batch rows of ``rows`` features) and
-        unchanged since, claimed at most once; None if there is none."""
+        unchanged since, claimed at most once; None if there is none (the reason is noted)."""
         rec = self.records.get(id(x))
-        if (rec is None or rec.claimed or rec.out is not x or x._version != rec.out_version or channelwise
-                or rec.rows != rows or rec.x.shape[0] != n):
+        if rec is None or rec.out is not x:
+            return None
+        why = ("its output feeds two sites or the output (second consumer): generic route" if rec.claimed else
+               "its output was modified in place after the forward: generic route"
+               if x._version != rec.out_version else
+               "its output feeds a channel-wise site (the projection epilogue writes dense blocks): generic route"
+               if channelwise else
+               "its output's shape does not match the site's rows: generic route"
+               if rec.rows != rows or rec.x.shape[0] != n else None)
+        if why is not None:
+            self.reasons.setdefault(rec.layer, why)
             return None
         rec.claimed = True
         return rec
+
+    def finish(self, site_inputs, sites, output: torch.Tensor, n_out: int, n: int) -> list[torch.Tensor]:
+        """Claim the producers of the sites and of the output; the claimed layers' parameters, in order
+        (the output node hands their gradients to autograd)."""
+        self.site_producers = [self.claim(x, site.rows, n, site.channelwise) for x, site in zip(site_inputs, sites)]
+        self.output_producer = self.claim(output, n_out, n)
+        params = []
+        for r in self.claimed:
+            params += [r.layer.weight] + ([r.layer.bias] if r.layer.bias is not None else [])
+            self.reasons[r.layer] = FUSED
+        for r in self.records.values():
+            self.reasons.setdefault(r.layer, NOT_NEXT_SITE)
+        self.n_params = len(params)
+        self.records = {}  # only the claimed ones are needed from here on
+        return params
 
     @property
     def claimed(self) -> list[FusedRecord]:
@@ -176,7 +194,7 @@ class _FusedLayerFn(torch.autograd.Function):
         return None, grad_w, grad_b, None, None
 
 
-def _record(engine, layer, x_saved, ops, out_shape=None) -> torch.Tensor:
+def _record(plan: FusedPlan, layer, x_saved, ops, out_shape=None) -> torch.Tensor:
     holder: list = []
     h = _FusedLayerFn.apply(x_saved, layer.weight, layer.bias, ops, holder)
     state = holder[0]
@@ -187,31 +205,32 @@ def _record(engine, layer, x_saved, ops, out_shape=None) -> torch.Tensor:
         state = state.reshape(n, -1)  # [N, features], as dfa_project reads it
     if out_shape is not None:
         h = h.view(out_shape)
-    engine._recording.plan.records[id(h)] = FusedRecord(layer, x_saved, state, h, h._version, ops=ops)
+    plan.records[id(h)] = FusedRecord(layer, x_saved, state, h, h._version, ops=ops)
     return h
 
 
-def fused_linear_forward(engine, layer, x: torch.Tensor) -> torch.Tensor:
-    """The training forward of a ``fastdfa.Linear`` on a kernel backend; recorded for claiming."""
-    x2 = x.reshape(-1, x.shape[-1])
-    out_shape = (*x.shape[:-1], layer.out_features) if x.dim() != 2 else None
-    return _record(engine, layer, x2, _LinearOps(layer, engine._kernels), out_shape)
+def fused_layer_forward(plan: FusedPlan, kernels, layer, x: torch.Tensor) -> torch.Tensor:
+    """The training forward of a fastdfa layer on a kernel backend (a Linear through ``jvp_linear``, a
+    Conv2d through cuDNN with its activation state saved); recorded for claiming."""
+    if isinstance(layer, Linear):
+        x2 = x.reshape(-1, x.shape[-1])
+        out_shape = (*x.shape[:-1], layer.out_features) if x.dim() != 2 else None
+        return _record(plan, layer, x2, _LinearOps(layer, kernels), out_shape)
+    xp, padding = explicit_padding(layer, x)
+    return _record(plan, layer, xp, _ConvOps(layer, padding))
 
 
-def fused_conv_forward(engine, layer, xp: torch.Tensor, padding) -> torch.Tensor:
-    """The training forward of a ``fastdfa.Conv2d`` (input already padded to ``padding``); recorded."""
-    return _record(engine, layer, xp, _ConvOps(layer, padding))
+def fused_backward(kernels, store, names, wgrad: str, streams: int, error: torch.Tensor, batch_shape,
+                   plan: FusedPlan, site_dtypes):
+    """(gradient for the model output, gradients of the site inputs, gradients of the claimed params).
 
-
-def fused_backward(engine, error: torch.Tensor, batch_shape, plan: FusedPlan, site_dtypes):
-    """(gradient for the model output, gradients of the site inputs, gradients of the claimed params)."""
-    kernels = engine._kernels
+    ``store``: the wrapper's ``FeedbackStore`` (feedback, sites, layout); ``names``: module -> name."""
     e = error.reshape(math.prod(batch_shape), -1)
-    feedback = engine.feedback.flat
-    sites = engine._sites
+    feedback = store.flat
+    sites = store.sites
     for rec in plan.claimed:
         if rec.out._version != rec.out_version:
-            raise RuntimeError(f"the output of fused layer {engine._names[rec.layer]!r} was modified in "
+            raise RuntimeError(f"the output of fused layer {names[rec.layer]!r} was modified in "
                                "place after the forward; its saved activation state is stale")
     site_grads, claimed = [], []  # claimed: (record, delta [N, features])
     if sites:
@@ -219,7 +238,7 @@ def fused_backward(engine, error: torch.Tensor, batch_shape, plan: FusedPlan, si
                   kernels.ProjectSite(site.offset, site.rows, rec.layer.activation, rec.state)
                   for site, rec in zip(sites, plan.site_producers)]
         projected = kernels.dfa_project(e, feedback, psites)  # ONE launch: every site, g' fused
-        for g, site, rec, dt in zip(split_projection(projected, engine._layout, batch_shape), sites,
+        for g, site, rec, dt in zip(split_projection(projected, store.layout, batch_shape), sites,
                                     plan.site_producers, site_dtypes):
             if rec is None:
                 site_grads.append(g if g.dtype == dt else g.to(dt))
@@ -235,13 +254,13 @@ def fused_backward(engine, error: torch.Tensor, batch_shape, plan: FusedPlan, si
 
     grads = {}
     linear = [(r, d) for r, d in claimed if isinstance(r.ops, _LinearOps)]
-    if (engine.wgrad == "grouped" and linear
+    if (wgrad == "grouped" and linear
             and len({d.dtype for _, d in linear} | {r.x.dtype for r, _ in linear}) == 1):
         # ONE launch for every claimed Linear's dW and db (triton), or one GEMM per layer fanned out
         # over the engine's CUDA streams (cuda).
-        fan = {"streams": engine.streams} if getattr(kernels, "fans_out", False) else {}
         for (r, _), g in zip(linear, kernels.dfa_wgrad([d for _, d in linear], [r.x for r, _ in linear],
-                                                       [r.layer.bias is not None for r, _ in linear], **fan)):
+                                                       [r.layer.bias is not None for r, _ in linear],
+                                                       streams=streams)):
             grads[id(r)] = g
     for r, d in claimed:
         if id(r) not in grads:  # per-layer: wgrad="per-layer", convolutions, mixed dtypes

@@ -9,7 +9,13 @@ columns ``[offset_s, offset_s + rows_s)`` of ``P``:
     channel-wise site: delta_s = P[:, cols].view(N, C, 1, 1).expand(N, C, H, W)
 
 Equivalent per-site PyTorch code (the definition the tests check):
-``(e @ F_s.T).reshape(site_tensor.shape)``.
+``(e @ F_s.T).reshape(site_tensor.shape)``. With a saved activation state for a
+site (its producer's g' fused into the projection's epilogue, the kernel
+backends' claimed sites): ``(e @ F_s.T) * g_s'(state_s)``.
+
+Kernels: ``triton_kernels/dfa_project.py`` (one launch, g' in the epilogue) and
+``csrc/dfa_project_epilogue.cu`` (after a cuBLAS GEMM); tests
+``tests/test_dfa_project.py``; benchmark ``bench/test_triton_kernels.py``.
 
 Layout: ``F_all`` is row-major ``[R, n_out]``, so each site's ``F_s`` is a
 contiguous block of rows (``site.feedback``) and ``P``'s per-site slices are
@@ -23,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..activations import STATE_OF, derivative_from_state
+
 
 @dataclass(frozen=True)
 class ProjectSite:
@@ -34,13 +42,30 @@ class ProjectSite:
     state: torch.Tensor | None = None  # [N, rows] saved state (uint8 mask / h / a), see _common
 
 
-def dfa_project_reference(
+def dfa_project_reference(error: torch.Tensor,          # [N, n_out]
+                          feedback_all: torch.Tensor,   # [R, n_out], the sites' feedback stacked row-wise
+                          sites: Sequence[ProjectSite]) -> torch.Tensor:  # -> [N, R]
+    """PyTorch definition of the op: ``out[:, block_s] = (e @ F_s^T) * g_s'(state_s)``, at the feedback's
+    dtype; columns of no site are zero."""
+    dtype = feedback_all.dtype
+    out = torch.zeros(error.shape[0], feedback_all.shape[0], dtype=dtype, device=error.device)
+    e = error.to(dtype)
+    for s in sites:
+        block = e @ feedback_all[s.offset:s.offset + s.rows].t()
+        if s.activation is not None and s.state is not None:
+            state = s.state if STATE_OF[s.activation] == "mask" else s.state.to(dtype)
+            block = block * derivative_from_state(state, s.activation).to(dtype)
+        out[:, s.offset:s.offset + s.rows] = block
+    return out
+
+
+def project_to_sites(
     error: torch.Tensor,          # [N, n_out]
     feedback_all: torch.Tensor,   # [R, n_out], the sites' feedback stacked row-wise
     layout: Sequence[tuple[int, int, tuple[int, ...], bool]],  # (offset, rows, site_shape, channelwise)
     batch_shape: tuple[int, ...],  # leading dims of the site tensors, prod == N
 ) -> list[torch.Tensor]:
-    """Projected error of every site; torch reference of ``dfa_project``."""
+    """Projected error of every site, shaped like the site tensors: ONE GEMM, then views."""
     if error.dtype != feedback_all.dtype:
         error = error.to(feedback_all.dtype)
     projected = torch.mm(error, feedback_all.t())  # [N, R]: the one GEMM for all sites

@@ -11,13 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import MODES, DFAConfig
+from ..dfa import DFA
+from ..feedback import seeded_generator
+from ..grape import CALIBRATE_SCALES, calibration_step
+from ..graphs import CapturedStep
+from ..metrics import alignment_summary, gradient_alignment, weight_alignment
+from ..models import make_model
 from .data import Dataset
-from .dfa import DFA
-from .feedback import seeded_generator
-from .grape import CALIBRATE_SCALES, calibration_step
-from .models import make_model
 
-METHODS = ("bp", "fa", "dfa", "grape")
+METHODS = MODES  # every mode of fastdfa.DFA is a training method
 # Adam step sizes. FA and DFA updates are not gradients of the loss and were
 # unstable at BP's 1e-3: on Fashion-MNIST (784-256-256-256-10, ReLU) DFA's
 # training loss rose after epoch 3 and test accuracy swung between 0.80 and
@@ -57,9 +60,15 @@ class TrainConfig:
     def effective_lr(self) -> float:
         return DEFAULT_LR[self.method] if self.lr is None else self.lr
 
+    def dfa_config(self) -> DFAConfig:
+        """The wrapper's options, validated by ``fastdfa.DFAConfig`` (the one place they are checked)."""
+        return DFAConfig(mode=self.method, seed=self.seed, feedback=self.feedback, conv_feedback=self.conv_feedback,
+                         backend=self.backend, feedback_lr=self.feedback_lr, perturb=self.perturb, jvp=self.jvp)
+
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        self.dfa_config()
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch size must be positive")
         if self.lr is not None and not self.lr > 0:
@@ -143,9 +152,7 @@ def build(config: TrainConfig, data: Dataset, model: nn.Module | None = None) ->
         model = make_model(config.model, data.input_shape, data.n_classes, config.hidden, config.activation)
     # On the device before wrapping: an explicitly requested backend is checked against it.
     model = model.to(config.device)
-    dfa = DFA(model, mode=config.method, seed=config.seed, feedback=config.feedback,
-              conv_feedback=config.conv_feedback, backend=config.backend, feedback_lr=config.feedback_lr,
-              perturb=config.perturb, jvp=config.jvp).to(config.device)
+    dfa = DFA.from_config(model, config.dfa_config()).to(config.device)
     dfa.build(data.x_train[:2].to(config.device))
     if config.optimizer == "adam":
         # capturable: the step count stays on the GPU, so a replayed graph advances it (fastdfa.CapturedStep)
@@ -190,7 +197,6 @@ def _calibrate(dfa: DFA, opt, x_train, y_train, config: TrainConfig, gen: torch.
 
 def measure_alignment(dfa: DFA, x: torch.Tensor, y: torch.Tensor) -> dict:
     """WA per layer and GA per layer on (x, y) (fastdfa.metrics); leaves the model as it was."""
-    from .metrics import gradient_alignment, weight_alignment
 
     return {"weight": weight_alignment(dfa), "gradient": gradient_alignment(dfa, x, y)}
 
@@ -231,7 +237,6 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
     steps_done = 0  # over all epochs, for calibrate_every_steps
     captured = None
     if config.cuda_graph:
-        from .graphs import CapturedStep
         captured = CapturedStep(dfa, opt)  # the last partial batch gets its own graph
     for epoch in range(1, config.epochs + 1):
         dfa.train()
@@ -262,7 +267,6 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
             if bp_step:
                 result.calibrations.append((epoch, len(losses), f"every {config.calibrate_every_steps} steps"))
             if config.calibrate_below is not None and len(losses) % config.check_every == 0:
-                from .metrics import alignment_summary, gradient_alignment
                 ga = alignment_summary(gradient_alignment(dfa, x_align, y_align))
                 if ga < config.calibrate_below:  # event-driven: re-anchor when the rule drifts from BP
                     _calibrate(dfa, opt, x_train, y_train, config, calibration_gen)
@@ -282,7 +286,6 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
         if log is not None:
             extra = ""
             if alignment is not None:
-                from .metrics import alignment_summary
                 extra = (f"  WA {alignment_summary(alignment['weight']):.3f}"
                          f"  GA {alignment_summary(alignment['gradient']):.3f}")
             log(f"{config.method:>4} epoch {epoch:>3}/{config.epochs}  loss {epoch_result.train_loss:.4f}  "

@@ -1,0 +1,256 @@
+"""GrAPE's per-step work: one dual-number pass for the Jacobian estimates, one alignment step.
+
+GrAPE (ICLR 2026, "Scaling Direct Feedback Learning with Jacobian Alignment
+Guarantees"; docs/design.md section 1) learns each site's feedback online. In
+mode "grape" every training forward of ``fastdfa.DFA`` also runs one
+dual-number pass (forward-mode AD, no autograd graph, eval mode so BatchNorm
+statistics and dropout are left alone) that gives, for every site l, a
+perturbation ``P_l`` (``[N, n_l]``) and an output tangent ``T_l``
+(``[N, n_out]``) with ``E[T_l^T P_l / N] = J_l = d y_hat / d h_l``. The
+backward first projects the error with the feedback as it was (the DFA update
+of this step), then takes ONE alignment step on every site's feedback
+(``align_step``: a gradient step on ``1 - mean_j cos(F_l[:, j], J_hat_l^T[:, j])``,
+then unit columns). The user's optimizer sees only the weights.
+
+Perturbations (``perturb=``):
+  * "activation": ``p ~ N(0, I)`` added to the tangent of the site input
+    ``h_l``; ``J_hat_l = mean_n t_n p_n^T`` (unbiased: ``E[p p^T] = I``).
+  * "weight": ``V ~ N(0, I)`` on the weight ``W`` (``[m, n_l]``) of the
+    fastdfa.Linear the site feeds, i.e. the tangent ``u_n = V h_n`` on its
+    pre-activation. ``E_V[u_n u_n^T] = ||h_n||^2 I`` gives
+    ``J_hat_l = mean_n (t_n / ||h_n||) (W^T u_n / ||h_n||)^T`` (unbiased
+    for ``J_a W = J_l``), with ``m x n_l`` random numbers for the whole batch
+    instead of ``N x n_l``.
+  * "auto": weight space where it has fewer random dimensions
+    (``m < N``: a narrow layer, e.g. the output layer), else activation space,
+    as the paper does; activation space for sites that do not feed a
+    fastdfa.Linear.
+
+Tangent passes (``jvp=``):
+  * "per-site" (exact GrAPE): the batch is repeated once per site and site k
+    gets its perturbation only in replica k, so ONE dual pass of K x N rows
+    gives every site its own ``J_l p_l`` through the same GEMMs (stacked
+    tangent rows).
+  * "shared": every site gets an independent perturbation in ONE dual pass of
+    N rows; the output tangent ``t = sum_k J_k p_k`` still gives
+    ``E[t p_l^T] = J_l``, with more variance (the other sites' terms are noise).
+
+Channel-wise conv sites align ``F`` (``[C, n_out]``) with the space-summed
+Jacobian, the best channel-wise match: ``P`` is summed over space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+
+from ..activations import activate
+from ..feedback import seeded_generator
+from ..layers import Linear
+
+try:  # torch >= 2.3: choose the math SDPA backend (flash / memory-efficient attention have no forward AD)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # torch without the attention API: nothing to select
+    SDPBackend = sdpa_kernel = None
+
+
+class PerturbationStream:
+    """The perturbations' random numbers: one generator per device, seeded from ``(seed, "grape")``."""
+
+    def __init__(self, seed: int):
+        self.seed = seeded_generator(seed, "grape").initial_seed()
+        self.generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        gen = self.generators.get(device)
+        if gen is None:
+            gen = self.generators[device] = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+        return gen
+
+    def snapshot(self) -> dict:
+        return {d: g.get_state() for d, g in self.generators.items()}
+
+    def restore(self, snapshot: dict) -> None:
+        """Back to ``snapshot``; a generator first drawn from after it goes back to its seed."""
+        for d, g in list(self.generators.items()):
+            if d in snapshot:
+                g.set_state(snapshot[d])
+            else:
+                g.manual_seed(self.seed)
+
+
+@dataclass
+class GrapeEstimate:
+    """What one dual pass measured, per site: the operands of align_step."""
+
+    perturbations: list[torch.Tensor] = field(default_factory=list)  # [N, rows_l]
+    tangents: list[torch.Tensor] = field(default_factory=list)       # [N, n_out]
+
+
+def _site_feeds_linear(site) -> bool:
+    return isinstance(site.module, Linear) and not site.channelwise and site.rows == site.module.in_features
+
+
+def _uses_weight_space(perturb: str, site, n: int) -> bool:
+    if perturb == "activation" or not _site_feeds_linear(site):
+        return False
+    if perturb == "weight":
+        return True
+    return site.module.out_features < n  # "auto": fewer random numbers in weight space
+
+
+class DualPass:
+    """The interceptor of the dual pass: which site gets which tangent, in which rows."""
+
+    def __init__(self, sites, candidates: set, kernels, stream: PerturbationStream, n: int, replicas: int):
+        self.sites, self.candidates, self.kernels, self.stream = sites, candidates, kernels, stream
+        self.n, self.replicas = n, replicas
+        self.position = 0
+        self.perturbations: list[torch.Tensor | None] = [None] * len(sites)
+        self.inputs: list[torch.Tensor | None] = [None] * len(sites)  # each site's primal input, its replica's rows
+        self.weight_sites: dict[int, tuple] = {}   # site index -> (layer, V)
+        self.weight_layers: dict = {}              # layer -> site index, for the weight-space tangent
+
+    def rows(self, k: int) -> slice:
+        """Replica k's rows of a tensor flattened to [replicas * N, ...] (N = batch rows)."""
+        return slice(k * self.n, (k + 1) * self.n) if self.replicas > 1 else slice(0, self.n)
+
+    def leading(self, k: int, size0: int) -> slice:
+        """Replica k's slice of dim 0 of a model tensor (dim 0 holds replicas x the first batch dim)."""
+        block = size0 // self.replicas
+        return slice(k * block, (k + 1) * block) if self.replicas > 1 else slice(0, size0)
+
+    def scatter(self, k: int, values: torch.Tensor, shape) -> torch.Tensor:
+        """``values`` in replica k's rows of an otherwise zero tangent of ``shape``; with one replica
+        (shared tangents) the rows are the whole tensor, so ``values`` itself."""
+        if self.replicas == 1:
+            return values
+        out = values.new_zeros(shape)
+        out[self.leading(k, shape[0])] = values
+        return out
+
+    def perturb_weight(self, k: int, layer) -> None:
+        w = layer.weight
+        v = torch.randn(w.shape, generator=self.stream.generator(w.device), device=w.device,
+                        dtype=torch.float32).to(w.dtype)
+        self.weight_sites[k] = (layer, v)
+        self.weight_layers[layer] = k
+
+    def site_input(self, module, x: torch.Tensor) -> torch.Tensor:
+        """Inject site k's activation perturbation into the tangent of its input."""
+        position = self.position
+        self.position += 1
+        if position == 0:
+            return x  # the data input
+        k = position - 1
+        primal, tangent = fwAD.unpack_dual(x)
+        mine = self.leading(k, primal.shape[0])
+        self.inputs[k] = primal[mine]
+        if k in self.weight_sites:
+            return x  # perturbed in weight space, inside the layer
+        p = torch.randn(primal[mine].shape, generator=self.stream.generator(primal.device),
+                        device=primal.device, dtype=torch.float32).to(primal.dtype)
+        self.perturbations[k] = p.reshape(self.n, *self.sites[k].shape)
+        inject = self.scatter(k, p, primal.shape)
+        return fwAD.make_dual(primal, inject if tangent is None else tangent + inject)
+
+    def layer_forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """A fastdfa layer in the dual pass: its site's injection, then primal and tangent."""
+        if layer in self.candidates:
+            x = self.site_input(layer, x)
+        if isinstance(layer, Linear):
+            k = self.weight_layers.get(layer)
+            if k is not None:  # weight space: u = V h in replica k's rows, added to the pre-activation
+                a = F.linear(x, layer.weight, layer.bias)
+                primal, tangent = fwAD.unpack_dual(a)
+                h = fwAD.unpack_dual(x).primal
+                v = self.weight_sites[k][1]
+                mine = self.leading(k, h.shape[0])
+                extra = self.scatter(k, F.linear(h[mine], v), (*h.shape[:-1], v.shape[0]))
+                return activate(layer, fwAD.make_dual(primal, extra if tangent is None else tangent + extra),
+                                layer.activation)
+            if self.kernels.fuses_layers:
+                out = _dual_linear(self.kernels, layer, x)
+                if out is not None:
+                    return out
+        return layer.plain_forward(x)
+
+
+def _dual_linear(kernels, layer, x: torch.Tensor):
+    """Primal and tangent of ``g(x W^T + b)`` through ONE ``jvp_linear`` launch (the weight read once
+    for both); None when the input carries no tangent (the torch ops handle it)."""
+    primal, tangent = fwAD.unpack_dual(x)
+    if tangent is None:
+        return None
+    x2 = primal.reshape(-1, primal.shape[-1])
+    h, dh, _ = kernels.jvp_linear(x2, layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
+                                  layer.activation, tangent.reshape(1, *x2.shape))
+    shape = (*primal.shape[:-1], layer.out_features)
+    return fwAD.make_dual(h.view(shape), dh[0].view(shape))
+
+
+def dual_pass(model, recorder, sites, kernels, stream: PerturbationStream, perturb: str, jvp: str,
+              args, kwargs, n: int) -> GrapeEstimate:
+    """Run ``model`` once with dual numbers through ``recorder``'s interception; every site's (P_l, T_l)."""
+    replicas = len(sites) if jvp == "per-site" else 1
+    inj = DualPass(sites, recorder.candidates, kernels, stream, n, replicas)
+    for k, site in enumerate(sites):
+        if _uses_weight_space(perturb, site, n):
+            inj.perturb_weight(k, site.module)
+    if replicas > 1:  # every tensor argument carries the batch in dim 0 (as the sites do): stack the replicas
+        def rep(a):
+            return a.repeat(replicas, *([1] * (a.dim() - 1))) if isinstance(a, torch.Tensor) and a.dim() else a
+        args = tuple(rep(a) for a in args)
+        kwargs = {key: rep(v) for key, v in kwargs.items()}
+    training = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad(), fwAD.dual_level(), _math_attention(), recorder.intercepting(inj):
+            out = model(*args, **kwargs)
+            primal, tangent = fwAD.unpack_dual(out)
+            if tangent is None:  # no site reaches the output (cannot happen with sites in use)
+                tangent = torch.zeros_like(primal)
+    finally:
+        for m, t in training:
+            m.training = t
+    with torch.no_grad():
+        return _estimate(inj, sites, tangent.reshape(replicas * n, -1), n)
+
+
+def _estimate(inj: DualPass, sites, t_all: torch.Tensor, n: int) -> GrapeEstimate:
+    """Every site's (P_l, T_l) from the dual pass's output tangents (see the module docstring)."""
+    est = GrapeEstimate()
+    for k, site in enumerate(sites):
+        t_k = t_all[inj.rows(k)]
+        if k in inj.weight_sites:
+            layer, v = inj.weight_sites[k]
+            h = inj.inputs[k].reshape(n, -1)                       # the site's primal input h_l
+            norm = h.norm(dim=1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
+            u = F.linear(h, v)                                     # the pre-activation tangent V h
+            est.perturbations.append((u @ layer.weight) / norm)    # W^T u / ||h||
+            est.tangents.append(t_k / norm)
+        else:
+            p = inj.perturbations[k]
+            if site.channelwise:
+                p = p.reshape(n, site.shape[0], -1).sum(-1)
+            est.perturbations.append(p.reshape(n, -1))
+            est.tangents.append(t_k)
+    return est
+
+
+def _math_attention():
+    return contextlib.nullcontext() if sdpa_kernel is None else sdpa_kernel(SDPBackend.MATH)
+
+
+def align_feedback(kernels, store, est: GrapeEstimate, lr: float) -> torch.Tensor:
+    """ONE alignment step on every site's feedback (``align_step`` of the wrapper's backend, in place);
+    returns each site's mean column cosine before the step."""
+    flat = store.flat
+    sites = [kernels.AlignSite(s.offset, s.rows, p.to(flat.dtype), t.to(flat.dtype))
+             for s, p, t in zip(store.sites, est.perturbations, est.tangents)]
+    return kernels.align_step(flat, sites, lr)

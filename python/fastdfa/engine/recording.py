@@ -1,0 +1,253 @@
+"""The forward recording of a DFA training step, and every check on it.
+
+While the wrapper runs the model in mode "dfa" or "grape", one *interceptor*
+sees each site module's input before the module runs, in execution order:
+
+  * fastdfa layers call the handler they read from ``fastdfa.layers.LAYER_FORWARD``
+    (set here for the duration of the forward): no module hook, so a layer
+    call stays on torch's fast ``Module.__call__`` path;
+  * modules named in ``sites=`` get a forward pre-hook, registered once.
+
+``Recording`` is the interceptor of a training forward: it hands each site
+module ``x.detach()`` (the graph cut) and keeps the original ``x`` for the
+output node. On the first forward it learns the execution order and the site
+shapes (the feedback is built from them); after that it checks every input
+against them before the module runs (order, per-sample shape, device, dtype),
+so a refused forward has run nothing past the bad site. GrAPE's dual pass is
+the other interceptor (``grape_pass.DualPass``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..layers import LAYER_FORWARD
+from . import fused
+
+
+class Recorder:
+    """Which modules are sites, the order they run in once built, and the interception plumbing.
+
+    ``candidates``: the first module executed plus every site module (fastdfa
+    layers not inside a user site, and the user sites); ``fusable``: the
+    fastdfa layers among them whose input arrives detached (a kernel backend
+    fuses those).
+    """
+
+    def __init__(self, names: dict, candidates: list[nn.Module], user_sites: list[nn.Module],
+                 fusable: set, batch_dims: int):
+        self.names = names
+        self.candidates = set(candidates)
+        self.fusable = fusable
+        self.user_sites = set(user_sites)
+        self.batch_dims = batch_dims
+        self.expected: tuple[nn.Module, ...] | None = None  # once built: the order every forward follows
+        self.site_shapes: list[tuple[int, ...]] = []
+        self.active = None  # the interceptor of the forward now running
+        self.hooks = [m.register_forward_pre_hook(self._site_hook) for m in user_sites]
+
+    def freeze(self, order: list[nn.Module], shapes: list[tuple[int, ...]]) -> None:
+        """After the build: every later forward must run ``order`` with these per-sample site shapes."""
+        self.expected = tuple(order)
+        self.site_shapes = list(shapes)
+
+    @contextlib.contextmanager
+    def intercepting(self, interceptor):
+        """Route every site module's input through ``interceptor`` for the block."""
+        token = self.begin(interceptor)
+        try:
+            yield interceptor
+        finally:
+            self.end(token)
+
+    def begin(self, interceptor):
+        """Start routing site inputs through ``interceptor``; pass the result to ``end``. (``intercepting``
+        without a generator context, for the training forward's hot path.)"""
+        if self.active is not None:
+            raise RuntimeError("fastdfa.DFA.forward re-entered: a DFA model cannot call itself")
+        self.active = interceptor
+        return LAYER_FORWARD.set(interceptor.layer_forward)
+
+    def end(self, token) -> None:
+        LAYER_FORWARD.reset(token)
+        self.active = None
+
+    def _site_hook(self, module: nn.Module, args):
+        active = self.active
+        if active is None:
+            return None
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise TypeError(f"site module {self.names[module]!r} must take a tensor as its first "
+                            "positional argument")
+        return (active.site_input(module, args[0]),) + tuple(args[1:])
+
+    def remove_hooks(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
+class FAForward:
+    """The interceptor of a training forward in mode "fa": every fastdfa layer (inside user sites too)
+    computes FA's input gradient with its ``feedback_weight``; site modules run unchanged. A flag on the
+    layers would be shared by every wrapper of the model; this belongs to the forward."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def layer_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return layer.fa_forward(x)
+
+    @staticmethod
+    def site_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class Recording:
+    """The interceptor of one training forward: what it saw, and the graph cut."""
+
+    __slots__ = ("recorder", "store", "kernels", "plan", "count", "order", "shapes", "inputs", "unfused")
+
+    def __init__(self, recorder: Recorder, store, kernels=None, plan: "fused.FusedPlan | None" = None):
+        self.recorder = recorder
+        self.store = store
+        self.kernels = kernels
+        self.plan = plan
+        self.count = 0                         # modules seen so far
+        self.order: list[nn.Module] = []       # before the build only: the execution order
+        self.shapes: list[tuple[int, ...]] = []  # before the build only: per-sample site shapes
+        self.inputs: list[torch.Tensor] = []   # every site's original input, in order
+        self.unfused: dict = {}                # layer -> why it ran outside the fused route
+
+    def layer_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The LAYER_FORWARD handler: a fastdfa layer's forward inside the recorded model."""
+        recorder = self.recorder
+        if layer not in recorder.candidates:
+            if self.plan is not None:
+                self.unfused[layer] = "inside a module named in sites=: BP runs inside it"
+            return layer.plain_forward(x)
+        x = self.site_input(layer, x)
+        plan = self.plan
+        if plan is not None:
+            if layer in recorder.fusable and not x.requires_grad:
+                return fused.fused_layer_forward(plan, self.kernels, layer, x)
+            self.unfused[layer] = ("named in sites=: BP runs inside it" if layer in recorder.user_sites else
+                                   "its input requires a gradient (a data input that needs its own "
+                                   "gradient keeps the autograd route)")
+        return layer.plain_forward(x)
+
+    def site_input(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Check and record a site module's input; what the module computes on (``x.detach()``)."""
+        recorder = self.recorder
+        position = self.count
+        self.count = position + 1
+        expected = recorder.expected
+        if expected is None:
+            return self._learn(module, x, position)
+        if position >= len(expected) or expected[position] is not module:
+            want = recorder.names[expected[position]] if position < len(expected) else "nothing"
+            raise RuntimeError(f"DFA sites ran in a different order than when the feedback was built: "
+                               f"position {position} is {recorder.names[module]!r}, expected {want!r}")
+        if position == 0:  # the first module executed: its input is the data, not a site
+            return x
+        shape = recorder.site_shapes[position - 1]
+        flat = self.store.flat
+        if x.shape[recorder.batch_dims:] != shape or x.device != flat.device or x.dtype != flat.dtype:
+            self._refuse(position, x, shape, flat)
+        self.inputs.append(x)
+        return x.detach()
+
+    def _learn(self, module: nn.Module, x: torch.Tensor, position: int) -> torch.Tensor:
+        """First forward: the execution order and the site shapes the feedback is built for."""
+        names = self.recorder.names
+        if any(m is module for m in self.order):
+            raise RuntimeError(f"module {names[module]!r} ran twice in one forward; a DFA site "
+                               "must run once per forward (weight sharing is not supported in mode 'dfa')")
+        self.order.append(module)
+        if position == 0:
+            return x
+        batch_dims = self.recorder.batch_dims
+        if x.dim() < batch_dims:
+            raise ValueError(f"site input of {names[module]!r} has shape {tuple(x.shape)}: "
+                             f"fewer than batch_dims={batch_dims} dims")
+        self.inputs.append(x)
+        self.shapes.append(tuple(x.shape[batch_dims:]))
+        return x.detach()
+
+    def _refuse(self, position: int, x: torch.Tensor, shape: tuple[int, ...], flat: torch.Tensor) -> None:
+        """Raise the error for a site input that does not match the built feedback (autocast excepted)."""
+        name = self.store.sites[position - 1].name
+        got = tuple(x.shape[self.recorder.batch_dims:])
+        if got != shape:
+            raise ValueError(f"site {name!r}: input of per-sample shape {got}, but its feedback was "
+                             f"built for {shape}; build a new fastdfa.DFA for the new shapes")
+        if x.device != flat.device:
+            raise RuntimeError(f"site {name!r}: input is on {x.device} but the feedback is on "
+                               f"{flat.device}; move the wrapper, not only the model: dfa.to({x.device!s})")
+        if x.dtype != flat.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"site {name!r}: input dtype {x.dtype} differs from the feedback dtype "
+                            f"{flat.dtype}; convert the wrapper, not only the model: dfa.to({x.dtype})")
+
+    def check_output(self, output, batch_dims: int) -> int:
+        """The output's features per batch element, after checking it is one tensor with the batch dims."""
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"fastdfa.DFA needs the model to return one tensor, got {type(output).__name__}; "
+                            "wrap the model so its forward returns the tensor the loss is computed on")
+        if output.dim() < batch_dims:
+            raise ValueError(f"the model output of shape {tuple(output.shape)} has fewer than batch_dims="
+                             f"{batch_dims} dims")
+        n_out = 1
+        for size in output.shape[batch_dims:]:
+            n_out *= size
+        return n_out
+
+    def check_complete(self, output: torch.Tensor, n_out: int) -> None:
+        """After a forward of a built wrapper: every site ran, the output still fits the feedback."""
+        store = self.store
+        expected = len(store.sites) + 1
+        if self.count != expected:
+            raise RuntimeError(f"{self.count} of the {expected} DFA modules ran in this "
+                               "forward; every site must run in every training forward")
+        if n_out != store.n_out:
+            raise ValueError(f"the model output changed to per-sample shape "
+                             f"{tuple(output.shape[self.recorder.batch_dims:])} ({n_out} features), but the "
+                             f"feedback was built for {store.n_out} output features; build a new fastdfa.DFA")
+        if output.device != store.flat.device:
+            raise RuntimeError(f"the output is on {output.device} but the feedback is on "
+                               f"{store.flat.device}; use dfa.to(...)")
+
+
+def discover(model: nn.Module, sites: list[nn.Module] | None, layer_types: tuple) -> tuple[dict, list, list, list]:
+    """``(names, candidates, user_sites, layers)`` of ``model``: every module's name, the modules whose
+    input may be a site (fastdfa layers outside the user sites, and the user sites), the user sites
+    checked, and every fastdfa layer (FA's layers). Raises before anything is changed."""
+    # Keyed by the modules themselves, not id(): copy.deepcopy maps the keys to the copied modules.
+    names = {m: n for n, m in model.named_modules()}
+    user_sites = list(sites or [])
+    for m in user_sites:
+        if m not in names:
+            raise ValueError(f"site module {type(m).__name__} is not a submodule of the model")
+        if m is model:
+            raise ValueError("the model itself cannot be a site: its input is the data")
+    user_ids = {id(m) for m in user_sites}
+    if len(user_ids) != len(user_sites):
+        raise ValueError("sites= names the same module twice")
+    inside_user = set()
+    for m in user_sites:
+        for sub in m.modules():
+            if sub is not m:
+                if id(sub) in user_ids:
+                    raise ValueError(f"site {names[sub]!r} is inside site {names[m]!r}; "
+                                     "name only the outer one (BP runs inside a site module)")
+                inside_user.add(id(sub))
+    layers = [m for m in model.modules() if isinstance(m, layer_types)]
+    if not layers and not user_sites:
+        raise ValueError("the model has no fastdfa layer (fastdfa.Linear / fastdfa.Conv2d) and no "
+                         "sites= were given: nothing for DFA to train. Replace torch.nn.Linear/Conv2d "
+                         "with fastdfa.Linear/Conv2d, or name blocks with sites=[...].")
+    candidates = [m for m in model.modules()
+                  if (isinstance(m, layer_types) and id(m) not in inside_user) or id(m) in user_ids]
+    return names, candidates, user_sites, layers

@@ -1,0 +1,173 @@
+"""Feedback sites and the one buffer that holds all their feedback.
+
+A *site* is the input of a DFA-trained module (docs/design.md section 2): of
+every fastdfa layer, and of every module named in ``sites=``, except the
+first one executed, whose input is the data. Each site owns a block of rows
+of ONE concatenated feedback buffer ``flat`` (``[R, n_out]``), so the output
+error is projected to every site by ONE GEMM (``fastdfa.ops.dfa_project``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..feedback import feedback_matrix, seeded_generator
+from ..ops.dfa_project import ProjectSite
+
+
+class Site:
+    """One feedback site: the input of ``module``.
+
+    ``feedback`` is a view of rows ``[offset, offset + rows)`` of the
+    wrapper's concatenated feedback buffer, shape ``(rows, out_features)``:
+    ``rows`` is the site's features (dense) or its channels (channel-wise,
+    broadcast over space). Writing into it changes the feedback used by the
+    next backward.
+    """
+
+    def __init__(self, store: "FeedbackStore", index: int, name: str, module: nn.Module,
+                 shape: tuple[int, ...], channelwise: bool, offset: int, rows: int):
+        self._store = store
+        self.index = index
+        self.name = name
+        self.module = module
+        self.shape = shape          # per-sample shape of the site tensor
+        self.channelwise = channelwise
+        self.offset = offset
+        self.rows = rows
+
+    @property
+    def feedback(self) -> torch.Tensor:
+        return self._store.flat[self.offset:self.offset + self.rows]
+
+    @property
+    def features(self) -> int:
+        return math.prod(self.shape)
+
+    def __repr__(self) -> str:
+        kind = "channel-wise" if self.channelwise else "dense"
+        return f"Site({self.index}: {self.name!r}, shape={self.shape}, {kind} feedback {tuple(self.feedback.shape)})"
+
+
+class FeedbackStore(nn.Module):
+    """Holds all sites' feedback as ONE buffer ``flat`` of shape ``(R, n_out)``.
+
+    ``flat`` is a non-persistent buffer (so ``.to()`` moves it); the state_dict
+    gets one readable key per site (``feedback.0``, ``feedback.1``, ...) and one
+    per FA layer (``feedback.fa.<i>``), written and read by the two overrides
+    below. A state_dict loaded before the first forward (feedback not built
+    yet) is kept and used, shape-checked, when the sites are built.
+
+    After ``build``: ``sites`` (input to output), ``layout`` (per site
+    ``(offset, rows, shape, channelwise)``, what the projection is split by)
+    and ``n_out``.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("flat", None, persistent=False)
+        self.fa_layers: list[nn.Module] = []  # plain list: not submodules, the model owns them
+        self.sites: list[Site] | None = None
+        self.layout: list[tuple[int, int, tuple[int, ...], bool]] = []
+        self.project_sites: list[ProjectSite] = []  # the projection's sites (no g' epilogue)
+        self.split_sizes: list[int] = []            # each site's rows, in order
+        self.flat_sites = False                     # every site is [batch, features]: no reshape needed
+        self.n_out: int | None = None
+        self.pending: dict[str, torch.Tensor] = {}  # loaded before the build, used by it
+        self.pending_names: list[str] | None = None
+
+    @property
+    def site_names(self) -> list[str] | None:
+        return None if self.sites is None else [s.name for s in self.sites]
+
+    def build(self, modules: list[nn.Module], shapes: list[tuple[int, ...]], names: dict, n_out: int, *,
+              seed: int, kind: str, scale: float, channel_convs: bool, dtype: torch.dtype,
+              device: torch.device) -> None:
+        """Create one site per module (its per-sample input shape in ``shapes``), seeded per site index."""
+        sites, offset, blocks = [], 0, []
+        for i, (module, site_shape) in enumerate(zip(modules, shapes)):
+            channelwise = channel_convs and len(site_shape) == 3
+            rows = site_shape[0] if channelwise else math.prod(site_shape)
+            site = Site(self, i, names[module], module, site_shape, channelwise, offset, rows)
+            pending = self.pending.get(str(i))
+            if pending is not None:
+                if tuple(pending.shape) != (rows, n_out):
+                    raise ValueError(f"loaded feedback {i} has shape {tuple(pending.shape)}, but site "
+                                     f"{site.name!r} needs {(rows, n_out)}")
+                blocks.append(pending.to(dtype=dtype, device=device))
+            else:
+                gen = seeded_generator(seed, "site", i)
+                blocks.append(feedback_matrix((rows, n_out), math.prod(site_shape), kind, gen, scale,
+                                              dtype=dtype, device=device))
+            sites.append(site)
+            offset += rows
+        site_names = [s.name for s in sites]
+        if self.pending_names is not None and self.pending_names != site_names:
+            raise ValueError(f"the loaded checkpoint has sites {self.pending_names}, this model has {site_names}")
+        self.flat = torch.cat(blocks) if blocks else torch.empty(0, n_out, dtype=dtype, device=device)
+        self.pending, self.pending_names = {}, None
+        self.sites = sites
+        self.layout = [(s.offset, s.rows, s.shape, s.channelwise) for s in sites]
+        self.project_sites = [ProjectSite(s.offset, s.rows) for s in sites]
+        self.split_sizes = [s.rows for s in sites]
+        self.flat_sites = all(len(s.shape) == 1 and not s.channelwise for s in sites)
+        self.n_out = n_out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for site in self.sites or ():
+            destination[prefix + str(site.index)] = site.feedback if keep_vars else site.feedback.detach()
+        for i, layer in enumerate(self.fa_layers):
+            value = layer.feedback_weight
+            destination[prefix + f"fa.{i}"] = value if keep_vars else value.detach()
+        if self.sites is not None:
+            destination[prefix + "_extra_state"] = {"sites": self.site_names}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        extra = mine.pop("_extra_state", None)
+        for i, layer in enumerate(self.fa_layers):
+            value = mine.pop(f"fa.{i}", None)
+            if value is None:
+                if strict:
+                    missing_keys.append(prefix + f"fa.{i}")
+                continue
+            if value.shape != layer.feedback_weight.shape:
+                error_msgs.append(f"{prefix}fa.{i}: shape {tuple(value.shape)} does not match the FA feedback "
+                                  f"of shape {tuple(layer.feedback_weight.shape)}")
+                continue
+            with torch.no_grad():
+                layer.feedback_weight.copy_(value)
+        site_values = {k: v for k, v in mine.items() if k.isdigit()}
+        for k in mine:
+            if not k.isdigit() and strict:
+                unexpected_keys.append(prefix + k)
+        sites = self.sites
+        if extra is not None and sites is not None and list(extra["sites"]) != self.site_names:
+            error_msgs.append(f"{prefix}: checkpoint sites {extra['sites']} differ from this model's "
+                              f"sites {self.site_names}")
+            return
+        if self.flat is None or not sites:
+            # Not built yet: keep the values; the build uses them (shape-checked).
+            self.pending = {k: v.detach().clone() for k, v in site_values.items()}
+            if extra is not None:
+                self.pending_names = list(extra["sites"])
+            return
+        for site in sites:
+            value = site_values.get(str(site.index))
+            if value is None:
+                if strict:
+                    missing_keys.append(prefix + str(site.index))
+                continue
+            if value.shape != site.feedback.shape:
+                error_msgs.append(f"{prefix}{site.index} (site {site.name!r}): shape {tuple(value.shape)} does "
+                                  f"not match the feedback of shape {tuple(site.feedback.shape)}")
+                continue
+            with torch.no_grad():
+                site.feedback.copy_(value)
+        for k in site_values:
+            if int(k) >= len(sites) and strict:
+                unexpected_keys.append(prefix + k)
