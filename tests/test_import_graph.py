@@ -133,7 +133,7 @@ BELOW = {
     "fastdfa.layers": {"fastdfa.activations", "fastdfa.feedback"},
     "fastdfa.ops": {"fastdfa.activations"},
     "fastdfa.backends": {"fastdfa.activations", "fastdfa.ops", "fastdfa.triton_kernels", "fastdfa.backends"},
-    "fastdfa.engine": {"fastdfa.activations", "fastdfa.feedback", "fastdfa.layers", "fastdfa.ops",
+    "fastdfa.engine": {"fastdfa.activations", "fastdfa.config", "fastdfa.feedback", "fastdfa.layers", "fastdfa.ops",
                        "fastdfa.triton_kernels", "fastdfa.engine"},
 }
 

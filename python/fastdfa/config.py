@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 MODES = ("bp", "fa", "dfa", "grape")
 FEEDBACK_KINDS = ("uniform", "gaussian")
@@ -117,3 +117,42 @@ class DFAConfig:
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
+
+
+def _read(name: str, doc: str = "") -> property:
+    return property(lambda self: getattr(self._config, name), doc=doc)
+
+
+def _settable(name: str, doc: str) -> property:
+    def set_(self, value) -> None:
+        self._config = replace(self._config, **{name: value})  # checked by DFAConfig.__post_init__
+    return property(lambda self: getattr(self._config, name), set_, doc=doc)
+
+
+class WrapperOptions:
+    """The options of a wrapper that holds a ``DFAConfig`` in ``self._config``, as attributes.
+
+    ``mode``, ``feedback_lr`` and ``nonfinite`` can be set at any time (the new value is checked like
+    the constructor's); the others are fixed when the wrapper is built.
+    """
+
+    _config: DFAConfig
+
+    @property
+    def config(self) -> DFAConfig:
+        """The options in force (a frozen ``DFAConfig``)."""
+        return self._config
+
+    mode = _settable("mode", "'dfa', 'fa', 'bp' or 'grape'; settable at any time.")
+    feedback_lr = _settable("feedback_lr", "GrAPE's alignment step size; settable.")
+    nonfinite = _settable("nonfinite", "What a NaN/inf output error does: 'raise', 'skip' or 'ignore'; settable.")
+    seed = _read("seed")
+    feedback_kind = _read("feedback", "'uniform' or 'gaussian'")
+    conv_feedback = _read("conv_feedback")
+    feedback_scale = _read("feedback_scale")
+    batch_dims = _read("batch_dims")
+    wgrad = _read("wgrad")
+    perturb = _read("perturb")
+    jvp = _read("jvp")
+
+    streams = _read("streams", "The cuda backend's stream pool size (``streams``, else FASTDFA_STREAMS, else 4).")

@@ -29,18 +29,18 @@ import torch
 from torch import nn
 
 from .backends import BackendUnavailableError, KernelBackend, get_backend, resolve_backend
-from .config import DFAConfig
+from .config import DFAConfig, WrapperOptions
 from .engine import fused, grape_pass
-from .engine.output import ErrorRouter, NonFiniteErrorSignal, OutputNode
+from .engine.guard import ForwardGuard
+from .engine.output import ErrorGuard, ErrorRouter, NonFiniteErrorSignal, OutputNode
 from .engine.recording import FAForward, Recorder, Recording, discover
-from .engine.sites import FeedbackStore, Site
+from .engine.sites import FeedbackStore, Site, check_state_dict
 from .layers import FASTDFA_LAYERS, init_feedback_weight
 
 __all__ = ["DFA", "Site", "NonFiniteErrorSignal", "backprop", "using_mode"]
-_FA_FORWARD = FAForward()
 
 
-class DFA(nn.Module):
+class DFA(WrapperOptions, nn.Module):
     """Train ``model`` with DFA, FA, GrAPE or BP.
 
     Args (every option is checked by ``fastdfa.DFAConfig``, which documents it):
@@ -74,20 +74,21 @@ class DFA(nn.Module):
                            feedback_scale=feedback_scale, batch_dims=batch_dims, nonfinite=nonfinite,
                            backend=backend, wgrad=wgrad, streams=streams, feedback_lr=feedback_lr,
                            perturb=perturb, jvp=jvp)
-        stream_count = config.stream_count
+        config = dataclasses.replace(config, streams=config.stream_count)  # FASTDFA_STREAMS read once, here
         names, candidates, user_sites, layers = discover(model, sites, FASTDFA_LAYERS)
         if backend not in (None, "auto"):  # an explicit request fails now, before the model is touched
             _check_dtype(get_backend(resolve_backend(backend, _device_of(model))), model)
         self.model = model
         self._config = config
-        self.stream_count = stream_count
         self.module_names = names
         self.feedback = FeedbackStore()
         self.feedback.fa_layers = layers
         fusable = {m for m in candidates if isinstance(m, FASTDFA_LAYERS) and m not in set(user_sites)}
-        self._recorder = Recorder(names, candidates, user_sites, fusable, config.batch_dims)
+        self._recorder = Recorder(model, names, candidates, user_sites, layers, fusable, config.batch_dims)
+        self._fa_forward = FAForward(self._recorder)
+        self._guard = ForwardGuard(model)
         self._router = ErrorRouter(self, self._align)
-        self.perturbations = grape_pass.PerturbationStream(config.seed)
+        self.perturbations = self.feedback.perturbations = grape_pass.PerturbationStream(config.seed)
         self.kernels: KernelBackend | None = None  # resolved on the first DFA forward
         self.last_alignment: torch.Tensor | None = None  # per site: mean column cos(F, J_hat^T) before the last step
         self._fusion: tuple[str | None, dict] = ("no training forward has run yet", {})
@@ -100,41 +101,6 @@ class DFA(nn.Module):
     @classmethod
     def from_config(cls, model: nn.Module, config: DFAConfig, *, sites=None, example_input=None) -> "DFA":
         return cls(model, sites=sites, example_input=example_input, **dataclasses.asdict(config))
-
-    # ----------------------------------------------------------- options
-    @property
-    def config(self) -> DFAConfig:
-        """The options in force (a frozen ``DFAConfig``; mode, feedback_lr and nonfinite can be set)."""
-        return self._config
-
-    def _set(self, **change) -> None:
-        self._config = dataclasses.replace(self._config, **change)  # validated by DFAConfig
-
-    mode = property(lambda self: self._config.mode, doc="'dfa', 'fa', 'bp' or 'grape'; settable.")
-    feedback_lr = property(lambda self: self._config.feedback_lr, doc="GrAPE's alignment step size; settable.")
-    nonfinite = property(lambda self: self._config.nonfinite, doc="'raise', 'skip' or 'ignore'; settable.")
-
-    @mode.setter
-    def mode(self, value: str) -> None:
-        self._set(mode=value)
-
-    @feedback_lr.setter
-    def feedback_lr(self, value: float) -> None:
-        self._set(feedback_lr=value)
-
-    @nonfinite.setter
-    def nonfinite(self, value: str) -> None:
-        self._set(nonfinite=value)
-
-    seed = property(lambda self: self._config.seed)
-    feedback_kind = property(lambda self: self._config.feedback)
-    conv_feedback = property(lambda self: self._config.conv_feedback)
-    feedback_scale = property(lambda self: self._config.feedback_scale)
-    batch_dims = property(lambda self: self._config.batch_dims)
-    wgrad = property(lambda self: self._config.wgrad)
-    streams = property(lambda self: self.stream_count)
-    perturb = property(lambda self: self._config.perturb)
-    jvp = property(lambda self: self._config.jvp)
 
     @property
     def skipped_steps(self) -> int:
@@ -210,16 +176,33 @@ class DFA(nn.Module):
 
     # ----------------------------------------------------------- forward
     def forward(self, *args, **kwargs):
-        mode = self._config.mode
-        if mode in ("dfa", "grape") and (torch.is_grad_enabled() or self.feedback.sites is None):
-            return self._forward_rule(args, kwargs)
-        if mode == "fa" and torch.is_grad_enabled():
-            token = self._recorder.begin(_FA_FORWARD)
+        mode, built = self._config.mode, self.feedback.sites is not None
+        grad = torch.is_grad_enabled()
+        if mode in ("dfa", "grape") and (grad or not built):
+            return self._guard.run(self._forward_rule, args, kwargs, built)
+        if not grad:
+            return self.model(*args, **kwargs)
+        if mode == "fa":
+            token = self._recorder.begin(self._fa_forward)
             try:
-                return self.model(*args, **kwargs)
+                output = self.model(*args, **kwargs)
             finally:
                 self._recorder.end(token)
-        return self.model(*args, **kwargs)
+        else:
+            output = self.model(*args, **kwargs)
+        if self._config.nonfinite == "ignore" or not isinstance(output, torch.Tensor):
+            return output
+        return ErrorGuard.apply(self._router, output)  # the NaN policy holds in every mode
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, but every key and shape is checked first: a checkpoint that does
+        not fit raises before anything is written (torch's own load copies what fits, then raises)."""
+        problems = check_state_dict(self.state_dict(keep_vars=True), state_dict, strict, self.built)
+        if problems:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__} (nothing was "
+                               "loaded):\n\t" + "\n\t".join(problems))
+        self._guard.forget()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _forward_rule(self, args, kwargs):
         kernels = self.kernels or self._resolve_backend(args)
@@ -229,7 +212,8 @@ class DFA(nn.Module):
         if grad and kernels.fuses_layers:
             refusal = kernels.fused_route_refusal(any(torch.is_autocast_enabled(t) for t in ("cuda", "cpu")))
             plan = fused.FusedPlan() if refusal is None and recorder.fusable else None
-        rec = Recording(recorder, self.feedback, kernels, plan)
+        store = self.feedback
+        rec = Recording(recorder, store, kernels, plan)
         token = recorder.begin(rec)
         try:
             output = self.model(*args, **kwargs)
@@ -237,7 +221,7 @@ class DFA(nn.Module):
             recorder.end(token)
         batch_dims = self._config.batch_dims
         n_out = rec.check_output(output, batch_dims)
-        if self.feedback.sites is None:
+        if store.sites is None:
             self._build_sites(rec, output, n_out)
         else:
             rec.check_complete(output, n_out)
@@ -246,13 +230,13 @@ class DFA(nn.Module):
         params = ()
         n = output.shape[:batch_dims].numel()
         if plan is not None:
-            params = plan.finish(rec.inputs, self.feedback.sites, output, n_out, n)
+            params = plan.finish(rec.inputs, store.sites, output, n_out, n)
             plan.reasons.update(rec.unfused)
             self._fusion = (None, plan.reasons)
         elif kernels.fuses_layers:
             self._fusion = (refusal or "no fastdfa layer outside the sites= modules", {})
         estimate = None
-        if self._config.mode == "grape" and self.feedback.sites:
+        if self._config.mode == "grape" and store.sites:
             estimate = self.jacobian_estimate(args, kwargs, n)
         return OutputNode.apply(self._router, plan, estimate, output, *rec.inputs, *params)
 

@@ -70,6 +70,7 @@ class _FALinearFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, feedback_weight = inputs
+        ctx.set_materialize_grads(False)  # no gradient arrives (a skipped step): none leaves, not zeros
         ctx.save_for_backward(x, feedback_weight)
         ctx.fwd = (x, weight)
         ctx.has_bias = bias is not None
@@ -90,6 +91,8 @@ class _FALinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if grad_out is None:
+            return None, None, None, None
         x, feedback_weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -117,6 +120,7 @@ class _FAConv2dFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, feedback_weight, stride, padding, dilation, groups = inputs
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, feedback_weight)
         ctx.fwd = (x, weight)
         ctx.conf = (stride, padding, dilation, groups, bias is not None)
@@ -140,6 +144,8 @@ class _FAConv2dFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if grad_out is None:
+            return (None,) * 8
         x, feedback_weight = ctx.saved_tensors
         stride, padding, dilation, groups, has_bias = ctx.conf
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]

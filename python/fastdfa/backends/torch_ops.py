@@ -24,7 +24,7 @@ class TorchBackend(KernelBackend):
 
     def dfa_project(self, error: torch.Tensor, feedback_all: torch.Tensor, sites: Sequence[ProjectSite],
                     out: torch.Tensor | None = None) -> torch.Tensor:
-        if all(s.state is None for s in sites):  # no g' to apply: the one GEMM over every site's feedback
+        if not any(s.state is not None for s in sites):  # no g' to apply: the one GEMM over every site's feedback
             result = torch.mm(error.to(feedback_all.dtype), feedback_all.t())
         else:
             result = dfa_project_reference(error, feedback_all, sites)

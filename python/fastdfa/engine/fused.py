@@ -96,6 +96,21 @@ class FusedPlan:
         rec.claimed = True
         return rec
 
+    def take_tensors(self) -> list[torch.Tensor | None]:
+        """The claimed records' saved tensors (input, state per record), removed from the records: the
+        output node hands them to ``ctx.save_for_backward``, so autograd frees them after the backward
+        (or keeps them for a second one with ``retain_graph=True``) and checks their versions."""
+        tensors = []
+        for r in self.claimed:
+            tensors += [r.x, r.state]
+            r.x = r.state = None
+        return tensors
+
+    def put_tensors(self, tensors) -> None:
+        """Give the claimed records back their tensors (from ``ctx.saved_tensors``) for one backward."""
+        for i, r in enumerate(self.claimed):
+            r.x, r.state = tensors[2 * i], tensors[2 * i + 1]
+
     def finish(self, site_inputs, sites, output: torch.Tensor, n_out: int, n: int) -> list[torch.Tensor]:
         """Claim the producers of the sites and of the output; the claimed layers' parameters, in order
         (the output node hands their gradients to autograd)."""
@@ -220,13 +235,13 @@ def fused_layer_forward(plan: FusedPlan, kernels, layer, x: torch.Tensor) -> tor
     return _record(plan, layer, xp, _ConvOps(layer, padding))
 
 
-def fused_backward(kernels, store, names, wgrad: str, streams: int, error: torch.Tensor, batch_shape,
-                   plan: FusedPlan, site_dtypes):
+def fused_backward(kernels, store, feedback: torch.Tensor, names, wgrad: str, streams: int, error: torch.Tensor,
+                   batch_shape, plan: FusedPlan, site_dtypes):
     """(gradient for the model output, gradients of the site inputs, gradients of the claimed params).
 
-    ``store``: the wrapper's ``FeedbackStore`` (feedback, sites, layout); ``names``: module -> name."""
-    e = error.reshape(math.prod(batch_shape), -1)
-    feedback = store.flat
+    ``store``: the wrapper's ``FeedbackStore`` (sites, layout); ``feedback``: the [R, n_out] buffer to
+    project with; ``names``: module -> name."""
+    e = error.reshape(math.prod(batch_shape), store.n_out)
     sites = store.sites
     for rec in plan.claimed:
         if rec.out._version != rec.out_version:

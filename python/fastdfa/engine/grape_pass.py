@@ -83,6 +83,21 @@ class PerturbationStream:
             else:
                 g.manual_seed(self.seed)
 
+    def state_dict(self) -> dict:
+        """For checkpoints: the seed and each device's generator state (a GrAPE run resumes bit for bit)."""
+        return {"seed": self.seed, "states": {str(d): s for d, s in self.snapshot().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        states = {torch.device(d): s for d, s in state["states"].items()}
+        for d, g in list(self.generators.items()):  # drawn here but not in the checkpoint: back to the seed
+            if d not in states:
+                g.manual_seed(self.seed)
+        for d, s in states.items():
+            if d.type == "cuda" and not torch.cuda.is_available():
+                continue  # a GPU run's stream loaded on a CPU machine: the CPU stream starts from the seed
+            self.generator(d).set_state(s)
+
 
 @dataclass
 class GrapeEstimate:

@@ -54,12 +54,26 @@ class OutputNode(torch.autograd.Function):
         ctx.router, ctx.plan, ctx.estimate, ctx.n_tensors = router, plan, estimate, len(tensors)
         ctx.batch_shape = output.shape[:router.batch_dims]
         ctx.site_dtypes = [x.dtype for x in tensors[:n_sites]]
+        if plan is not None:  # the fused layers' inputs and states: freed by autograd after the backward
+            ctx.save_for_backward(*plan.take_tensors())
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        result = ctx.router.backward(grad_output, ctx.batch_shape, ctx.site_dtypes, ctx.plan, ctx.estimate)
-        ctx.plan = ctx.estimate = None  # the saved activations of the fused layers go with them
+        plan = ctx.plan
+        if plan is not None:
+            plan.put_tensors(ctx.saved_tensors)  # raises torch's error on a second backward without retain_graph
+        if ctx.estimate is not None:
+            # GrAPE steps the feedback after this backward's projection; a second backward through the
+            # same graph (retain_graph=True) must project with the feedback this forward used, so keep it.
+            ctx.feedback = ctx.router.store.flat.clone()
+        try:
+            result = ctx.router.backward(grad_output, ctx.batch_shape, ctx.site_dtypes, plan, ctx.estimate,
+                                         getattr(ctx, "feedback", None))
+        finally:
+            if plan is not None:
+                plan.take_tensors()  # only autograd's saved copies keep them alive
+        ctx.estimate = None  # the alignment step belongs to the forward: once
         if result is None:  # non-finite error, skipped at the user's request
             return (None, None, None, None) + (None,) * ctx.n_tensors
         output_grad, site_grads, param_grads = result
@@ -78,40 +92,53 @@ class ErrorRouter:
 
     def __init__(self, engine, on_estimate):
         self.engine = engine
+        self.store = engine.feedback  # the wrapper's FeedbackStore (it keeps it for life)
         self.on_estimate = on_estimate
         self.batch_dims = engine.config.batch_dims
         self.skipped_steps = 0
 
-    def backward(self, error: torch.Tensor, batch_shape, site_dtypes, plan, estimate):
-        result = self.route(error, batch_shape, site_dtypes, plan)
+    def backward(self, error: torch.Tensor, batch_shape, site_dtypes, plan, estimate, feedback=None):
+        result = self.route(error, batch_shape, site_dtypes, plan, feedback)
         if result is not None and estimate is not None:
             self.on_estimate(estimate)
         return result
 
-    def route(self, error: torch.Tensor, batch_shape, site_dtypes, plan):
-        engine = self.engine
-        n = math.prod(batch_shape)
-        e = error.reshape(n, -1)
+    def usable(self, error: torch.Tensor) -> bool:
+        """The NaN policy (every mode): True to go on with ``error``; False when the step is skipped
+        ("skip": every parameter's ``.grad`` is set to None, so ``optimizer.step()`` leaves the weights
+        alone, momentum included); raises ``NonFiniteErrorSignal`` for "raise"."""
         # The check reads the error on the host: a captured CUDA graph (fastdfa.CapturedStep) cannot, and
         # leaves NaN/inf to flow into the gradients as BP does.
-        nonfinite = engine.nonfinite
-        if nonfinite != "ignore" and not stream_capturing(e.device) and not all_finite(e):
-            if nonfinite == "raise":
-                raise NonFiniteErrorSignal(
-                    "the output error dLoss/dy_hat holds NaN or inf; no gradient was accumulated. Check the "
-                    "loss and learning rate, or pass nonfinite='skip' to fastdfa.DFA to skip such steps")
-            self.skipped_steps += 1
+        nonfinite = self.engine.nonfinite
+        if nonfinite == "ignore" or (error.is_cuda and stream_capturing(error.device)) or all_finite(error):
+            return True
+        if nonfinite == "raise":
+            raise NonFiniteErrorSignal(
+                "the output error dLoss/dy_hat holds NaN or inf; no gradient was accumulated. Check the "
+                "loss and learning rate, or pass nonfinite='skip' to fastdfa.DFA to skip such steps")
+        self.skipped_steps += 1
+        for p in self.engine.model.parameters():
+            p.grad = None
+        return False
+
+    def route(self, error: torch.Tensor, batch_shape, site_dtypes, plan, feedback=None):
+        """The gradients of one backward; ``feedback``: the [R, n_out] to project with (None: the store's)."""
+        engine = self.engine
+        store = self.store
+        flat = store.flat if feedback is None else feedback
+        # n_out from the feedback, not -1: an empty batch (N = 0) has no size to infer it from
+        e = error.reshape(math.prod(batch_shape), store.n_out)
+        if not self.usable(e):
             return None
-        store = engine.feedback
         kernels = engine.kernels
         if plan is not None:
             config = engine.config
-            return fused.fused_backward(kernels, store, engine.module_names, config.wgrad, engine.stream_count,
+            return fused.fused_backward(kernels, store, flat, engine.module_names, config.wgrad, config.streams,
                                         error, batch_shape, plan, site_dtypes)
         sites = store.sites
         if not sites:
             return error, [], []
-        projected = kernels.dfa_project(e, store.flat, store.project_sites)  # [N, R]: ONE GEMM, all sites
+        projected = kernels.dfa_project(e, flat, store.project_sites)  # [N, R]: ONE GEMM, all sites
         if store.flat_sites and len(batch_shape) == 1:
             # [N, features] sites (an MLP's): each site's gradient is a column block of the projection, a view
             grads = projected.split(store.split_sizes, dim=1)
@@ -129,3 +156,17 @@ class ErrorRouter:
                 block = block.reshape(*batch_shape, *shape)
             grads.append(block if block.dtype == dtype else block.to(dtype))
         return error, grads, []
+
+
+class ErrorGuard(torch.autograd.Function):
+    """Identity on the output in modes "fa" and "bp": its backward applies the NaN policy to the output
+    error (``ErrorRouter.usable``) before any gradient flows into the model."""
+
+    @staticmethod
+    def forward(ctx, router: ErrorRouter, output: torch.Tensor):
+        ctx.router = router
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return None, (grad_output if ctx.router.usable(grad_output) else None)

@@ -37,9 +37,11 @@ class Recorder:
     fuses those).
     """
 
-    def __init__(self, names: dict, candidates: list[nn.Module], user_sites: list[nn.Module],
-                 fusable: set, batch_dims: int):
+    def __init__(self, model: nn.Module, names: dict, candidates: list[nn.Module], user_sites: list[nn.Module],
+                 layers: list[nn.Module], fusable: set, batch_dims: int):
+        self.model = model
         self.names = names
+        self.known = set(layers)  # every fastdfa layer the model had when it was wrapped
         self.candidates = set(candidates)
         self.fusable = fusable
         self.user_sites = set(user_sites)
@@ -84,6 +86,15 @@ class Recorder:
                             "positional argument")
         return (active.site_input(module, args[0]),) + tuple(args[1:])
 
+    def unknown_layer(self, layer: nn.Module):
+        """Raise for a fastdfa layer the model did not have when it was wrapped (the rule would be BP's)."""
+        name = next((n for n, m in self.model.named_modules() if m is layer), None)
+        where = f"{name!r}" if name is not None else "outside the wrapped model"
+        raise RuntimeError(f"fastdfa layer {where} ({type(layer).__name__}) was not in the model when this "
+                           "fastdfa.DFA was created: the model changed after wrapping (a layer replaced or "
+                           "added). Its rule would silently be BP; create a new fastdfa.DFA(model) after "
+                           "editing the model.")
+
     def remove_hooks(self) -> None:
         for h in self.hooks:
             h.remove()
@@ -95,10 +106,14 @@ class FAForward:
     computes FA's input gradient with its ``feedback_weight``; site modules run unchanged. A flag on the
     layers would be shared by every wrapper of the model; this belongs to the forward."""
 
-    __slots__ = ()
+    __slots__ = ("recorder",)
 
-    @staticmethod
-    def layer_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, recorder: Recorder):
+        self.recorder = recorder
+
+    def layer_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if layer not in self.recorder.known:
+            self.recorder.unknown_layer(layer)
         return layer.fa_forward(x)
 
     @staticmethod
@@ -109,11 +124,12 @@ class FAForward:
 class Recording:
     """The interceptor of one training forward: what it saw, and the graph cut."""
 
-    __slots__ = ("recorder", "store", "kernels", "plan", "count", "order", "shapes", "inputs", "unfused")
+    __slots__ = ("recorder", "store", "flat", "kernels", "plan", "count", "order", "shapes", "inputs", "unfused")
 
     def __init__(self, recorder: Recorder, store, kernels=None, plan: "fused.FusedPlan | None" = None):
         self.recorder = recorder
         self.store = store
+        self.flat = store.flat                 # read once per forward (a buffer: nn.Module's slow lookup)
         self.kernels = kernels
         self.plan = plan
         self.count = 0                         # modules seen so far
@@ -126,6 +142,8 @@ class Recording:
         """The LAYER_FORWARD handler: a fastdfa layer's forward inside the recorded model."""
         recorder = self.recorder
         if layer not in recorder.candidates:
+            if layer not in recorder.known:
+                recorder.unknown_layer(layer)
             if self.plan is not None:
                 self.unfused[layer] = "inside a module named in sites=: BP runs inside it"
             return layer.plain_forward(x)
@@ -154,7 +172,7 @@ class Recording:
         if position == 0:  # the first module executed: its input is the data, not a site
             return x
         shape = recorder.site_shapes[position - 1]
-        flat = self.store.flat
+        flat = self.flat
         if x.shape[recorder.batch_dims:] != shape or x.device != flat.device or x.dtype != flat.dtype:
             self._refuse(position, x, shape, flat)
         self.inputs.append(x)
@@ -180,7 +198,14 @@ class Recording:
     def _refuse(self, position: int, x: torch.Tensor, shape: tuple[int, ...], flat: torch.Tensor) -> None:
         """Raise the error for a site input that does not match the built feedback (autocast excepted)."""
         name = self.store.sites[position - 1].name
-        got = tuple(x.shape[self.recorder.batch_dims:])
+        batch_dims = self.recorder.batch_dims
+        got = tuple(x.shape[batch_dims:])
+        if x.dim() != batch_dims + len(shape):
+            raise ValueError(f"site {name!r}: input of shape {tuple(x.shape)} has {x.dim()} dims, but the "
+                             f"feedback was built for {batch_dims} batch dim(s) + per-sample shape {shape}. "
+                             f"fastdfa.DFA takes batched inputs: give an unbatched sample a batch dim "
+                             f"(x.unsqueeze(0)); a model whose inputs gained or lost dims needs a new "
+                             f"fastdfa.DFA")
         if got != shape:
             raise ValueError(f"site {name!r}: input of per-sample shape {got}, but its feedback was "
                              f"built for {shape}; build a new fastdfa.DFA for the new shapes")
@@ -199,6 +224,18 @@ class Recording:
         if output.dim() < batch_dims:
             raise ValueError(f"the model output of shape {tuple(output.shape)} has fewer than batch_dims="
                              f"{batch_dims} dims")
+        if output.dim() == batch_dims and batch_dims > 1:
+            raise ValueError(f"the model output of shape {tuple(output.shape)} has no feature dim after "
+                             f"batch_dims={batch_dims}: it would be read as {batch_dims} batch dims of one "
+                             f"output each. Pass batch_dims=1 for a per-sample output, or shape a per-token "
+                             f"scalar output as [..., 1]")
+        batch = output.shape[:batch_dims]
+        for x in self.inputs:
+            if x.shape[:batch_dims] != batch:
+                raise ValueError(f"the model output of shape {tuple(output.shape)} and a site input of shape "
+                                 f"{tuple(x.shape)} differ in their first batch_dims={batch_dims} dims: "
+                                 f"the error of each output row must belong to one row of every site. Set "
+                                 f"batch_dims to the dims they share (1 for [batch, classes] outputs)")
         n_out = 1
         for size in output.shape[batch_dims:]:
             n_out *= size
@@ -215,9 +252,9 @@ class Recording:
             raise ValueError(f"the model output changed to per-sample shape "
                              f"{tuple(output.shape[self.recorder.batch_dims:])} ({n_out} features), but the "
                              f"feedback was built for {store.n_out} output features; build a new fastdfa.DFA")
-        if output.device != store.flat.device:
+        if output.device != self.flat.device:
             raise RuntimeError(f"the output is on {output.device} but the feedback is on "
-                               f"{store.flat.device}; use dfa.to(...)")
+                               f"{self.flat.device}; use dfa.to(...)")
 
 
 def discover(model: nn.Module, sites: list[nn.Module] | None, layer_types: tuple) -> tuple[dict, list, list, list]:

@@ -78,6 +78,7 @@ class FeedbackStore(nn.Module):
         self.n_out: int | None = None
         self.pending: dict[str, torch.Tensor] = {}  # loaded before the build, used by it
         self.pending_names: list[str] | None = None
+        self.perturbations = None  # GrAPE's PerturbationStream (set by the wrapper): saved in _extra_state
 
     @property
     def site_names(self) -> list[str] | None:
@@ -123,12 +124,17 @@ class FeedbackStore(nn.Module):
             value = layer.feedback_weight
             destination[prefix + f"fa.{i}"] = value if keep_vars else value.detach()
         if self.sites is not None:
-            destination[prefix + "_extra_state"] = {"sites": self.site_names}
+            extra = {"sites": self.site_names}
+            if self.perturbations is not None:
+                extra["grape"] = self.perturbations.state_dict()
+            destination[prefix + "_extra_state"] = extra
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
         mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         extra = mine.pop("_extra_state", None)
+        if extra is not None and self.perturbations is not None and "grape" in extra:
+            self.perturbations.load_state_dict(extra["grape"])
         for i, layer in enumerate(self.fa_layers):
             value = mine.pop(f"fa.{i}", None)
             if value is None:
@@ -171,3 +177,36 @@ class FeedbackStore(nn.Module):
         for k in site_values:
             if int(k) >= len(sites) and strict:
                 unexpected_keys.append(prefix + k)
+
+
+OPTIONAL_KEYS = ("feedback._extra_state",)
+
+
+def check_state_dict(expected: dict, given, strict: bool, built: bool) -> list[str]:
+    """Every reason ``given`` cannot be loaded into a wrapper whose state_dict is ``expected`` (keys,
+    shapes, site names); empty when it fits. Before the build the site feedback is not known yet:
+    ``feedback.<i>`` keys are accepted and checked against the sites when they are built."""
+    problems = []
+    for key, value in expected.items():
+        if key not in given:
+            if strict and key not in OPTIONAL_KEYS:
+                problems.append(f'Missing key "{key}"')
+            continue
+        other = given[key]
+        if isinstance(value, torch.Tensor):
+            if not isinstance(other, torch.Tensor):
+                problems.append(f'"{key}" is a {type(other).__name__}, not a tensor')
+            elif tuple(other.shape) != tuple(value.shape):
+                problems.append(f"size mismatch for {key}: copying a tensor of shape {tuple(other.shape)} "
+                                f"from the checkpoint, the shape in this model is {tuple(value.shape)}")
+    extra = given.get("feedback._extra_state")
+    if built and isinstance(extra, dict) and "sites" in extra:
+        mine = expected.get("feedback._extra_state", {}).get("sites")
+        if mine is not None and list(extra["sites"]) != list(mine):
+            problems.append(f"the checkpoint's sites {list(extra['sites'])} differ from this model's sites {mine}")
+    if strict:
+        for key in given:
+            pending = not built and key.startswith("feedback.") and (key[9:].isdigit() or key in OPTIONAL_KEYS)
+            if key not in expected and not pending and key not in OPTIONAL_KEYS:
+                problems.append(f'Unexpected key "{key}"')
+    return problems
