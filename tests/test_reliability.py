@@ -251,3 +251,24 @@ def test_an_unbatched_input_is_told_to_add_a_batch_dim(flatten):
     dfa(torch.randn(2, 6, dtype=DT))
     with pytest.raises(ValueError, match="unsqueeze"):
         dfa(torch.randn(6, dtype=DT))
+
+
+def test_the_cli_refuses_bad_devices_threads_and_single_class_tasks(capsys):
+    from fastdfa.lab.cli import main
+
+    if not torch.cuda.is_available():
+        assert main(["train", "--data", "digits", "--device", "cuda", "--epochs", "1", "--no-progress"]) == 2
+        assert "use --device cpu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "digits", "--threads", "0"])
+    assert "at least 1" in capsys.readouterr().err
+    assert main(["train", "--data", "digits:7", "--epochs", "1", "--no-progress"]) == 2
+    assert "at least two" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only refusal")
+def test_captured_step_without_a_gpu_says_so():
+    dfa = fastdfa.DFA(make_mlp(6, (5,), 3))
+    step = fastdfa.CapturedStep(dfa, torch.optim.SGD(dfa.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        step(torch.randn(2, 6), torch.randint(0, 3, (2,)))

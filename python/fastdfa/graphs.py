@@ -169,6 +169,14 @@ class CapturedStep:
         first = next(self.module.parameters(), None)  # every call: no list of all parameters
         if first is None:
             raise ValueError("the module has no parameters to train")
+        if self._graphs_impl is _CudaGraphs and not torch.cuda.is_available():
+            why = (f"this torch ({torch.__version__}) is a CPU build" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
+            raise RuntimeError(f"CapturedStep replays CUDA graphs and needs a CUDA GPU; {why}. Train with eager "
+                               "steps (call the model, loss.backward(), optimizer.step()) instead")
+        if first.device.type != "cuda" and self._graphs_impl is _CudaGraphs:
+            raise ValueError(f"CapturedStep replays CUDA graphs: the model is on {first.device}; move it to a "
+                             "CUDA device first (model.to('cuda') before wrapping)")
         return first.device
 
     def _hyperparameters(self) -> tuple:

@@ -57,7 +57,7 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
                    help="kernel backend for DFA (default: $FASTDFA_BACKEND, else auto: triton or cuda on a GPU, "
                         "torch on the CPU); see `python -m fastdfa info`")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON to this path")
     p.add_argument("--feedback-lr", type=float, default=0.5, help="grape: step size of the feedback alignment")
     p.add_argument("--perturb", choices=PERTURB, default="activation",
@@ -297,6 +297,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastdfa",
                                      description="Train networks with DFA, FA or BP; compare them; report backends.")
@@ -333,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                             "small CNN) with every GPU method: backends, stream counts, CUDA graphs (needs a GPU)")
     p_bench.add_argument("--methods", default=None, help="comma-separated methods (default: the preset's)")
     p_bench.add_argument("--rounds", type=int, default=15, help="interleaved timed rounds per method (default 15)")
-    p_bench.add_argument("--threads", type=int, default=None)
+    p_bench.add_argument("--threads", type=_positive_int, default=None)
     p_bench.add_argument("--json", type=Path, default=None)
     p_bench.add_argument("--plot", type=Path, default=None, help="PNG of the ratio to BP against width and depth")
     p_bench.add_argument("--no-target", action="store_true",

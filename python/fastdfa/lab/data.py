@@ -136,6 +136,9 @@ def parse_classes(text: str) -> list[int]:
             out.append(int(part))
     if not out or len(set(out)) != len(out) or min(out) < 0:
         raise ValueError(f"classes {text!r}: give distinct non-negative labels like 0-4 or 1,3,5")
+    if len(out) < 2:
+        raise ValueError(f"classes {text!r} keep one class: a classification task needs at least two "
+                         "(its accuracy would be 1.0 whatever the model learns); give a range like 0-4")
     return out
 
 

@@ -69,6 +69,7 @@ class TrainConfig:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         self.dfa_config()
+        check_device(self.device)
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch size must be positive")
         if self.lr is not None and not self.lr > 0:
@@ -86,6 +87,21 @@ class TrainConfig:
         calibrates = self.calibrate_every or self.calibrate_every_steps or self.calibrate_below is not None
         if calibrates and self.method not in ("dfa", "grape", "fa"):
             raise ValueError(f"calibration re-anchors fa, dfa or grape with BP steps; method is {self.method!r}")
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a torch.device, or a ValueError that says why it cannot be used here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device ({exc}); use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = (f"this torch ({torch.__version__}) is a CPU build" if torch.version.cuda is None
+               else "no CUDA GPU is visible")
+        raise ValueError(f"device {device!r}: {why}; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: fastdfa trains on cpu or cuda")
+    return dev
 
 
 @dataclass
