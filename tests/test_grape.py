@@ -385,3 +385,87 @@ def test_dual_pass_with_token_batch_dims(jvp, perturb):
         else:  # the weight-space estimate has the right shapes and is finite
             assert est.perturbations[k].shape == (6, site.rows) and est.tangents[k].shape == (6, 3)
             assert torch.isfinite(est.perturbations[k]).all() and torch.isfinite(est.tangents[k]).all()
+
+
+class _Encoder(torch.nn.Module):
+    """fastdfa input layer -> torch's own TransformerEncoderLayer (a site; BP inside) -> pooled head."""
+
+    def __init__(self, decoder=False):
+        super().__init__()
+        self.inp = fastdfa.Linear(3, 8, dtype=DT)
+        cls = torch.nn.TransformerDecoderLayer if decoder else torch.nn.TransformerEncoderLayer
+        self.block = cls(8, 2, dim_feedforward=16, dropout=0.1, batch_first=True, dtype=DT)
+        self.head = fastdfa.Linear(8, 2, dtype=DT)
+        self.decoder = decoder
+
+    def body(self, h, mask, pad, memory=None):
+        if self.decoder:  # the site is the block's first input (tgt); memory is a second, unperturbed input
+            return self.block(h, h if memory is None else memory, tgt_mask=mask, tgt_key_padding_mask=pad)
+        return self.block(h, src_mask=mask, src_key_padding_mask=pad)
+
+    def forward(self, x, mask=None, pad=None):
+        return self.head(self.body(self.inp(x), mask, pad).mean(1))
+
+
+@pytest.mark.parametrize("jvp", ["per-site", "shared"])
+@pytest.mark.parametrize("decoder", [False, True])
+def test_dual_pass_through_torch_transformer_layers_with_masks(jvp, decoder):
+    """GrAPE through nn.TransformerEncoderLayer / DecoderLayer (MultiheadAttention inside) with a [T, T]
+    causal mask (no batch axis: not replicated per site) and a [B, T] padding mask (replicated): the
+    tangents equal torch.func.jvp of the plain model."""
+    torch.manual_seed(0)
+    model = _Encoder(decoder)
+    b, t = 4, 5
+    x = torch.randn(b, t, 3, dtype=DT)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(t, dtype=DT)
+    pad = torch.zeros(b, t, dtype=torch.bool)
+    pad[1, -2:] = True
+    dfa = fastdfa.DFA(model, mode="grape", jvp=jvp, sites=[model.block], example_input=(x, mask, pad))
+    est = grape.dual_pass(dfa, (x, mask, pad), {}, b)
+    model.eval()
+    with torch.no_grad():
+        h0 = model.inp(x)
+        g = model.body(h0, mask, pad).mean(1)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        p0 = est.perturbations[0].reshape(h0.shape)
+        p1 = est.perturbations[1]
+        with sdpa_kernel(SDPBackend.MATH):  # flash / efficient attention have no forward AD
+            want0 = torch.func.jvp(lambda h: model.head(model.body(h, mask, pad, h0).mean(1)), (h0,), (p0,))[1]
+        want1 = torch.func.jvp(model.head, (g,), (p1,))[1]
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    if jvp == "shared":
+        want0 = want1 = want0 + want1
+    torch.testing.assert_close(est.tangents[0], want0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(est.tangents[1], want1, rtol=1e-10, atol=1e-12)
+
+
+def test_grape_trains_through_multihead_attention():
+    """A GrAPE training step through nn.MultiheadAttention: BP inside the attention site, the
+    feedback stepped, the fast path restored afterwards."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = fastdfa.Linear(3, 8, dtype=DT)
+            self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True, dtype=DT)
+            self.head = fastdfa.Linear(8, 2, dtype=DT)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(0)
+    net = Net()
+    dfa = fastdfa.DFA(net, mode="grape", sites=[net.attn])
+    x = torch.randn(4, 5, 3, dtype=DT)
+    before = None
+    for _ in range(2):
+        F.cross_entropy(dfa(x), torch.randint(0, 2, (4,))).backward()
+        if before is None:
+            before = dfa.feedback.flat.clone()
+    assert not torch.equal(before, dfa.feedback.flat)
+    assert net.attn.in_proj_weight.grad is not None and torch.isfinite(net.attn.in_proj_weight.grad).all()
+    assert torch.backends.mha.get_fastpath_enabled()

@@ -217,15 +217,12 @@ def dual_pass(model, recorder, sites, kernels, stream: PerturbationStream, pertu
     for k, site in enumerate(sites):
         if _uses_weight_space(perturb, site, n):
             inj.perturb_weight(k, site.module)
-    if replicas > 1:  # every tensor argument carries the batch in dim 0 (as the sites do): stack the replicas
-        def rep(a):
-            return a.repeat(replicas, *([1] * (a.dim() - 1))) if isinstance(a, torch.Tensor) and a.dim() else a
-        args = tuple(rep(a) for a in args)
-        kwargs = {key: rep(v) for key, v in kwargs.items()}
+    if replicas > 1:
+        args, kwargs = _replicate(args, kwargs, replicas)
     training = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        with torch.no_grad(), fwAD.dual_level(), _math_attention(), recorder.intercepting(inj):
+        with torch.no_grad(), fwAD.dual_level(), _math_attention(), _no_mha_fast_path(), recorder.intercepting(inj):
             out = model(*args, **kwargs)
             primal, tangent = fwAD.unpack_dual(out)
             if tangent is None:  # no site reaches the output (cannot happen with sites in use)
@@ -258,8 +255,39 @@ def _estimate(inj: DualPass, sites, t_all: torch.Tensor, n: int) -> GrapeEstimat
     return est
 
 
+def _replicate(args: tuple, kwargs: dict, replicas: int) -> tuple[tuple, dict]:
+    """Stack the batch ``replicas`` times along dim 0 of every tensor argument that carries it: those
+    whose dim 0 is the first tensor argument's (the data's). Tensors without the batch axis (a [T, T]
+    attention mask, a position table) are passed as they are."""
+    first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim()), None)
+    n0 = None if first is None else first.shape[0]
+
+    def rep(a):
+        if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == n0:
+            return a.repeat(replicas, *([1] * (a.dim() - 1)))
+        return a
+    return tuple(rep(a) for a in args), {key: rep(v) for key, v in kwargs.items()}
+
+
 def _math_attention():
     return contextlib.nullcontext() if sdpa_kernel is None else sdpa_kernel(SDPBackend.MATH)
+
+
+@contextlib.contextmanager
+def _no_mha_fast_path():
+    """``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` take a fused "fast path" in eval mode
+    under no_grad (``aten._native_multi_head_attention``), which has no forward AD; the dual pass runs in
+    exactly that mode, so the fast path is switched off for it (and back on after)."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    enabled = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(enabled)
 
 
 def align_feedback(kernels, store, est: GrapeEstimate, lr: float) -> torch.Tensor:
