@@ -5,6 +5,7 @@ looked for lazily (``python -m fastdfa info`` reports them).
 """
 
 from .backends import BackendUnavailableError
+from .checkpoint import checkpoint
 from .config import DFAConfig
 from .dfa import DFA, NonFiniteErrorSignal, Site, backprop
 from .graphs import CapturedStep
@@ -13,5 +14,5 @@ from . import grape, init, metrics  # fastdfa.grape.calibrate, fastdfa.init.feed
 
 __version__ = "0.1.0"
 
-__all__ = ["DFA", "DFAConfig", "Site", "Linear", "Conv2d", "backprop", "CapturedStep", "NonFiniteErrorSignal",
+__all__ = ["DFA", "DFAConfig", "checkpoint", "Site", "Linear", "Conv2d", "backprop", "CapturedStep", "NonFiniteErrorSignal",
            "BackendUnavailableError", "grape", "init", "metrics", "__version__"]

@@ -28,6 +28,12 @@ from ..layers import LAYER_FORWARD
 from . import fused
 
 
+NO_GRAD_INSIDE = (
+    "module {!r} runs under torch.no_grad() inside a training forward: the rule cannot train it, and "
+    "torch.utils.checkpoint(..., use_reentrant=True) would recompute it in the backward with BP's rule. Use "
+    "fastdfa.checkpoint(fn, *args) (torch's non-reentrant checkpoint, recomputed with the same graph cut)")
+
+
 class Recorder:
     """Which modules are sites, the order they run in once built, and the interception plumbing.
 
@@ -114,7 +120,12 @@ class FAForward:
     def layer_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if layer not in self.recorder.known:
             self.recorder.unknown_layer(layer)
+        if not torch.is_grad_enabled():  # this interceptor only runs training forwards
+            raise RuntimeError(NO_GRAD_INSIDE.format(self.recorder.names[layer]))
         return layer.fa_forward(x)
+
+    def replay(self) -> "FAForward":
+        return self  # records nothing: the recomputation of a checkpointed segment runs it as it is
 
     @staticmethod
     def site_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +135,8 @@ class FAForward:
 class Recording:
     """The interceptor of one training forward: what it saw, and the graph cut."""
 
-    __slots__ = ("recorder", "store", "flat", "kernels", "plan", "count", "order", "shapes", "inputs", "unfused")
+    __slots__ = ("recorder", "store", "flat", "kernels", "plan", "count", "order", "shapes", "inputs", "unfused",
+                 "grad")
 
     def __init__(self, recorder: Recorder, store, kernels=None, plan: "fused.FusedPlan | None" = None):
         self.recorder = recorder
@@ -137,6 +149,7 @@ class Recording:
         self.shapes: list[tuple[int, ...]] = []  # before the build only: per-sample site shapes
         self.inputs: list[torch.Tensor] = []   # every site's original input, in order
         self.unfused: dict = {}                # layer -> why it ran outside the fused route
+        self.grad = torch.is_grad_enabled()    # a training forward (False: the build's no-grad forward)
 
     def layer_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The LAYER_FORWARD handler: a fastdfa layer's forward inside the recorded model."""
@@ -162,6 +175,8 @@ class Recording:
         recorder = self.recorder
         position = self.count
         self.count = position + 1
+        if self.grad and not torch.is_grad_enabled():
+            raise RuntimeError(NO_GRAD_INSIDE.format(recorder.names[module]))
         expected = recorder.expected
         if expected is None:
             return self._learn(module, x, position)
@@ -216,6 +231,11 @@ class Recording:
             raise TypeError(f"site {name!r}: input dtype {x.dtype} differs from the feedback dtype "
                             f"{flat.dtype}; convert the wrapper, not only the model: dfa.to({x.dtype})")
 
+    def replay(self) -> "Replay":
+        """The interceptor that recomputes a checkpointed segment of this forward (``fastdfa.checkpoint``)."""
+        first = self.recorder.expected[0] if self.recorder.expected else (self.order[0] if self.order else None)
+        return Replay(self.recorder, first, self.kernels if self.plan is not None else None)
+
     def check_output(self, output, batch_dims: int) -> int:
         """The output's features per batch element, after checking it is one tensor with the batch dims."""
         if not isinstance(output, torch.Tensor):
@@ -255,6 +275,30 @@ class Recording:
         if output.device != self.flat.device:
             raise RuntimeError(f"the output is on {output.device} but the feedback is on "
                                f"{self.flat.device}; use dfa.to(...)")
+
+
+
+class Replay:
+    """Recomputes a checkpointed segment in the backward exactly as the training forward ran it: the
+    same inputs detached (every site module's but the first module's), the same fused forward on a
+    kernel backend, and nothing recorded (the output node already holds what it needs)."""
+
+    __slots__ = ("recorder", "first", "kernels")
+
+    def __init__(self, recorder: Recorder, first: nn.Module | None, kernels):
+        self.recorder, self.first, self.kernels = recorder, first, kernels
+
+    def site_input(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x if module is self.first else x.detach()
+
+    def layer_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        recorder = self.recorder
+        if layer not in recorder.candidates:
+            return layer.plain_forward(x)
+        x = self.site_input(layer, x)
+        if self.kernels is not None and layer in recorder.fusable and not x.requires_grad:
+            return fused.fused_layer_forward(fused.FusedPlan(), self.kernels, layer, x)
+        return layer.plain_forward(x)
 
 
 def discover(model: nn.Module, sites: list[nn.Module] | None, layer_types: tuple) -> tuple[dict, list, list, list]:
