@@ -54,6 +54,51 @@ def dot_precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+def divisibility(*values: int, cap: int = 16) -> int:
+    """The largest power of two, at most ``cap``, dividing every value (0 counts as divisible).
+
+    Offsets, row strides and addresses a kernel reads from a table, or derives
+    from sizes, are opaque to Triton, which only specialises an ARGUMENT on
+    being divisible by 16. A launcher passes this as a constexpr and the
+    kernel claims it with ``tl.multiple_of``, which is then true by
+    construction (addresses enter in elements: ``data_ptr() // element_size``).
+    """
+    d = cap
+    for v in values:
+        while v % d:
+            d //= 2
+    return d
+
+
+def index_dtype(*extents: int):
+    """``tl.int32`` when every element offset a kernel forms stays below 2^31, else ``tl.int64``.
+
+    ``extents`` are the largest offsets (one past): rows x row stride of each
+    tensor the kernel indexes. 32-bit offsets halve the registers the address
+    arithmetic takes; the check is the host's.
+    """
+    return tl.int32 if max(extents, default=0) < 2**31 else tl.int64
+
+
+def register_budget(num_warps: int) -> int:
+    """Registers per thread for ptxas (``maxnreg``): as many as keep two blocks of ``num_warps``
+    warps on an SM (65536 registers; 255 at most).
+
+    Without a budget ptxas trades small spills for occupancy: a kernel that
+    needs 84 registers is held to 80 (six 4-warp blocks per SM) with an
+    8-byte spill in its main loop. With one, a kernel under the budget is
+    never spilled, and ``tests/test_triton_compile.py`` keeps every kernel
+    the engine launches under it.
+    """
+    return min(255, 65536 // (2 * 32 * num_warps))
+
+
+def padded(n: int, multiple: int = 16) -> int:
+    """``n`` rounded up to a multiple of ``multiple``: the row stride of a buffer a launcher owns,
+    so that rows start 16-element aligned (vector loads and stores)."""
+    return -(-n // multiple) * multiple
+
+
 @dataclass
 class Launch:
     """One kernel launch, bound but not yet run: what a launcher would launch, with what.
@@ -72,10 +117,20 @@ class Launch:
     constexprs: dict[str, Any]       # the tl.constexpr arguments, by name
     num_warps: int = 4
     num_stages: int = 3
+    maxnreg: int | None = None       # ptxas register budget per thread (register_budget); None: ptxas's choice
     keep: tuple = field(default=(), repr=False)  # tensors a table points at: alive until the launch
 
+    def __post_init__(self):
+        if self.maxnreg is None:
+            self.maxnreg = register_budget(self.num_warps)
+
+    @property
+    def options(self) -> dict[str, int]:
+        """The compile options of the launch (``triton.compile``'s and the JIT's keyword arguments)."""
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "maxnreg": self.maxnreg}
+
     def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+        self.kernel[self.grid](*self.args, **self.constexprs, **self.options)
 
 
 def run_launches(launches) -> None:

@@ -39,7 +39,8 @@ import triton
 import triton.language as tl
 
 from ..ops.align_step import AlignSite, align_step_reference  # noqa: F401  (the PyTorch definition, kept with the engine)
-from ._common import Launch, dot_precision, load_grouped_tile, run_launches, tl_dtype
+from ._common import (Launch, divisibility, dot_precision, index_dtype, load_grouped_tile, run_launches,
+                      tl_dtype)
 from ._tables import TableCache, grouped_tiles
 
 _SITE_FIELDS = tl.constexpr(6)  # offset, rows, P address, P row stride, T address, T row stride
@@ -47,11 +48,12 @@ _SITE_FIELDS = tl.constexpr(6)  # offset, rows, P address, P row stride, T addre
 
 @triton.jit
 def _j_tile(p, stride_p, t, stride_t, rm, rn, m_mask, n_mask, batch, inv_batch,
-            DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+            DOT_PRECISION: tl.constexpr, INDEX: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """J[rm, rn] = P[:, rm]^T T[:, rn] / batch, an fp32 register tile."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, batch, BLOCK_R):
-        rr = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        rr = (r0 + tl.arange(0, BLOCK_R)).to(INDEX)
         r_mask = rr < batch
         p_t = tl.load(p + rr[None, :] * stride_p + rm[:, None], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         tt = tl.load(t + rr[:, None] * stride_t + rn[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
@@ -65,28 +67,37 @@ def _align_step_kernel(
     stats_ptr,      # [S, K, 3] fp32 column sums <B,J>, |J|^2, |B|^2 (zeroed before pass 1)
     site_table,     # [S, 6] int64: offset, rows, P address, P row stride, T address, T row stride
     tile_table,     # [tiles, 3] int64: site, tile row (over n_l), tile column (over K)
-    batch, K, stride_f, inv_batch, step,   # step = lr / n_out
+    batch, k_units, stride_f, inv_batch, step,   # K = k_units * ALIGN_K; step = lr / n_out
     PASS: tl.constexpr,              # 1: column sums; 2: update and normalise
-    DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DTYPE: tl.constexpr, ELEM_BYTES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    # What the launcher found to divide (elements; _common.divisibility): every site's rows, P address
+    # and P row stride (ALIGN_P); K, the feedback's row stride and address, every T address and row
+    # stride (ALIGN_K; K arrives as a multiple of it, so the masks rn < K are known constant too).
+    ALIGN_P: tl.constexpr, ALIGN_K: tl.constexpr,
+    INDEX: tl.constexpr,             # tl.int32 when every offset fits (host-checked), else tl.int64
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    K = k_units * ALIGN_K
     s, tile_m, tile_n = load_grouped_tile(tile_table, tl.program_id(0))
     base = site_table + _SITE_FIELDS * s
-    offset = tl.load(base)
-    rows = tl.load(base + 1)
-    p = tl.load(base + 2).to(tl.pointer_type(DTYPE))
-    stride_p = tl.load(base + 3)
-    t = tl.load(base + 4).to(tl.pointer_type(DTYPE))
-    stride_t = tl.load(base + 5)
+    offset = tl.load(base).to(INDEX)
+    rows = tl.multiple_of(tl.load(base + 1).to(INDEX), ALIGN_P)
+    p = tl.multiple_of(tl.load(base + 2).to(tl.pointer_type(DTYPE)), ALIGN_P * ELEM_BYTES)
+    stride_p = tl.multiple_of(tl.load(base + 3).to(INDEX), ALIGN_P)
+    t = tl.multiple_of(tl.load(base + 4).to(tl.pointer_type(DTYPE)), ALIGN_K * ELEM_BYTES)
+    stride_t = tl.multiple_of(tl.load(base + 5).to(INDEX), ALIGN_K)
 
-    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = (tile_m * BLOCK_M).to(INDEX) + tl.arange(0, BLOCK_M)
+    rn = (tile_n * BLOCK_N).to(INDEX) + tl.arange(0, BLOCK_N)
     m_mask = rm < rows
     n_mask = rn < K
     mask = m_mask[:, None] & n_mask[None, :]
     j = _j_tile(p, stride_p, t, stride_t, rm, rn, m_mask, n_mask, batch, inv_batch,
-                DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
-    b_off = (offset + rm)[:, None].to(tl.int64) * stride_f + rn[None, :]
+                DOT_PRECISION, INDEX, BLOCK_M, BLOCK_N, BLOCK_R)
+    b_row = (offset + rm) * stride_f
+    if ALIGN_K > 1:
+        b_row = tl.multiple_of(b_row, ALIGN_K)
+    b_off = b_row[:, None] + rn[None, :]
     b = tl.load(feedback_ptr + b_off, mask=mask, other=0.0).to(tl.float32)
     st = stats_ptr + (s * K + rn) * 3
     if PASS == 1:
@@ -110,12 +121,17 @@ def _align_step_kernel(
         tl.store(feedback_ptr + b_off, new_b.to(DTYPE), mask=mask)
 
 
-def _blocks(batch: int, rows_max: int, k: int, gpu: bool) -> tuple[int, int, int, int]:
-    """GPU: 64x64 tiles of B, 32 batch rows a step; interpreter: as large as the problem."""
+def _blocks(batch: int, rows_max: int, k: int, dtype: torch.dtype, gpu: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_R, num_warps, num_stages). GPU: 64x64 tiles of B, 32 batch rows a
+    step at 16 bits, 16 at fp32 with 8 warps (an "ieee" fp32 dot keeps its operands in registers;
+    spill-free on sm_80 and sm_90, ``tests/test_triton_compile.py``); interpreter: as large as the
+    problem."""
     if gpu:
-        return 64, 64, 32, 4
+        if dtype == torch.float32:
+            return 64, 64, 16, 8, 3
+        return 64, 64, 32, 4, 3
     cap = lambda v, hi: max(16, min(hi, triton.next_power_of_2(v)))  # noqa: E731
-    return cap(rows_max, 128), cap(k, 128), cap(batch, 128), 4
+    return cap(rows_max, 128), cap(k, 128), cap(batch, 128), 4, 1
 
 
 _TABLES = TableCache()
@@ -159,14 +175,23 @@ def plan_align_step(feedback_all: torch.Tensor, sites: Sequence[AlignSite], lr: 
     if batch == 0:
         return stats, []
     gpu = device.type == "cuda" if gpu is None else gpu
-    bm, bn, br, warps = _blocks(batch, max(s.rows for s in sites), k, gpu)
+    bm, bn, br, warps, stages = _blocks(batch, max(s.rows for s in sites), k, dtype, gpu)
     shapes = tuple((s.rows, k) for s in sites)
     tiles = _TABLES.get(("tiles", bm, bn) + shapes, lambda: grouped_tiles(shapes, bm, bn), torch.int64, device)
     table = _TABLES.get(("sites",) + tuple(rows), lambda: rows, torch.int64, device)
+    size = dtype.itemsize
+    align_p = divisibility(*(row[1] for row in rows), *(row[2] // size for row in rows), *(row[3] for row in rows))
+    align_k = divisibility(k, feedback_all.stride(0), feedback_all.data_ptr() // size,
+                           *(row[4] // size for row in rows), *(row[5] for row in rows))
+    # Largest element offsets (batch rows, site rows and columns rounded up to whole tiles) against 2^31.
+    b_up = -(-batch // br) * br
+    index = index_dtype(*(b_up * max(row[3], row[1] + bm) for row in rows), *(b_up * max(row[5], k + bn) for row in rows),
+                        (r + bm) * max(feedback_all.stride(0), k + bn))
     launches = [Launch(_align_step_kernel, (tiles.shape[0],),
-                       (feedback_all, stats, table, tiles, batch, k, feedback_all.stride(0), 1.0 / batch, lr / k),
-                       dict(PASS=pass_, DTYPE=tl_dtype(dtype), DOT_PRECISION=dot_precision(),
-                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br),
-                       num_warps=warps, keep=tuple(keep))
+                       (feedback_all, stats, table, tiles, batch, k // align_k, feedback_all.stride(0), 1.0 / batch,
+                        lr / k),
+                       dict(PASS=pass_, DTYPE=tl_dtype(dtype), ELEM_BYTES=size, DOT_PRECISION=dot_precision(),
+                            ALIGN_P=align_p, ALIGN_K=align_k, INDEX=index, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br),
+                       num_warps=warps, num_stages=stages, keep=tuple(keep))
                 for pass_ in (1, 2)]
     return stats, launches

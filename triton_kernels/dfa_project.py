@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from ..ops.dfa_project import ProjectSite, dfa_project_reference  # noqa: F401  (the site description and the PyTorch definition)
-from ._common import ACTIVATION_CODES, STATE_OF, Launch, dot_precision, run_launches, tl_dtype
+from ._common import (ACTIVATION_CODES, STATE_OF, Launch, divisibility, dot_precision, index_dtype, padded,
+                      run_launches, tl_dtype)
 from ._tables import TableCache
 
 
@@ -39,32 +40,43 @@ def _dfa_project_kernel(
     out_ptr,         # [N, R] deltas, row stride stride_on
     site_table,      # [S, 5] int64: offset, rows, activation code, state address, state row stride
     tile_table,      # [C, 2] int64: site index, first column within the site, per column tile
-    N, K, stride_en, stride_fr, stride_on,
+    N, k_units, stride_en, stride_fr, stride_on,   # K = k_units * ALIGN_K
     STATE_DTYPE: tl.constexpr,    # element type of the h / a states (the mask is uint8)
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32", from torch's allow_tf32
+    # What the launcher found to divide (elements; _common.divisibility): every site's offset and rows,
+    # state row stride and state address (ALIGN; STATE_ALIGN_BYTES: the same in bytes of an h / a
+    # state); K and e's and F's row strides and addresses (ALIGN_K; K arrives as a multiple of it,
+    # so the masks rk < K are known constant over ALIGN_K elements too).
+    ALIGN: tl.constexpr, STATE_ALIGN_BYTES: tl.constexpr, ALIGN_K: tl.constexpr,
+    INDEX: tl.constexpr,          # tl.int32 when every offset fits (host-checked), else tl.int64
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    K = k_units * ALIGN_K
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     site = tl.load(tile_table + 2 * pid_c)
-    col0 = tl.load(tile_table + 2 * pid_c + 1)
-    offset = tl.load(site_table + 5 * site)
-    rows = tl.load(site_table + 5 * site + 1)
+    col0 = tl.multiple_of(tl.load(tile_table + 2 * pid_c + 1).to(INDEX), BLOCK_N)  # a multiple of BLOCK_N
+    offset = tl.multiple_of(tl.load(site_table + 5 * site).to(INDEX), ALIGN)
+    rows = tl.multiple_of(tl.load(site_table + 5 * site + 1).to(INDEX), ALIGN)
     act = tl.load(site_table + 5 * site + 2)
     state_addr = tl.load(site_table + 5 * site + 3)
-    state_stride = tl.load(site_table + 5 * site + 4)
+    state_stride = tl.multiple_of(tl.load(site_table + 5 * site + 4).to(INDEX), ALIGN)
 
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: N * R may pass 2^31
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(INDEX)
     rn = col0 + tl.arange(0, BLOCK_N)                              # columns within the site
     m_mask = rm < N
     n_mask = rn < rows
+    e_row = rm * stride_en
+    f_row = (offset + rn) * stride_fr
+    if ALIGN_K > 1:
+        e_row = tl.multiple_of(e_row, ALIGN_K)
+        f_row = tl.multiple_of(f_row, ALIGN_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = rk < K
-        e = tl.load(error_ptr + rm[:, None] * stride_en + rk[None, :],
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        f_t = tl.load(feedback_ptr + (offset + rn)[None, :] * stride_fr + rk[:, None],
+        e = tl.load(error_ptr + e_row[:, None] + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        f_t = tl.load(feedback_ptr + f_row[None, :] + rk[:, None],
                       mask=n_mask[None, :] & k_mask[:, None], other=0.0)   # [BLOCK_K, BLOCK_N] = F_s^T tile
         acc += tl.dot(e, f_t, input_precision=DOT_PRECISION)
 
@@ -72,10 +84,12 @@ def _dfa_project_kernel(
     if act != 0:  # the g' epilogue, from the producer's saved state
         s_off = rm[:, None] * state_stride + rn[None, :]
         if act == 1:
-            s = tl.load(state_addr.to(tl.pointer_type(tl.uint8)) + s_off, mask=mask, other=0).to(tl.float32)
+            mask_ptr = tl.multiple_of(state_addr.to(tl.pointer_type(tl.uint8)), ALIGN)
+            s = tl.load(mask_ptr + s_off, mask=mask, other=0).to(tl.float32)
             acc = acc * s
         else:
-            s = tl.load(state_addr.to(tl.pointer_type(STATE_DTYPE)) + s_off, mask=mask, other=0.0).to(tl.float32)
+            state_ptr = tl.multiple_of(state_addr.to(tl.pointer_type(STATE_DTYPE)), STATE_ALIGN_BYTES)
+            s = tl.load(state_ptr + s_off, mask=mask, other=0.0).to(tl.float32)
             if act == 2:    # tanh: s = h
                 acc = acc * (1.0 - s * s)
             elif act == 3:  # sigmoid: s = h
@@ -87,20 +101,25 @@ def _dfa_project_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(n: int, k: int, rows_max: int, gpu: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps).
+def _blocks(n: int, k: int, rows_max: int, dtype: torch.dtype, gpu: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
 
     K = n_out is small in DFA (10 to 1000), so one or a few K steps; on a GPU
     64x64 tiles keep enough programs for 132 SMs at batch 256 and width 1024
-    (4 x 16 per site). The interpreter's cost grows with programs x K steps
-    (DESIGN.md section 5), so on CPU the tiles are as large as the problem.
+    (4 x 16 per site). BLOCK_K and the warps are per dtype: an fp32 tile is
+    twice the bytes, and an "ieee" fp32 dot runs on FMAs with its operands in
+    registers, so fp32 takes BLOCK_K 16 and 8 warps (spill-free on sm_80 and
+    sm_90, ``tests/test_triton_compile.py``). The interpreter's cost grows
+    with programs x K steps (DESIGN.md section 5), so on CPU the tiles are as
+    large as the problem.
     """
-    bk = max(16, min(64, triton.next_power_of_2(k)))
     if gpu:
-        return 64, 64, bk, 4
+        if dtype == torch.float32:
+            return 64, 64, 16, 8, 3
+        return 64, 64, max(16, min(32, triton.next_power_of_2(k))), 4, 3
     bm = max(16, min(128, triton.next_power_of_2(n)))
     bn = max(16, min(128, triton.next_power_of_2(rows_max)))
-    return bm, bn, max(16, min(128, triton.next_power_of_2(k))), 4
+    return bm, bn, max(16, min(128, triton.next_power_of_2(k))), 4, 1
 
 
 _TABLES = TableCache()
@@ -138,11 +157,14 @@ def plan_dfa_project(
     if feedback_all.stride(1) != 1:
         feedback_all = feedback_all.contiguous()
     if out is None:
-        out = torch.empty(n, r, dtype=dtype, device=error.device)
+        # Rows of a padded buffer: every row starts 16-element aligned, so the delta stores can be
+        # vector stores (the caller sees [N, R] with row stride padded(R); the sites' column blocks
+        # and the engine's views are the same).
+        out = torch.empty(n, padded(r), dtype=dtype, device=error.device)[:, :r]
     if n == 0 or not sites:
         return out, []
     gpu = error.device.type == "cuda" if gpu is None else gpu
-    bm, bn, bk, warps = _blocks(n, k, max(s.rows for s in sites), gpu)
+    bm, bn, bk, warps, stages = _blocks(n, k, max(s.rows for s in sites), dtype, gpu)
     site_rows, key, states = [], [bn], []
     for s in sites:
         code = ACTIVATION_CODES[s.activation]
@@ -165,10 +187,21 @@ def plan_dfa_project(
                              lambda: [(i, c) for i, s in enumerate(sites) for c in range(0, s.rows, bn)],
                              torch.int64, error.device)
     grid = (triton.cdiv(n, bm), tile_table.shape[0])
+    # What the kernel may claim of the table's offsets, strides and addresses, and whether every
+    # element offset it forms (rows rounded up to whole tiles) fits in 32 bits.
+    align = divisibility(*(row[0] for row in site_rows), *(row[1] for row in site_rows),
+                         *(row[4] for row in site_rows), *(st.data_ptr() // st.element_size() for st in states))
+    align_k = divisibility(k, error.stride(0), feedback_all.stride(0), error.data_ptr() // dtype.itemsize,
+                           feedback_all.data_ptr() // dtype.itemsize)
+    n_tiles = grid[0] * bm
+    index = index_dtype(n_tiles * max(error.stride(0), k), (r + bn) * max(feedback_all.stride(0), k),
+                        n_tiles * max(out.stride(0), r + bn), *(n_tiles * max(row[4], row[1] + bn) for row in site_rows))
     launch = Launch(
         _dfa_project_kernel, grid,
-        (error, feedback_all, out, site_table, tile_table, n, k, error.stride(0), feedback_all.stride(0),
+        (error, feedback_all, out, site_table, tile_table, n, k // align_k, error.stride(0), feedback_all.stride(0),
          out.stride(0)),
-        dict(STATE_DTYPE=tl_dtype(dtype), DOT_PRECISION=dot_precision(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
-        num_warps=warps, keep=tuple(states))
+        dict(STATE_DTYPE=tl_dtype(dtype), DOT_PRECISION=dot_precision(), ALIGN=align,
+             STATE_ALIGN_BYTES=min(16, align * dtype.itemsize), ALIGN_K=align_k, INDEX=index,
+             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+        num_warps=warps, num_stages=stages, keep=tuple(states))
     return out, [launch]

@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from ..ops.jvp_linear import jvp_linear_reference  # noqa: F401  (the PyTorch definition)
-from ._common import (ACTIVATION_CODES, STATE_OF, Launch, apply_activation, derivative_of_pre, dot_precision,
-                      run_launches, tl_dtype)
+from ._common import (ACTIVATION_CODES, STATE_OF, Launch, apply_activation, derivative_of_pre, divisibility,
+                      dot_precision, index_dtype, run_launches, tl_dtype)
 
 # Tangents per launch: the tangent accumulator is T_pad * BLOCK_M x BLOCK_N fp32
 # registers (8 x 16 x 64 x 4 B = 32 KiB at the GPU tiles below); more tangents
@@ -45,65 +45,109 @@ def _jvp_linear_kernel(
     h_ptr,         # [N, M] output g(a), row stride stride_hn
     state_ptr,     # [N, M] uint8 mask (relu) or a (gelu); unused otherwise; row stride stride_hn
     dh_ptr,        # [T, N, M] output tangents, strides stride_dht, stride_dhn
-    N, M, K, T,
+    N, m_units, k_units, T,    # M = m_units * ALIGN_OUT, K = k_units * ALIGN_IN (out, in features)
     stride_xn, stride_dt, stride_dn, stride_wm, stride_hn, stride_dht, stride_dhn,
     ACT: tl.constexpr, STATE: tl.constexpr,          # activation code; 0 none, 1 mask, 2 pre-activation
     HAS_BIAS: tl.constexpr, STORE_PRIMAL: tl.constexpr,
     T_PAD: tl.constexpr,                             # power of two >= T; 0: no tangents
     DOT_PRECISION: tl.constexpr,
+    # Powers of two dividing K and the input-side strides (x, dx, W), and M and the output-side ones
+    # (h, state, dh). Triton itself only knows "divisible by 16" of an argument; 8 (a width of 1000)
+    # still allows 16-byte vectors, if the masks rk < K and rn < M are known to be constant over 8
+    # elements too: hence K and M arrive as multiples of their alignment. 1: no claim.
+    ALIGN_IN: tl.constexpr, ALIGN_OUT: tl.constexpr,
+    INDEX: tl.constexpr,                             # tl.int32 when every offset fits (host-checked)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    M = m_units * ALIGN_OUT
+    K = k_units * ALIGN_IN
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(INDEX)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(INDEX)
     m_mask = rm < N
     n_mask = rn < M
+    # Row starts (elements); the alignment claim is made on them (tl.multiple_of on a scalar argument
+    # is lost: there is no op to carry it).
+    x_row = rm * stride_xn
+    w_row = rn * stride_wm
+    h_row = rm * stride_hn
+    if ALIGN_IN > 1:
+        x_row = tl.multiple_of(x_row, ALIGN_IN)
+        w_row = tl.multiple_of(w_row, ALIGN_IN)
+    if ALIGN_OUT > 1:
+        h_row = tl.multiple_of(h_row, ALIGN_OUT)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if T_PAD > 0:
+    if T_PAD == 1:    # one tangent (GrAPE's dual pass): its rows are the primal's, no stacking
+        dx_row = rm * stride_dn
+        dh_row = rm * stride_dhn
+        if ALIGN_IN > 1:
+            dx_row = tl.multiple_of(dx_row, ALIGN_IN)
+        if ALIGN_OUT > 1:
+            dh_row = tl.multiple_of(dh_row, ALIGN_OUT)
+        acc_t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    elif T_PAD > 1:   # T_PAD tangents stacked: tangent t of sample m is row t * BLOCK_M + m
         rt = tl.arange(0, T_PAD * BLOCK_M)
-        t_idx = rt // BLOCK_M
-        t_row = (pid_m * BLOCK_M + rt % BLOCK_M).to(tl.int64)
+        t_idx = (rt // BLOCK_M).to(INDEX)
+        t_row = (pid_m * BLOCK_M + rt % BLOCK_M).to(INDEX)
         t_mask = (t_idx < T) & (t_row < N)
+        dx_row = t_idx * stride_dt + t_row * stride_dn
+        dh_row = t_idx * stride_dht + t_row * stride_dhn
+        if ALIGN_IN > 1:
+            dx_row = tl.multiple_of(dx_row, ALIGN_IN)
+        if ALIGN_OUT > 1:
+            dh_row = tl.multiple_of(dh_row, ALIGN_OUT)
         acc_t = tl.zeros((T_PAD * BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = rk < K
-        w_t = tl.load(w_ptr + rn[None, :] * stride_wm + rk[:, None],
+        w_t = tl.load(w_ptr + w_row[None, :] + rk[:, None],
                       mask=n_mask[None, :] & k_mask[:, None], other=0.0)   # [BLOCK_K, BLOCK_N] = W^T tile, read once
-        x = tl.load(x_ptr + rm[:, None] * stride_xn + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        x = tl.load(x_ptr + x_row[:, None] + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.dot(x, w_t, input_precision=DOT_PRECISION)
-        if T_PAD > 0:
-            dx = tl.load(dx_ptr + t_idx[:, None] * stride_dt + t_row[:, None] * stride_dn + rk[None, :],
-                         mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+        if T_PAD == 1:
+            dx = tl.load(dx_ptr + dx_row[:, None] + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            acc_t += tl.dot(dx, w_t, input_precision=DOT_PRECISION)
+        elif T_PAD > 1:
+            dx = tl.load(dx_ptr + dx_row[:, None] + rk[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
             acc_t += tl.dot(dx, w_t, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     if STORE_PRIMAL:
-        out_off = rm[:, None] * stride_hn + rn[None, :]
+        out_off = h_row[:, None] + rn[None, :]
         tl.store(h_ptr + out_off, apply_activation(acc, ACT).to(h_ptr.dtype.element_ty), mask=mask)
         if STATE == 1:
             tl.store(state_ptr + out_off, (acc > 0.0).to(tl.uint8), mask=mask)
         elif STATE == 2:
             tl.store(state_ptr + out_off, acc.to(state_ptr.dtype.element_ty), mask=mask)
-    if T_PAD > 0:
+    if T_PAD == 1:
+        tl.store(dh_ptr + dh_row[:, None] + rn[None, :],
+                 (acc_t * derivative_of_pre(acc, ACT)).to(dh_ptr.dtype.element_ty), mask=mask)
+    elif T_PAD > 1:
         d = derivative_of_pre(acc, ACT)                                     # g'(a) [BLOCK_M, BLOCK_N]
         scaled = tl.reshape(acc_t, (T_PAD, BLOCK_M, BLOCK_N)) * d[None, :, :]
         scaled = tl.reshape(scaled, (T_PAD * BLOCK_M, BLOCK_N))
-        tl.store(dh_ptr + t_idx[:, None] * stride_dht + t_row[:, None] * stride_dhn + rn[None, :],
+        tl.store(dh_ptr + dh_row[:, None] + rn[None, :],
                  scaled.to(dh_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
 
 
-def _blocks(n: int, m: int, k: int, t_pad: int, gpu: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps); see MAX_TANGENTS_PER_LAUNCH for the register budget."""
+def _blocks(n: int, m: int, k: int, t_pad: int, dtype: torch.dtype, gpu: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); see MAX_TANGENTS_PER_LAUNCH for the register
+    budget. GPU: the primal tile and the T_PAD tangent tiles share each W tile, so the accumulators
+    are (1 + T_PAD) x BLOCK_M x BLOCK_N fp32; with a tangent the warps double (fp32: from the
+    start, its "ieee" dot keeping operands in registers; BLOCK_K 16). Spill-free on sm_80 and sm_90
+    (``tests/test_triton_compile.py``)."""
     if gpu:
-        bm = 64 if t_pad <= 1 else max(16, 128 // t_pad)
-        return bm, 64, 32, 4 if t_pad <= 2 else 8
+        fp32 = dtype == torch.float32
+        bk = 16 if fp32 else 32
+        if t_pad <= 1:
+            return 64, 64, bk, 8 if (fp32 or t_pad) else 4, 3
+        return max(16, 128 // t_pad), 64, bk, 8, 3
     # Interpreter: cost grows with programs x K steps, so tiles as large as the problem allows.
     bm = max(16, min(64 if t_pad <= 1 else 32, triton.next_power_of_2(n)))
-    return bm, max(16, min(128, triton.next_power_of_2(m))), max(16, min(128, triton.next_power_of_2(k))), 4
+    return bm, max(16, min(128, triton.next_power_of_2(m))), max(16, min(128, triton.next_power_of_2(k))), 4, 1
 
 
 def jvp_linear(
@@ -165,19 +209,27 @@ def plan_jvp_linear(
     chunks = [(c, min(n_t, c + MAX_TANGENTS_PER_LAUNCH)) for c in range(0, n_t, MAX_TANGENTS_PER_LAUNCH)] or [(0, 0)]
     for i, (t0, t1) in enumerate(chunks):
         t_pad = triton.next_power_of_2(t1 - t0) if t1 > t0 else 0
-        bm, bn, bk, warps = _blocks(n, m, k, t_pad, gpu)
+        bm, bn, bk, warps, stages = _blocks(n, m, k, t_pad, dtype, gpu)
         dx_chunk = tangents[t0:t1] if t1 > t0 else x  # any tensor when there are no tangents
         dh_chunk = dh[t0:t1] if t1 > t0 else h
+        strides_in = (x.stride(0), dx_chunk.stride(0) if t1 > t0 else 0, dx_chunk.stride(1) if t1 > t0 else 0,
+                      weight.stride(0))
+        strides_out = (h.stride(0), dh_chunk.stride(0) if t1 > t0 else 0, dh_chunk.stride(1) if t1 > t0 else 0)
+        # Largest element offsets (rows and tangent slots rounded up to whole tiles) against 2^31.
+        n_up, m_up, k_up = triton.cdiv(n, bm) * bm, triton.cdiv(m, bn) * bn, triton.cdiv(k, bk) * bk
+        t_up = max(t_pad, 1)
+        index = index_dtype(n_up * max(x.stride(0), k_up), t_up * max(strides_in[1], n_up * k_up),
+                            m_up * max(weight.stride(0), k_up), n_up * max(h.stride(0), m_up),
+                            t_up * max(strides_out[1], n_up * m_up))
         grid = (triton.cdiv(n, bm), triton.cdiv(m, bn))
+        align_in, align_out = divisibility(k, *strides_in), divisibility(m, *strides_out)
         launches.append(Launch(
             _jvp_linear_kernel, grid,
             (x, dx_chunk, weight, bias if bias is not None else weight, h, state if state_code else h, dh_chunk,
-             n, m, k, t1 - t0,
-             x.stride(0), dx_chunk.stride(0) if t1 > t0 else 0, dx_chunk.stride(1) if t1 > t0 else 0,
-             weight.stride(0), h.stride(0), dh_chunk.stride(0) if t1 > t0 else 0,
-             dh_chunk.stride(1) if t1 > t0 else 0),
+             n, m // align_out, k // align_in, t1 - t0, *strides_in, *strides_out),
             dict(ACT=ACTIVATION_CODES[activation], STATE=state_code, HAS_BIAS=bias is not None,
                  STORE_PRIMAL=i == 0, T_PAD=t_pad, DOT_PRECISION=dot_precision(),
+                 ALIGN_IN=align_in, ALIGN_OUT=align_out, INDEX=index,
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
-            num_warps=warps))
+            num_warps=warps, num_stages=stages))
     return (h, dh, state), launches
