@@ -216,8 +216,10 @@ class Check:
                     shutil.copy(p, self.out)
 
     def stamp(self, path: str, data: dict) -> dict:
-        """A record written by a child without a commit (no .git here) gets the one FASTDFA_COMMIT named."""
-        if not data.get("commit") and self.machine.get("commit_source") == "FASTDFA_COMMIT":
+        """A record written by a child gets the commit FASTDFA_COMMIT named, when set: the device tool's copy
+        of the tree may carry no .git, or a stale one (seen: the checkout's base commit, "+dirty")."""
+        if self.machine.get("commit_source") == "FASTDFA_COMMIT" and data.get("commit") != self.machine["commit"]:
+            data["commit_read_by_git"] = data.get("commit")
             data["commit"] = self.machine["commit"]
             if isinstance(data.get("machine"), dict):
                 data["machine"].update(commit=self.machine["commit"], commit_source="FASTDFA_COMMIT")
@@ -246,9 +248,10 @@ class Check:
                               text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
         self.machine = json.loads(lines[-1][6:]) if lines else {"probe_error": (proc.stderr or "")[-500:]}
-        if not self.machine.get("commit") and os.environ.get("FASTDFA_COMMIT"):
-            # a copy of the working tree without .git (the device tool's): the commit named by whoever ran it
-            self.machine.update(commit=os.environ["FASTDFA_COMMIT"], commit_source="FASTDFA_COMMIT")
+        if os.environ.get("FASTDFA_COMMIT"):
+            # the device tool's copy of the tree has no .git or a stale one: the commit named by whoever ran it
+            self.machine.update(commit_read_by_git=self.machine.get("commit"), commit=os.environ["FASTDFA_COMMIT"],
+                                commit_source="FASTDFA_COMMIT")
         self.gpu_methods = self.machine.pop("gpu_methods", None)
         self.summary["machine"] = self.machine
         self.summary["commit"] = self.machine.get("commit")

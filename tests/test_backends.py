@@ -39,3 +39,8 @@ def test_every_unavailable_backend_says_why():
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend"):
         fastdfa.DFA(make_mlp(4, (3,), 2), backend="opencl")
+
+
+def test_auto_picks_torch_on_a_gpu_too():
+    """"auto" is the fastest measured eager DFA on a GPU: the torch backend (bench/results/gpu-check-targets.json)."""
+    assert backends.resolve_backend("auto", torch.device("cuda")) == "torch"

@@ -239,7 +239,7 @@ def test_cuda_graph_replay_equals_eager(backend, mode):
 def test_train_cuda_graph_needs_a_cuda_device(capsys):
     from fastdfa.lab.cli import main
 
-    assert main(["train", "--data", "digits", "--epochs", "1", "--cuda-graph", "--no-progress"]) == 2
+    assert main(["train", "--data", "digits", "--epochs", "1", "--cuda-graph", "--no-progress", "--device", "cpu"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
 
 

@@ -211,7 +211,7 @@ def test_data_input_that_needs_its_gradient_is_not_fused():
 
 
 def test_float64_model_with_triton_is_refused_before_touching_it():
-    model = nn.Sequential(fastdfa.Linear(5, 7, activation="relu"), fastdfa.Linear(7, 2)).double()
+    model = nn.Sequential(fastdfa.Linear(5, 7, activation="relu"), fastdfa.Linear(7, 2)).double().to(DEVICE)
     with pytest.raises(fastdfa.BackendUnavailableError, match="float64"):
         fastdfa.DFA(model, backend="triton")
     assert not model[1]._forward_pre_hooks
@@ -230,7 +230,7 @@ def test_eval_and_bp_modes_run_plain_torch():
 
 
 def _step(dfa, x, classes=3):
-    F.cross_entropy(dfa(x), torch.randint(0, classes, (x.shape[0],))).backward()
+    F.cross_entropy(dfa(x), torch.randint(0, classes, (x.shape[0],), device=x.device)).backward()
 
 
 def test_fusion_report_says_why_each_layer_is_not_fused():
@@ -248,7 +248,7 @@ def test_fusion_report_says_why_each_layer_is_not_fused():
             g = self.b(h)
             return self.head(self.c(g) + g)  # a residual add: c's and b's outputs reach head through ops
 
-    dfa = fastdfa.DFA(Branchy(), backend="triton")
+    dfa = fastdfa.DFA(Branchy().to(DEVICE), backend="triton")
     _step(dfa, torch.randn(4, 6, device=DEVICE))
     report = dfa.fusion_report()
     assert set(report) == {"a", "b", "c", "head"}
@@ -258,7 +258,7 @@ def test_fusion_report_says_why_each_layer_is_not_fused():
 
 
 def test_fusion_report_for_whole_forwards_outside_the_fused_route():
-    model = nn.Sequential(fastdfa.Linear(6, 5, activation="relu"), fastdfa.Linear(5, 3))
+    model = nn.Sequential(fastdfa.Linear(6, 5, activation="relu"), fastdfa.Linear(5, 3)).to(DEVICE)
     x = torch.randn(4, 6, device=DEVICE)
     torch_dfa = fastdfa.DFA(copy.deepcopy(model), backend="torch")
     _step(torch_dfa, x)
@@ -285,18 +285,18 @@ def test_fusion_report_names_the_claim_that_failed():
             h.mul_(2)  # after the layer returned it: its saved state would be stale
             return self.b(h)
 
-    dfa = fastdfa.DFA(InPlace(), backend="triton")
+    dfa = fastdfa.DFA(InPlace().to(DEVICE), backend="triton")
     _step(dfa, torch.randn(4, 6, device=DEVICE))
     assert "in place" in dfa.fusion_report()["a"]
 
     cnn = nn.Sequential(fastdfa.Conv2d(1, 2, 3, padding=1, activation="relu"),
-                        fastdfa.Conv2d(2, 2, 3, padding=1), nn.Flatten(), fastdfa.Linear(2 * 5 * 5, 3))
+                        fastdfa.Conv2d(2, 2, 3, padding=1), nn.Flatten(), fastdfa.Linear(2 * 5 * 5, 3)).to(DEVICE)
     dfa = fastdfa.DFA(cnn, backend="triton", conv_feedback="channel")
     _step(dfa, torch.randn(4, 1, 5, 5, device=DEVICE))
     assert "channel-wise" in dfa.fusion_report()["0"]
 
     block = nn.Sequential(fastdfa.Linear(5, 5, activation="relu"), fastdfa.Linear(5, 5))
-    model = nn.Sequential(fastdfa.Linear(6, 5), block, fastdfa.Linear(5, 3))
+    model = nn.Sequential(fastdfa.Linear(6, 5), block, fastdfa.Linear(5, 3)).to(DEVICE)
     dfa = fastdfa.DFA(model, backend="triton", sites=[block])
     _step(dfa, torch.randn(4, 6, device=DEVICE))
     report = dfa.fusion_report()

@@ -55,8 +55,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conv-feedback", choices=CONV_FEEDBACK, default="dense")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
-                   help="kernel backend for DFA (default: $FASTDFA_BACKEND, else auto: triton or cuda on a GPU, "
-                        "torch on the CPU); see `python -m fastdfa info`")
+                   help="kernel backend for DFA (default: $FASTDFA_BACKEND, else auto: torch, the fastest measured "
+                        "eager DFA on CPU and GPU); see `python -m fastdfa info`")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON to this path")
     p.add_argument("--feedback-lr", type=float, default=0.5, help="grape: step size of the feedback alignment")
