@@ -5,7 +5,7 @@
     jvp_linear    primal and tangents of ``g(x W^T + b)`` through ONE GEMM, activation state saved
     align_step    GrAPE's feedback step for all sites (column cosines, step, normalisation), J_hat never stored
 
-The repository keeps these under ``triton_kernels/`` (DESIGN.md section 3);
+The repository keeps these under ``triton_kernels/`` (docs/design.md section 3);
 ``python/fastdfa/triton_kernels`` links here, so they import as
 ``fastdfa.triton_kernels`` from a source checkout, an editable install and a
 wheel alike. Importing this package imports triton: fastdfa itself only does

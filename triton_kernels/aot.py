@@ -13,7 +13,13 @@ The variants are the engine's launches at the shapes DFA nets have
 (``NETS``): every op, fp32 / fp16 / bf16, every activation, ieee and tf32, the
 batch a multiple of 16 or not, with and without bias, 0 / 1 tangents (the
 engine) and more (the API). Launches that bind to the same compiled kernel
-(same signature, constexprs, divisibility and options) are compiled once.
+(same signature, constexprs, divisibility and options: warps, stages, the
+register budget ``maxnreg``) are compiled once.
+
+Reported per compiled kernel and target: registers, spill stores / loads and
+stack frame (ptxas' ``-v`` log of the compile), and shared memory (the kernel's
+metadata). A check fails on a compile error, shared memory above the target's
+opt-in limit, or a spill in a kernel the engine launches.
 
     python -m fastdfa.triton_kernels.aot [--full] [--arch 80,90] [--report FILE]
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -55,7 +62,7 @@ NETS = (
     ("256-256x2-1000", 256, (256, 256), 1000),
 )
 # Convolutional DFA nets reach dfa_project / align_step with big dense sites (C*H*W rows) and
-# small channel-wise ones (C rows); their Linear head is a jvp_linear like any other.
+# small channel-wise ones (C rows).
 CONV_SITES = (("conv-16x28x28,32x14x14-10", (16 * 28 * 28, 32 * 14 * 14), 10),
               ("conv-channelwise-16,32,64-10", (16, 32, 64), 10))
 BATCHES = (256, 100)              # a full batch, and one that is not a multiple of 16
@@ -95,6 +102,7 @@ class _Pointer:
 
 
 # --------------------------------------------------------------------------- binding
+@functools.lru_cache(maxsize=None)
 def _nvidia_backend():
     from triton.compiler.compiler import make_backend
     from triton.backends.compiler import GPUTarget
@@ -108,7 +116,7 @@ def _specialize_arg(backend, value, is_const: bool, specialize: bool, align: boo
     except ImportError:  # older triton: the same rules, written out
         native_specialize_impl = None
     if native_specialize_impl is not None:
-        return native_specialize_impl(type(backend), value, is_const, specialize, align)
+        return native_specialize_impl(backend, value, is_const, specialize, align)
     if hasattr(value, "data_ptr"):
         ty = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
                     torch.int32: "i32", torch.uint8: "u8"}[value.dtype]
@@ -367,16 +375,13 @@ def sample(variants: list[Variant]) -> list[Variant]:
 
 
 def _axes(v: Variant) -> dict:
-    """What the sample covers pairwise: the variant's dtype, precision, activation, bias, tangent
-    tile, and whether its sizes and strides are multiples of 16 (what the compiled code depends on)."""
-    d, c, a = v.desc, v.launch.constexprs, v.launch.args
+    """What the sample covers pairwise: the variant's dtype, precision, batch (a multiple of 16 or
+    not), activation, bias, tangent tile, and the alignments the launcher derived (ALIGN_*)."""
+    d, c = v.desc, v.launch.constexprs
     axes = {"dtype": d["dtype"], "precision": d["precision"], "batch16": d["batch"] % 16 == 0}
+    axes.update({k: x for k, x in c.items() if k.startswith("ALIGN") or k in ("PASS", "T_PAD", "STORE_PRIMAL")})
     if d["op"] == "jvp_linear":
-        k, m = (int(x) for x in d["layer"].split("->"))
-        axes.update(act=d["act"], bias=d["bias"], t_pad=c["T_PAD"], primal=c["STORE_PRIMAL"],
-                    in16=k % 16 == 0, out16=m % 16 == 0)
-    elif d["op"] in ("dfa_project", "align_step"):
-        axes.update(n_out16=a[6 if d["op"] == "dfa_project" else 5] % 16 == 0, pass_=c.get("PASS", 0))
+        axes.update(act=d["act"], bias=d["bias"])
     return {k: str(x) for k, x in axes.items()}
 
 

@@ -1,6 +1,6 @@
 """``dfa_project``: every site's delta from the output error in ONE launch.
 
-Math (Nøkland 2016, DESIGN.md section 1): with the output error ``e``
+Math (Nøkland 2016, docs/design.md section 1): with the output error ``e``
 (``[N, n_out]``) and the feedback of all sites stacked row-wise into ``F_all``
 (``[R, n_out]``; site ``s`` owns rows ``[offset_s, offset_s + rows_s)``),
 
@@ -110,7 +110,7 @@ def _blocks(n: int, k: int, rows_max: int, dtype: torch.dtype, gpu: bool) -> tup
     twice the bytes, and an "ieee" fp32 dot runs on FMAs with its operands in
     registers, so fp32 takes BLOCK_K 16 and 8 warps (spill-free on sm_80 and
     sm_90, ``tests/test_triton_compile.py``). The interpreter's cost grows
-    with programs x K steps (DESIGN.md section 5), so on CPU the tiles are as
+    with programs x K steps (docs/design.md section 5), so on CPU the tiles are as
     large as the problem.
     """
     if gpu:
