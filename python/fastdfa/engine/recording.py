@@ -327,8 +327,8 @@ def discover(model: nn.Module, sites: list[nn.Module] | None, layer_types: tuple
     layers = [m for m in model.modules() if isinstance(m, layer_types)]
     if not layers and not user_sites:
         raise ValueError("the model has no fastdfa layer (fastdfa.Linear / fastdfa.Conv2d) and no "
-                         "sites= were given: nothing for DFA to train. Replace torch.nn.Linear/Conv2d "
-                         "with fastdfa.Linear/Conv2d, or name blocks with sites=[...].")
+                         "sites= were given: nothing for DFA to train. fastdfa.convert(model) swaps every "
+                         "torch.nn.Linear/Conv2d for fastdfa's in one call; or name blocks with sites=[...].")
     candidates = [m for m in model.modules()
                   if (isinstance(m, layer_types) and id(m) not in inside_user) or id(m) in user_ids]
     return names, candidates, user_sites, layers

@@ -136,17 +136,8 @@ class FeedbackStore(nn.Module):
         if extra is not None and self.perturbations is not None and "grape" in extra:
             self.perturbations.load_state_dict(extra["grape"])
         for i, layer in enumerate(self.fa_layers):
-            value = mine.pop(f"fa.{i}", None)
-            if value is None:
-                if strict:
-                    missing_keys.append(prefix + f"fa.{i}")
-                continue
-            if value.shape != layer.feedback_weight.shape:
-                error_msgs.append(f"{prefix}fa.{i}: shape {tuple(value.shape)} does not match the FA feedback "
-                                  f"of shape {tuple(layer.feedback_weight.shape)}")
-                continue
-            with torch.no_grad():
-                layer.feedback_weight.copy_(value)
+            _copy_into(layer.feedback_weight, mine.pop(f"fa.{i}", None), f"{prefix}fa.{i}", "the FA feedback",
+                       strict, missing_keys, error_msgs)
         site_values = {k: v for k, v in mine.items() if k.isdigit()}
         for k in mine:
             if not k.isdigit() and strict:
@@ -163,20 +154,23 @@ class FeedbackStore(nn.Module):
                 self.pending_names = list(extra["sites"])
             return
         for site in sites:
-            value = site_values.get(str(site.index))
-            if value is None:
-                if strict:
-                    missing_keys.append(prefix + str(site.index))
-                continue
-            if value.shape != site.feedback.shape:
-                error_msgs.append(f"{prefix}{site.index} (site {site.name!r}): shape {tuple(value.shape)} does "
-                                  f"not match the feedback of shape {tuple(site.feedback.shape)}")
-                continue
-            with torch.no_grad():
-                site.feedback.copy_(value)
+            _copy_into(site.feedback, site_values.get(str(site.index)), f"{prefix}{site.index}",
+                       f"the feedback of site {site.name!r}", strict, missing_keys, error_msgs)
         for k in site_values:
             if int(k) >= len(sites) and strict:
                 unexpected_keys.append(prefix + k)
+
+
+def _copy_into(target: torch.Tensor, value, key: str, what: str, strict: bool, missing_keys, error_msgs) -> None:
+    """torch's loading protocol for one tensor: note it missing, note a shape mismatch, or copy it in."""
+    if value is None:
+        if strict:
+            missing_keys.append(key)
+    elif value.shape != target.shape:
+        error_msgs.append(f"{key}: shape {tuple(value.shape)} does not match {what} of shape {tuple(target.shape)}")
+    else:
+        with torch.no_grad():
+            target.copy_(value)
 
 
 OPTIONAL_KEYS = ("feedback._extra_state",)
