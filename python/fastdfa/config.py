@@ -13,7 +13,10 @@ The options (docs/design.md section 2 has the reasons behind each):
     mode            "dfa", "fa", "bp" or "grape"
     seed            seeds every feedback matrix (site feedback, FA feedback_weight)
     feedback        "uniform" or "gaussian": variance feedback_scale**2 / n per site
-    conv_feedback   "dense" (C*H*W rows per conv site) or "channel" (C rows, broadcast over space)
+    feedback_layout "dense" (one row per element of the site, tied to its shape) or "per-feature"
+                    (one row per feature: the channel axis of a [C, H, W] site, the last axis of any
+                    other, broadcast over the rest: tokens, space; such a site takes any length)
+    conv_feedback   the older spelling for conv sites: "channel" means feedback_layout="per-feature"
     feedback_scale  multiplies the default feedback scale (> 0)
     batch_dims      leading dims treated as the batch (2 for [batch, tokens, ...])
     nonfinite       what a NaN/inf output error does: "raise", "skip" or "ignore"
@@ -35,6 +38,7 @@ from dataclasses import dataclass, fields, replace
 MODES = ("bp", "fa", "dfa", "grape")
 FEEDBACK_KINDS = ("uniform", "gaussian")
 CONV_FEEDBACK = ("dense", "channel")
+FEEDBACK_LAYOUTS = ("dense", "per-feature")
 # What a NaN/inf output error does. "raise" and "skip" read the error on the host: one device sync per
 # backward, which stalls the CPU's launch queue on a GPU; "ignore" checks nothing (BP's behaviour).
 NONFINITE = ("raise", "skip", "ignore")
@@ -78,6 +82,7 @@ class DFAConfig:
     seed: int = 0
     feedback: str = "uniform"
     conv_feedback: str = "dense"
+    feedback_layout: str = "dense"
     feedback_scale: float = 1.0
     batch_dims: int = 1
     nonfinite: str = "raise"
@@ -95,6 +100,9 @@ class DFAConfig:
         object.__setattr__(self, "seed", int(self.seed))  # numpy ints are accepted and stored as int
         _choice("feedback", self.feedback, FEEDBACK_KINDS)
         _choice("conv_feedback", self.conv_feedback, CONV_FEEDBACK)
+        _choice("feedback_layout", self.feedback_layout, FEEDBACK_LAYOUTS)
+        if self.conv_feedback == "channel":  # the conv spelling of per-feature feedback
+            object.__setattr__(self, "feedback_layout", "per-feature")
         _positive_finite("feedback_scale", self.feedback_scale)
         _int_at_least("batch_dims", self.batch_dims, 1)
         _choice("nonfinite", self.nonfinite, NONFINITE)
@@ -149,6 +157,7 @@ class WrapperOptions:
     seed = _read("seed")
     feedback_kind = _read("feedback", "'uniform' or 'gaussian'")
     conv_feedback = _read("conv_feedback")
+    feedback_layout = _read("feedback_layout", "'dense' or 'per-feature' (see fastdfa.DFAConfig)")
     feedback_scale = _read("feedback_scale")
     batch_dims = _read("batch_dims")
     wgrad = _read("wgrad")

@@ -49,7 +49,9 @@ class DFA(WrapperOptions, nn.Module):
         seed: seeds every feedback matrix, independently of the global RNG and device.
         feedback, feedback_scale: "uniform" or "gaussian", variance ``feedback_scale**2 / n``.
         sites: extra modules whose inputs become sites (DFA between them, BP inside them).
-        conv_feedback: "dense" (``(C*H*W, n_out)`` per conv site) or "channel" (``(C, n_out)``).
+        feedback_layout: "dense" (one row per element of a site) or "per-feature" (one row per feature,
+            broadcast over tokens / space: the site then takes any length); ``conv_feedback="channel"``
+            is the older conv spelling of "per-feature".
         batch_dims: leading dims treated as the batch (2 for ``[batch, tokens, ...]`` models).
         nonfinite: a NaN/inf output error "raise"s ``NonFiniteErrorSignal``, is "skip"ped
             (``dfa.skipped_steps``), or is "ignore"d (no host sync, NaN flows on as in BP).
@@ -63,6 +65,7 @@ class DFA(WrapperOptions, nn.Module):
 
     def __init__(self, model: nn.Module, mode: str = "dfa", seed: int = 0, feedback: str = "uniform",
                  sites: list[nn.Module] | None = None, *, conv_feedback: str = "dense",
+                 feedback_layout: str = "dense",
                  feedback_scale: float = 1.0, batch_dims: int = 1, nonfinite: str = "raise",
                  example_input=None, backend: str | None = None, wgrad: str = "grouped",
                  feedback_lr: float = 0.5, perturb: str = "activation", jvp: str = "per-site",
@@ -71,6 +74,7 @@ class DFA(WrapperOptions, nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         config = DFAConfig(mode=mode, seed=seed, feedback=feedback, conv_feedback=conv_feedback,
+                           feedback_layout=feedback_layout,
                            feedback_scale=feedback_scale, batch_dims=batch_dims, nonfinite=nonfinite,
                            backend=backend, wgrad=wgrad, streams=streams, feedback_lr=feedback_lr,
                            perturb=perturb, jvp=jvp)
@@ -260,9 +264,9 @@ class DFA(WrapperOptions, nn.Module):
         config = self._config
         self.feedback.build(rec.order[1:], rec.shapes, self.module_names, n_out, seed=config.seed,
                             kind=config.feedback, scale=config.feedback_scale,
-                            channel_convs=config.conv_feedback == "channel",
+                            per_feature=config.feedback_layout == "per-feature",
                             dtype=params[0].dtype if params else output.dtype, device=output.device)
-        self._recorder.freeze(rec.order, rec.shapes)
+        self._recorder.freeze(rec.order, self.feedback.sites)
 
     def _resolve_backend(self, args) -> KernelBackend:
         """Pick the backend on the first DFA forward, from where the model lives (before any state)."""

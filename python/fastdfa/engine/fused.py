@@ -86,7 +86,8 @@ class FusedPlan:
         why = ("its output feeds two sites or the output (second consumer): generic route" if rec.claimed else
                "its output was modified in place after the forward: generic route"
                if x._version != rec.out_version else
-               "its output feeds a channel-wise site (the projection epilogue writes dense blocks): generic route"
+               "its output feeds a per-feature (channel-wise) site (the projection epilogue writes dense blocks): "
+               "generic route"
                if channelwise else
                "its output's shape does not match the site's rows: generic route"
                if rec.rows != rows or rec.x.shape[0] != n else None)
@@ -114,7 +115,8 @@ class FusedPlan:
     def finish(self, site_inputs, sites, output: torch.Tensor, n_out: int, n: int) -> list[torch.Tensor]:
         """Claim the producers of the sites and of the output; the claimed layers' parameters, in order
         (the output node hands their gradients to autograd)."""
-        self.site_producers = [self.claim(x, site.rows, n, site.channelwise) for x, site in zip(site_inputs, sites)]
+        self.site_producers = [self.claim(x, site.rows, n, site.feature_axis is not None)
+                               for x, site in zip(site_inputs, sites)]
         self.output_producer = self.claim(output, n_out, n)
         params = []
         for r in self.claimed:
@@ -236,7 +238,7 @@ def fused_layer_forward(plan: FusedPlan, kernels, layer, x: torch.Tensor) -> tor
 
 
 def fused_backward(kernels, store, feedback: torch.Tensor, names, wgrad: str, streams: int, error: torch.Tensor,
-                   batch_shape, plan: FusedPlan, site_dtypes):
+                   batch_shape, plan: FusedPlan, site_dtypes, site_shapes=None):
     """(gradient for the model output, gradients of the site inputs, gradients of the claimed params).
 
     ``store``: the wrapper's ``FeedbackStore`` (sites, layout); ``feedback``: the [R, n_out] buffer to
@@ -253,7 +255,7 @@ def fused_backward(kernels, store, feedback: torch.Tensor, names, wgrad: str, st
                   kernels.ProjectSite(site.offset, site.rows, rec.layer.activation, rec.state)
                   for site, rec in zip(sites, plan.site_producers)]
         projected = kernels.dfa_project(e, feedback, psites)  # ONE launch: every site, g' fused
-        for g, site, rec, dt in zip(split_projection(projected, store.layout, batch_shape), sites,
+        for g, site, rec, dt in zip(split_projection(projected, store.layout, batch_shape, site_shapes), sites,
                                     plan.site_producers, site_dtypes):
             if rec is None:
                 site_grads.append(g if g.dtype == dt else g.to(dt))

@@ -170,7 +170,8 @@ class DualPass:
             return x  # perturbed in weight space, inside the layer
         p = torch.randn(primal[mine].shape, generator=self.stream.generator(primal.device),
                         device=primal.device, dtype=torch.float32).to(primal.dtype)
-        self.perturbations[k] = p.reshape(self.n, *self.sites[k].shape)
+        per_sample = len(self.sites[k].shape)  # this forward's per-sample shape (a per-feature site's varies)
+        self.perturbations[k] = p.reshape(self.n, *p.shape[p.dim() - per_sample:])
         inject = self.scatter(k, p, primal.shape)
         return fwAD.make_dual(primal, inject if tangent is None else tangent + inject)
 
@@ -248,8 +249,8 @@ def _estimate(inj: DualPass, sites, t_all: torch.Tensor, n: int) -> GrapeEstimat
             est.tangents.append(t_k / norm)
         else:
             p = inj.perturbations[k]
-            if site.channelwise:
-                p = p.reshape(n, site.shape[0], -1).sum(-1)
+            if site.feature_axis is not None:  # the Jacobian summed over the axes the feedback is broadcast on
+                p = p.movedim(1 + site.feature_axis, -1).reshape(n, -1, site.rows).sum(1)
             est.perturbations.append(p.reshape(n, -1))
             est.tangents.append(t_k)
     return est

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from ..ops.dfa_project import split_projection
 from ..triton_kernels._tables import stream_capturing
 from . import fused
 
@@ -52,8 +53,11 @@ class OutputNode(torch.autograd.Function):
     def forward(ctx, router: "ErrorRouter", plan, estimate, output: torch.Tensor, *tensors: torch.Tensor):
         n_sites = len(tensors) - (0 if plan is None else plan.n_params)
         ctx.router, ctx.plan, ctx.estimate, ctx.n_tensors = router, plan, estimate, len(tensors)
-        ctx.batch_shape = output.shape[:router.batch_dims]
+        batch_dims = router.batch_dims
+        ctx.batch_shape = output.shape[:batch_dims]
         ctx.site_dtypes = [x.dtype for x in tensors[:n_sites]]
+        # per-feature sites take any length: this forward's per-sample shapes, to broadcast the error to
+        ctx.site_shapes = [x.shape[batch_dims:] for x in tensors[:n_sites]] if router.store.per_feature else None
         if plan is not None:  # the fused layers' inputs and states: freed by autograd after the backward
             ctx.save_for_backward(*plan.take_tensors())
         return output.view_as(output)
@@ -68,8 +72,8 @@ class OutputNode(torch.autograd.Function):
             # same graph (retain_graph=True) must project with the feedback this forward used, so keep it.
             ctx.feedback = ctx.router.store.flat.clone()
         try:
-            result = ctx.router.backward(grad_output, ctx.batch_shape, ctx.site_dtypes, plan, ctx.estimate,
-                                         getattr(ctx, "feedback", None))
+            result = ctx.router.backward(grad_output, ctx.batch_shape, ctx.site_dtypes, ctx.site_shapes, plan,
+                                         ctx.estimate, getattr(ctx, "feedback", None))
         finally:
             if plan is not None:
                 plan.take_tensors()  # only autograd's saved copies keep them alive
@@ -97,8 +101,8 @@ class ErrorRouter:
         self.batch_dims = engine.config.batch_dims
         self.skipped_steps = 0
 
-    def backward(self, error: torch.Tensor, batch_shape, site_dtypes, plan, estimate, feedback=None):
-        result = self.route(error, batch_shape, site_dtypes, plan, feedback)
+    def backward(self, error: torch.Tensor, batch_shape, site_dtypes, site_shapes, plan, estimate, feedback=None):
+        result = self.route(error, batch_shape, site_dtypes, site_shapes, plan, feedback)
         if result is not None and estimate is not None:
             self.on_estimate(estimate)
         return result
@@ -121,7 +125,7 @@ class ErrorRouter:
             p.grad = None
         return False
 
-    def route(self, error: torch.Tensor, batch_shape, site_dtypes, plan, feedback=None):
+    def route(self, error: torch.Tensor, batch_shape, site_dtypes, site_shapes, plan, feedback=None):
         """The gradients of one backward; ``feedback``: the [R, n_out] to project with (None: the store's)."""
         engine = self.engine
         store = self.store
@@ -134,7 +138,7 @@ class ErrorRouter:
         if plan is not None:
             config = engine.config
             return fused.fused_backward(kernels, store, flat, engine.module_names, config.wgrad, config.streams,
-                                        error, batch_shape, plan, site_dtypes)
+                                        error, batch_shape, plan, site_dtypes, site_shapes)
         sites = store.sites
         if not sites:
             return error, [], []
@@ -146,16 +150,8 @@ class ErrorRouter:
             if all(dt == dtype for dt in site_dtypes):
                 return error, grads, []
             return error, [g if g.dtype == dt else g.to(dt) for g, dt in zip(grads, site_dtypes)], []
-        grads = []
-        for (offset, rows, shape, channelwise), dtype in zip(store.layout, site_dtypes):
-            block = projected[:, offset:offset + rows]
-            if channelwise:
-                ones = (1,) * (len(shape) - 1)
-                block = block.reshape(*batch_shape, shape[0], *ones).expand(*batch_shape, *shape)
-            else:
-                block = block.reshape(*batch_shape, *shape)
-            grads.append(block if block.dtype == dtype else block.to(dtype))
-        return error, grads, []
+        grads = split_projection(projected, store.layout, batch_shape, site_shapes)
+        return error, [g if g.dtype == dt else g.to(dt) for g, dt in zip(grads, site_dtypes)], []
 
 
 class ErrorGuard(torch.autograd.Function):

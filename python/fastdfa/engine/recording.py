@@ -53,14 +53,15 @@ class Recorder:
         self.user_sites = set(user_sites)
         self.batch_dims = batch_dims
         self.expected: tuple[nn.Module, ...] | None = None  # once built: the order every forward follows
-        self.site_shapes: list[tuple[int, ...]] = []
+        self.site_checks: list[tuple[tuple[int, ...], int | None]] = []  # per site: (shape, feature axis)
         self.active = None  # the interceptor of the forward now running
         self.hooks = [m.register_forward_pre_hook(self._site_hook) for m in user_sites]
 
-    def freeze(self, order: list[nn.Module], shapes: list[tuple[int, ...]]) -> None:
-        """After the build: every later forward must run ``order`` with these per-sample site shapes."""
+    def freeze(self, order: list[nn.Module], sites) -> None:
+        """After the build: every later forward must run ``order``, each site with an input its feedback
+        fits (dense: the same per-sample shape; per-feature: the same number of dims and of features)."""
         self.expected = tuple(order)
-        self.site_shapes = list(shapes)
+        self.site_checks = [(s.shape, s.feature_axis) for s in sites]
 
     @contextlib.contextmanager
     def intercepting(self, interceptor):
@@ -186,10 +187,12 @@ class Recording:
                                f"position {position} is {recorder.names[module]!r}, expected {want!r}")
         if position == 0:  # the first module executed: its input is the data, not a site
             return x
-        shape = recorder.site_shapes[position - 1]
+        shape, axis = recorder.site_checks[position - 1]
         flat = self.flat
-        if x.shape[recorder.batch_dims:] != shape or x.device != flat.device or x.dtype != flat.dtype:
-            self._refuse(position, x, shape, flat)
+        got = x.shape[recorder.batch_dims:]
+        fits = got == shape if axis is None else len(got) == len(shape) and got[axis] == shape[axis]
+        if not fits or x.device != flat.device or x.dtype != flat.dtype:
+            self._refuse(position, x, shape, axis, flat)
         self.inputs.append(x)
         return x.detach()
 
@@ -210,7 +213,8 @@ class Recording:
         self.shapes.append(tuple(x.shape[batch_dims:]))
         return x.detach()
 
-    def _refuse(self, position: int, x: torch.Tensor, shape: tuple[int, ...], flat: torch.Tensor) -> None:
+    def _refuse(self, position: int, x: torch.Tensor, shape: tuple[int, ...], axis: int | None,
+                flat: torch.Tensor) -> None:
         """Raise the error for a site input that does not match the built feedback (autocast excepted)."""
         name = self.store.sites[position - 1].name
         batch_dims = self.recorder.batch_dims
@@ -221,9 +225,14 @@ class Recording:
                              f"fastdfa.DFA takes batched inputs: give an unbatched sample a batch dim "
                              f"(x.unsqueeze(0)); a model whose inputs gained or lost dims needs a new "
                              f"fastdfa.DFA")
-        if got != shape:
+        if axis is not None and got[axis] != shape[axis]:
+            raise ValueError(f"site {name!r}: input of per-sample shape {got}, but its per-feature feedback "
+                             f"has {shape[axis]} features on axis {axis} (any size on the other axes); build a "
+                             f"new fastdfa.DFA for the new shapes")
+        if axis is None and got != shape:
             raise ValueError(f"site {name!r}: input of per-sample shape {got}, but its feedback was "
-                             f"built for {shape}; build a new fastdfa.DFA for the new shapes")
+                             f"built for {shape}; build a new fastdfa.DFA for the new shapes, or use "
+                             f"feedback_layout='per-feature' for sites whose length varies")
         if x.device != flat.device:
             raise RuntimeError(f"site {name!r}: input is on {x.device} but the feedback is on "
                                f"{flat.device}; move the wrapper, not only the model: dfa.to({x.device!s})")

@@ -18,26 +18,40 @@ from ..feedback import feedback_matrix, seeded_generator
 from ..ops.dfa_project import ProjectSite
 
 
+def feature_axis(site_shape: tuple[int, ...], per_feature: bool) -> int | None:
+    """The per-sample axis that per-feature feedback keeps (None: dense): the channel axis of a
+    [C, H, W] site (a conv input), the last axis of any other; a [features] site is dense either way."""
+    if not per_feature or len(site_shape) < 2:
+        return None
+    return 0 if len(site_shape) == 3 else len(site_shape) - 1
+
+
 class Site:
     """One feedback site: the input of ``module``.
 
     ``feedback`` is a view of rows ``[offset, offset + rows)`` of the
     wrapper's concatenated feedback buffer, shape ``(rows, out_features)``:
-    ``rows`` is the site's features (dense) or its channels (channel-wise,
-    broadcast over space). Writing into it changes the feedback used by the
-    next backward.
+    ``rows`` is the site's elements per sample (dense) or its features
+    (per-feature: axis ``feature_axis`` of the per-sample shape, the error
+    broadcast over the other axes). Writing into it changes the feedback used
+    by the next backward.
     """
 
     def __init__(self, store: "FeedbackStore", index: int, name: str, module: nn.Module,
-                 shape: tuple[int, ...], channelwise: bool, offset: int, rows: int):
+                 shape: tuple[int, ...], feature_axis: int | None, offset: int, rows: int):
         self._store = store
         self.index = index
         self.name = name
         self.module = module
-        self.shape = shape          # per-sample shape of the site tensor
-        self.channelwise = channelwise
+        self.shape = shape          # per-sample shape of the site tensor when the feedback was built
+        self.feature_axis = feature_axis
         self.offset = offset
         self.rows = rows
+
+    @property
+    def channelwise(self) -> bool:
+        """Whether the feedback is per feature (broadcast over the other axes) rather than dense."""
+        return self.feature_axis is not None
 
     @property
     def feedback(self) -> torch.Tensor:
@@ -48,7 +62,7 @@ class Site:
         return math.prod(self.shape)
 
     def __repr__(self) -> str:
-        kind = "channel-wise" if self.channelwise else "dense"
+        kind = "dense" if self.feature_axis is None else f"per-feature (axis {self.feature_axis})"
         return f"Site({self.index}: {self.name!r}, shape={self.shape}, {kind} feedback {tuple(self.feedback.shape)})"
 
 
@@ -62,7 +76,7 @@ class FeedbackStore(nn.Module):
     yet) is kept and used, shape-checked, when the sites are built.
 
     After ``build``: ``sites`` (input to output), ``layout`` (per site
-    ``(offset, rows, shape, channelwise)``, what the projection is split by)
+    ``(offset, rows, shape, feature_axis)``, what the projection is split by)
     and ``n_out``.
     """
 
@@ -75,6 +89,7 @@ class FeedbackStore(nn.Module):
         self.project_sites: list[ProjectSite] = []  # the projection's sites (no g' epilogue)
         self.split_sizes: list[int] = []            # each site's rows, in order
         self.flat_sites = False                     # every site is [batch, features]: no reshape needed
+        self.per_feature = False                    # some site's feedback is broadcast (its length may vary)
         self.n_out: int | None = None
         self.pending: dict[str, torch.Tensor] = {}  # loaded before the build, used by it
         self.pending_names: list[str] | None = None
@@ -85,14 +100,14 @@ class FeedbackStore(nn.Module):
         return None if self.sites is None else [s.name for s in self.sites]
 
     def build(self, modules: list[nn.Module], shapes: list[tuple[int, ...]], names: dict, n_out: int, *,
-              seed: int, kind: str, scale: float, channel_convs: bool, dtype: torch.dtype,
+              seed: int, kind: str, scale: float, per_feature: bool, dtype: torch.dtype,
               device: torch.device) -> None:
         """Create one site per module (its per-sample input shape in ``shapes``), seeded per site index."""
         sites, offset, blocks = [], 0, []
         for i, (module, site_shape) in enumerate(zip(modules, shapes)):
-            channelwise = channel_convs and len(site_shape) == 3
-            rows = site_shape[0] if channelwise else math.prod(site_shape)
-            site = Site(self, i, names[module], module, site_shape, channelwise, offset, rows)
+            axis = feature_axis(site_shape, per_feature)
+            rows = math.prod(site_shape) if axis is None else site_shape[axis]
+            site = Site(self, i, names[module], module, site_shape, axis, offset, rows)
             pending = self.pending.get(str(i))
             if pending is not None:
                 if tuple(pending.shape) != (rows, n_out):
@@ -101,6 +116,9 @@ class FeedbackStore(nn.Module):
                 blocks.append(pending.to(dtype=dtype, device=device))
             else:
                 gen = seeded_generator(seed, "site", i)
+                # fan: the site's elements per sample at the build, per-feature sites included, so that the
+                # per-sample norm of the broadcast error is about ||e|| at the build's size (channel-wise conv
+                # feedback has always been scaled so)
                 blocks.append(feedback_matrix((rows, n_out), math.prod(site_shape), kind, gen, scale,
                                               dtype=dtype, device=device))
             sites.append(site)
@@ -111,10 +129,11 @@ class FeedbackStore(nn.Module):
         self.flat = torch.cat(blocks) if blocks else torch.empty(0, n_out, dtype=dtype, device=device)
         self.pending, self.pending_names = {}, None
         self.sites = sites
-        self.layout = [(s.offset, s.rows, s.shape, s.channelwise) for s in sites]
+        self.layout = [(s.offset, s.rows, s.shape, s.feature_axis) for s in sites]
         self.project_sites = [ProjectSite(s.offset, s.rows) for s in sites]
         self.split_sizes = [s.rows for s in sites]
-        self.flat_sites = all(len(s.shape) == 1 and not s.channelwise for s in sites)
+        self.flat_sites = all(len(s.shape) == 1 and s.feature_axis is None for s in sites)
+        self.per_feature = any(s.feature_axis is not None for s in sites)
         self.n_out = n_out
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..backends import BackendUnavailableError
-from ..config import BACKEND_CHOICES, CONV_FEEDBACK, FEEDBACK_KINDS, JVP, PERTURB
+from ..config import BACKEND_CHOICES, CONV_FEEDBACK, FEEDBACK_KINDS, FEEDBACK_LAYOUTS, JVP, PERTURB
 from ..grape import CALIBRATE_SCALES
 from ..info import info_text, machine_info
 from ..models import ACTIVATIONS, MODELS
@@ -53,6 +53,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--feedback", choices=FEEDBACK_KINDS, default="uniform")
     p.add_argument("--conv-feedback", choices=CONV_FEEDBACK, default="dense")
+    p.add_argument("--feedback-layout", choices=FEEDBACK_LAYOUTS, default="dense",
+                   help="dense: one feedback row per site element; per-feature: one per feature (channel, "
+                        "last axis), broadcast over tokens / space")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
                    help="kernel backend for DFA (default: $FASTDFA_BACKEND, else auto: torch, the fastest measured "
@@ -97,7 +100,7 @@ def _config(args: argparse.Namespace, method: str) -> TrainConfig:
     return TrainConfig(method=method, model=args.model, hidden=args.hidden, activation=args.activation,
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                        weight_decay=args.weight_decay, seed=args.seed, feedback=args.feedback,
-                       conv_feedback=args.conv_feedback, device=args.device, backend=args.backend,
+                       conv_feedback=args.conv_feedback, feedback_layout=args.feedback_layout, device=args.device, backend=args.backend,
                        log_alignment=args.log_alignment, feedback_lr=args.feedback_lr, perturb=args.perturb,
                        jvp=args.jvp, calibrate_every=args.calibrate_every,
                        calibrate_every_steps=args.calibrate_every_steps, calibrate_below=args.calibrate_below,

@@ -42,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     feedback: str = "uniform"
     conv_feedback: str = "dense"
+    feedback_layout: str = "dense"   # "per-feature": one row per feature, broadcast over tokens / space
     device: str = "cpu"
     backend: str | None = None  # None: FASTDFA_BACKEND or "auto" (fastdfa.backends)
     log_alignment: bool = False  # WA and GA after every epoch (fastdfa.metrics), for fa, dfa and grape
@@ -63,6 +64,7 @@ class TrainConfig:
     def dfa_config(self) -> DFAConfig:
         """The wrapper's options, validated by ``fastdfa.DFAConfig`` (the one place they are checked)."""
         return DFAConfig(mode=self.method, seed=self.seed, feedback=self.feedback, conv_feedback=self.conv_feedback,
+                         feedback_layout=self.feedback_layout,
                          backend=self.backend, feedback_lr=self.feedback_lr, perturb=self.perturb, jvp=self.jvp)
 
     def validate(self) -> None:

@@ -6,7 +6,9 @@ R = sum of the sites' rows), ``P = e @ F_all^T`` (``[N, R]``); site ``s`` owns
 columns ``[offset_s, offset_s + rows_s)`` of ``P``:
 
     dense site:        delta_s = P[:, cols].view(N, *site_shape)
-    channel-wise site: delta_s = P[:, cols].view(N, C, 1, 1).expand(N, C, H, W)
+    per-feature site:  delta_s = P[:, cols] broadcast over every per-sample axis but the feature axis:
+                       [N, C] -> [N, C, 1, 1].expand(N, C, H, W) (a conv input, channel axis),
+                       [N, H] -> [N, 1, H].expand(N, T, H) (tokens, last axis)
 
 Equivalent per-site PyTorch code (the definition the tests check):
 ``(e @ F_s.T).reshape(site_tensor.shape)``. With a saved activation state for a
@@ -62,7 +64,7 @@ def dfa_project_reference(error: torch.Tensor,          # [N, n_out]
 def project_to_sites(
     error: torch.Tensor,          # [N, n_out]
     feedback_all: torch.Tensor,   # [R, n_out], the sites' feedback stacked row-wise
-    layout: Sequence[tuple[int, int, tuple[int, ...], bool]],  # (offset, rows, site_shape, channelwise)
+    layout: Sequence[tuple[int, int, tuple[int, ...], int | None]],  # (offset, rows, site_shape, feature_axis)
     batch_shape: tuple[int, ...],  # leading dims of the site tensors, prod == N
 ) -> list[torch.Tensor]:
     """Projected error of every site, shaped like the site tensors: ONE GEMM, then views."""
@@ -74,17 +76,22 @@ def project_to_sites(
 
 def split_projection(
     projected: torch.Tensor,      # [N, R]
-    layout: Sequence[tuple[int, int, tuple[int, ...], bool]],
+    layout: Sequence[tuple[int, int, tuple[int, ...], int | None]],  # (offset, rows, site_shape, feature_axis)
     batch_shape: tuple[int, ...],
+    shapes: Sequence[tuple[int, ...]] | None = None,  # per site: this forward's per-sample shape
 ) -> list[torch.Tensor]:
-    """Each site's projected error as a view of ``projected``, shaped like the site tensor."""
+    """Each site's projected error as a view of ``projected``, shaped like the site tensor: dense sites
+    (``feature_axis`` None) take their block as the per-sample shape; per-feature sites broadcast it over
+    every per-sample axis but ``feature_axis``, to this forward's shape (``shapes``; default the layout's)."""
     out = []
-    for offset, rows, site_shape, channelwise in layout:
+    for i, (offset, rows, site_shape, axis) in enumerate(layout):
         block = projected[:, offset:offset + rows]
-        if channelwise:
-            channels = site_shape[0]
-            ones = (1,) * (len(site_shape) - 1)
-            out.append(block.reshape(*batch_shape, channels, *ones).expand(*batch_shape, *site_shape))
-        else:
+        if axis is None or axis is False:
             out.append(block.reshape(*batch_shape, *site_shape))
+            continue
+        axis = 0 if axis is True else axis  # True: the channel-wise layout of older callers
+        shape = site_shape if shapes is None else shapes[i]
+        view = [1] * len(shape)
+        view[axis] = rows
+        out.append(block.reshape(*batch_shape, *view).expand(*batch_shape, *shape))
     return out
