@@ -1,4 +1,5 @@
-"""Alignment over training as a PNG: "align, then memorise" (Refinetti et al.)."""
+"""Alignment over training as a PNG: "align, then memorise" (Refinetti et al.): the library's plots
+(``AlignmentLog.plot``); the lab's run plots are in ``fastdfa.lab.plots``."""
 
 from __future__ import annotations
 
@@ -47,14 +48,3 @@ def save_figure(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def plot_alignment(runs: dict[str, dict], path: str | Path) -> Path:
-    """The same for training runs: label -> ``TrainResult.to_json()`` recorded with log_alignment
-    (epoch 0 is before the first step)."""
-    series = {}
-    for label, run in runs.items():
-        if run.get("initial_alignment") is None:
-            continue
-        series[label] = [(0, run["initial_alignment"])] + [(e["epoch"], e["alignment"]) for e in run["epochs"]]
-    return plot_alignment_records(series, path)

@@ -15,10 +15,10 @@ from ..config import BACKEND_CHOICES, CONV_FEEDBACK, FEEDBACK_KINDS, FEEDBACK_LA
 from ..grape import CALIBRATE_SCALES
 from ..info import info_text, machine_info
 from ..models import ACTIVATIONS, MODELS
-from ..plots import plot_alignment
 from . import bench
 from .data import load_dataset, subsample_train
 from .finetune import FINETUNE_METHODS, finetune_runs, pretrain, summary
+from .plots import plot_alignment
 from .steptime import interleaved_step_ms
 from .train import METHODS, TrainConfig, build, make_step, train
 
@@ -100,7 +100,8 @@ def _config(args: argparse.Namespace, method: str) -> TrainConfig:
     return TrainConfig(method=method, model=args.model, hidden=args.hidden, activation=args.activation,
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                        weight_decay=args.weight_decay, seed=args.seed, feedback=args.feedback,
-                       conv_feedback=args.conv_feedback, feedback_layout=args.feedback_layout, device=args.device, backend=args.backend,
+                       conv_feedback=args.conv_feedback, feedback_layout=args.feedback_layout,
+                       device=args.device, backend=args.backend,
                        log_alignment=args.log_alignment, feedback_lr=args.feedback_lr, perturb=args.perturb,
                        jvp=args.jvp, calibrate_every=args.calibrate_every,
                        calibrate_every_steps=args.calibrate_every_steps, calibrate_below=args.calibrate_below,
