@@ -4,10 +4,11 @@
 // Math (triton_kernels/align_step.py has the derivation): with J = P^T T / batch (a cuBLAS GEMM issued
 // by the binding, written to a [R, k] fp32 buffer -- unlike the Triton kernel, which keeps J in
 // registers), per column j of site s:
-//   c = <B_j, J_j> / (|B_j| |J_j|),  B_j <- alpha B_j + beta J_j,  alpha = 1 - (lr/k) c / |B_j|^2,
-//   beta = (lr/k) / (|B_j| |J_j|),   then B_j <- B_j / |B_j|   (norm from the three sums, no 2nd pass)
-// A column with J_j = 0 gets no step, only the normalisation. PyTorch equivalent:
-// python/fastdfa/align.py::align_step_reference.
+//   c = <B_j, J_j> / (|B_j| |J_j|),  B_j <- alpha B_j + beta J_j,  alpha = (1 - (lr/k) c) / |B_j|,
+//   beta = (lr/k) / |J_j|  (the step on the unit direction B_j / |B_j|), then rescaled to the column's
+//   norm before the step, so feedback_scale survives (the norm from the three sums, no 2nd pass)
+// A column with J_j = 0 is left as it is. PyTorch equivalent:
+// python/fastdfa/ops/align_step.py::align_step_reference.
 #include "activations.cuh"
 #include "kernels.h"
 
@@ -53,10 +54,11 @@ __global__ void align_step_kernel(T* __restrict__ feedback, int64_t ldf,       /
   const bool live = jj > 0.f && bb > 0.f;
   const float nb = sqrtf(bb), nj = sqrtf(jj);
   const float cos = live ? bj / (nb * nj) : 0.f;
-  const float alpha = live ? 1.f - step * cos / bb : 1.f;
-  const float beta = live ? step / (nb * nj) : 0.f;
+  // the step on the unit direction B/|B| (scale-free), as alpha B + beta J; then back to |B_j|
+  const float alpha = live ? (1.f - step * cos) / nb : 1.f;
+  const float beta = live ? step / nj : 0.f;
   const float norm2 = alpha * alpha * bb + 2.f * alpha * beta * bj + beta * beta * jj;
-  const float scale = norm2 > 0.f ? rsqrtf(norm2) : 1.f;
+  const float scale = norm2 > 0.f ? nb * rsqrtf(norm2) : 1.f;  // the column keeps its norm |B_j|
   for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
     T* p = feedback + (offset + r) * ldf + col;
     *p = from_float<T>(scale * (alpha * to_float<T>(*p) + beta * j[(offset + r) * k + col]));

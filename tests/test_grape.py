@@ -93,15 +93,16 @@ def test_expected_cosine_respects_the_lower_bound():
 def test_frozen_weights_feedback_turns_towards_the_jacobian():
     model = _mlp(seed=4)
     x, t = torch.randn(64, 6, dtype=DT), torch.randint(0, 3, (64,))
-    dfa = fastdfa.DFA(model, mode="grape", seed=5, feedback_lr=0.5)
+    dfa = fastdfa.DFA(model, mode="grape", seed=5, feedback_lr=0.5, example_input=x)
+    norms = [s.feedback.norm(dim=0).clone() for s in dfa.sites]
     weights = [p.clone() for p in model.parameters()]
     for _ in range(150):
         model.zero_grad()
         F.cross_entropy(dfa(x), t).backward()
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))  # frozen: no optimizer step
-    for site, j in zip(dfa.sites, _mean_jacobians(model, x)):
+    for site, j, norm in zip(dfa.sites, _mean_jacobians(model, x), norms):
         f = site.feedback
-        torch.testing.assert_close(f.norm(dim=0), torch.ones(3, dtype=DT), rtol=0, atol=1e-10)
+        torch.testing.assert_close(f.norm(dim=0), norm, rtol=1e-10, atol=0)  # the steps turn, never rescale
         column_cos = F.cosine_similarity(f, j.T, dim=0)
         assert column_cos.mean() > 0.8, (site.name, column_cos)
 
@@ -469,3 +470,16 @@ def test_grape_trains_through_multihead_attention():
     assert not torch.equal(before, dfa.feedback.flat)
     assert net.attn.in_proj_weight.grad is not None and torch.isfinite(net.attn.in_proj_weight.grad).all()
     assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_grape_keeps_feedback_scale():
+    """feedback_scale survives GrAPE's steps: every column keeps its norm (issue "Reliability")."""
+    model = _mlp(seed=1)
+    x, t = torch.randn(16, 6, dtype=DT), torch.randint(0, 3, (16,))
+    dfa = fastdfa.DFA(model, mode="grape", seed=2, feedback_scale=3.0, example_input=x)
+    before = [s.feedback.norm(dim=0).clone() for s in dfa.sites]
+    for _ in range(5):
+        F.cross_entropy(dfa(x), t).backward()
+    for site, norm in zip(dfa.sites, before):
+        torch.testing.assert_close(site.feedback.norm(dim=0), norm, rtol=1e-10, atol=0)
+        assert (norm > 2.0).all()  # about 3 per column: the scale is kept, not reset to 1

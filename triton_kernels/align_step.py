@@ -8,26 +8,28 @@ rows ``[offset, offset + n_l)`` of the stacked feedback), the perturbations
     J    = P^T T / batch                    the batch rank-1 estimate of J_l^T, [n_l, n_out]
     c_j  = <B_j, J_j> / (|B_j| |J_j|)       column-wise cosine
     L    = 1 - mean_j c_j
-    dL/dB_j = -(1 / n_out) (J_j / (|B_j| |J_j|) - c_j B_j / |B_j|^2)
-    B_j <- B_j - lr dL/dB_j,  then  B_j <- B_j / |B_j|
+    u_j  = B_j / |B_j|                      the column's direction (the step is taken on it)
+    dL/du_j = -(1 / n_out) (J_j / |J_j| - c_j u_j)
+    u_j <- u_j - lr dL/du_j,  then  B_j <- |B_j| u_j / |u_j|   (the direction turns; the norm is kept)
 
-Equivalent PyTorch code: ``align_step_reference`` (``fastdfa/align.py``, importable
+Equivalent PyTorch code: ``align_step_reference`` (``fastdfa/ops/align_step.py``, importable
 without triton: the torch backend runs it).
 
-The step is ``B_j' = alpha_j B_j + beta_j J_j`` with ``alpha_j = 1 - lr c_j /
-(n_out |B_j|^2)`` and ``beta_j = lr / (n_out |B_j| |J_j|)``, so its norm is
+The step is ``B_j' = alpha_j B_j + beta_j J_j`` with ``alpha_j = (1 - lr c_j /
+n_out) / |B_j|`` and ``beta_j = lr / (n_out |J_j|)``, so its norm is
 ``alpha^2 |B|^2 + 2 alpha beta <B, J> + beta^2 |J|^2``: three column sums of
 the OLD B and J give everything. Two launches for all sites:
 
   1. every tile computes its J tile (a GEMM over the batch) and adds its
      column partial sums <B,J>, |J|^2, |B|^2 to a ``[S, n_out, 3]`` fp32
      buffer (atomics);
-  2. every tile recomputes its J tile and writes ``(alpha B + beta J) / norm``
+  2. every tile recomputes its J tile and writes ``(alpha B + beta J) |B_j| / norm`` (the step turns
+     the column; its norm, and so the feedback's scale, is kept)
      over B in place.
 
 J (``n_l x n_out`` per site) exists only as tiles in registers; the extra
 cost is the second GEMM over the batch, against writing and reading J.
-A column whose J_j is zero (a dead output) gets no step, only the normalisation.
+A column whose J_j is zero (a dead output) is left as it is.
 """
 
 from __future__ import annotations
@@ -113,10 +115,11 @@ def _align_step_kernel(
         live = (nj > 0.0) & (nb > 0.0)
         denom = tl.where(live, nb * nj, 1.0)
         cos = tl.where(live, bj / denom, 0.0)
-        alpha = tl.where(live, 1.0 - step * cos / tl.where(live, bb, 1.0), 1.0)
-        beta = tl.where(live, step / denom, 0.0)
+        # the step on the unit direction B/|B| (scale-free), as alpha B + beta J; then back to |B_j|
+        alpha = tl.where(live, (1.0 - step * cos) / tl.where(live, nb, 1.0), 1.0)
+        beta = tl.where(live, step / tl.where(live, nj, 1.0), 0.0)
         norm2 = alpha * alpha * bb + 2.0 * alpha * beta * bj + beta * beta * jj
-        scale = tl.where(norm2 > 0.0, 1.0 / tl.sqrt(norm2), 1.0)
+        scale = tl.where(norm2 > 0.0, nb / tl.sqrt(norm2), 1.0)  # the column keeps its norm |B_j|
         new_b = (alpha * scale)[None, :] * b + (beta * scale)[None, :] * j
         tl.store(feedback_ptr + b_off, new_b.to(DTYPE), mask=mask)
 
@@ -185,8 +188,8 @@ def plan_align_step(feedback_all: torch.Tensor, sites: Sequence[AlignSite], lr: 
                            *(row[4] // size for row in rows), *(row[5] for row in rows))
     # Largest element offsets (batch rows, site rows and columns rounded up to whole tiles) against 2^31.
     b_up = -(-batch // br) * br
-    index = index_dtype(*(b_up * max(row[3], row[1] + bm) for row in rows), *(b_up * max(row[5], k + bn) for row in rows),
-                        (r + bm) * max(feedback_all.stride(0), k + bn))
+    index = index_dtype(*(b_up * row[3] + row[1] + bm for row in rows), *(b_up * row[5] + k + bn for row in rows),
+                        (r + bm) * feedback_all.stride(0) + k + bn, len(sites) * (k + bn) * 3)
     launches = [Launch(_align_step_kernel, (tiles.shape[0],),
                        (feedback_all, stats, table, tiles, batch, k // align_k, feedback_all.stride(0), 1.0 / batch,
                         lr / k),

@@ -10,7 +10,7 @@ perturbation ``P_l`` (``[N, n_l]``) and an output tangent ``T_l``
 backward first projects the error with the feedback as it was (the DFA update
 of this step), then takes ONE alignment step on every site's feedback
 (``align_step``: a gradient step on ``1 - mean_j cos(F_l[:, j], J_hat_l^T[:, j])``,
-then unit columns). The user's optimizer sees only the weights.
+each column keeping its norm). The user's optimizer sees only the weights.
 
 Perturbations (``perturb=``):
   * "activation": ``p ~ N(0, I)`` added to the tangent of the site input
