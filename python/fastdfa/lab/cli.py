@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastdfa {train,compare,info}``."""
+"""Command line: ``python -m fastdfa {train,compare,finetune,bench,data,info}``."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from ..backends import BackendUnavailableError
 from ..config import BACKEND_CHOICES, CONV_FEEDBACK, FEEDBACK_KINDS, FEEDBACK_LAYOUTS, JVP, PERTURB
 from ..grape import CALIBRATE_SCALES
 from ..info import info_text, machine_info
-from ..models import ACTIVATIONS, MODELS
+from ..models import ACTIVATIONS, MODELS, TRANSFORMER_SITES
 from . import bench
-from .data import load_dataset, subsample_train
+from .data import AUSTEN_NOVELS, AUSTEN_TEST, load_austen, load_dataset, prepare_austen, subsample_train
 from .finetune import FINETUNE_METHODS, finetune_runs, pretrain, summary
 from .plots import plot_alignment
 from .steptime import interleaved_step_ms
@@ -36,11 +36,22 @@ def _hidden(text: str) -> tuple[int, ...]:
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits",
                    help="digits (bundled with scikit-learn), fashion-mnist (Debian's dataset-fashion-mnist), "
-                        "or a directory of MNIST-layout IDX files (default: digits)")
+                        "a directory of MNIST-layout IDX files, or austen (Jane Austen's novels, character level, "
+                        "Persuasion held out; set up once with `python -m fastdfa data austen`) (default: digits)")
     p.add_argument("--train-samples", type=int, default=None, metavar="N",
-                   help="train on a seeded random N of the training set (the test set stays whole)")
+                   help="train on a seeded random N of the training set: images, or text windows of --context "
+                        "characters (the test set stays whole)")
     p.add_argument("--model", choices=MODELS, default="mlp",
-                   help="mlp, cnn (two conv blocks), resnet8 or resnet20 (CIFAR ResNets with BatchNorm)")
+                   help="mlp, cnn (two conv blocks), resnet8 or resnet20 (CIFAR ResNets with BatchNorm), or "
+                        "transformer (a GPT-style causal character LM for --data austen)")
+    lm = p.add_argument_group("transformer LM (--model transformer)")
+    lm.add_argument("--sites", choices=TRANSFORMER_SITES, default="blocks",
+                    help="DFA sites: blocks (DFA between blocks, BP inside each) or layers (DFA at every attention "
+                         "and MLP sub-layer); the head (final LayerNorm + LM head) is the last site (default blocks)")
+    lm.add_argument("--context", type=_positive_int, default=64, help="characters per window (default 64)")
+    lm.add_argument("--d-model", type=_positive_int, default=128, help="model width (default 128)")
+    lm.add_argument("--heads", type=_positive_int, default=4, help="attention heads (default 4)")
+    lm.add_argument("--layers", type=_positive_int, default=2, help="transformer blocks (default 2)")
     p.add_argument("--hidden", type=_hidden, default=(256, 256, 256), help="MLP hidden widths (default 256,256,256)")
     p.add_argument("--activation", choices=tuple(ACTIVATIONS), default="relu")
     p.add_argument("--epochs", type=int, default=10)
@@ -106,7 +117,8 @@ def _config(args: argparse.Namespace, method: str) -> TrainConfig:
                        jvp=args.jvp, calibrate_every=args.calibrate_every,
                        calibrate_every_steps=args.calibrate_every_steps, calibrate_below=args.calibrate_below,
                        check_every=args.check_every, calibrate_scale=args.calibrate_scale,
-                       cuda_graph=args.cuda_graph)
+                       cuda_graph=args.cuda_graph, sites=args.sites, context=args.context, d_model=args.d_model,
+                       heads=args.heads, layers=args.layers)
 
 
 def _load(args: argparse.Namespace):
@@ -115,11 +127,17 @@ def _load(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     if not args.keep_denormals and args.device == "cpu":
         torch.set_flush_denormal(True)
-    data = load_dataset(args.data)
+    data = load_dataset(args.data, context=args.context)
     if args.train_samples is not None:
         data = subsample_train(data, args.train_samples)
-    print(f"data: {data.name}, {len(data.x_train)} train / {len(data.x_test)} test, input {data.input_shape}, "
-          f"{data.n_classes} classes; model {args.model}; device {args.device}; threads {torch.get_num_threads()}")
+    if data.is_text:
+        print(f"data: {data.name}, {len(data.x_train)} train / {len(data.x_test)} test windows of {data.context} "
+              f"characters (test: {', '.join(data.test_texts)}), vocabulary {data.n_classes}; model {args.model} "
+              f"d_model {args.d_model}, {args.layers} layers, {args.heads} heads, sites {args.sites}; "
+              f"device {args.device}; threads {torch.get_num_threads()}")
+    else:
+        print(f"data: {data.name}, {len(data.x_train)} train / {len(data.x_test)} test, input {data.input_shape}, "
+              f"{data.n_classes} classes; model {args.model}; device {args.device}; threads {torch.get_num_threads()}")
     return data
 
 
@@ -149,8 +167,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_plot(args)
     data = _load(args)
     result = train(config, data, progress=args.progress)
-    print(f"{args.method}: final test accuracy {result.test_accuracy:.4f}, "
-          f"median step {result.step_ms_median:.2f} ms")
+    if result.test_perplexity is not None:
+        print(f"{args.method}: final test perplexity {result.test_perplexity:.4f} "
+              f"({result.bits_per_character:.4f} bits per character, next-character accuracy "
+              f"{result.test_accuracy:.4f}), median step {result.step_ms_median:.2f} ms")
+    else:
+        print(f"{args.method}: final test accuracy {result.test_accuracy:.4f}, "
+              f"median step {result.step_ms_median:.2f} ms")
     _write_json(args.json, {"machine": machine_info(), **result.to_json()})
     _plot(args, {args.method: result.to_json()})
     return 0
@@ -172,7 +195,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     # Step times side by side: the trained models take turns, step for step, on the same batches.
     device = torch.device(args.device)
     x, y = data.x_train.to(device), data.y_train.to(device)
-    steps = {m: make_step(r.model, r.optimizer, x, y, args.batch_size) for m, r in results.items()}
+    steps = {m: make_step(r.model, r.optimizer, x, y, args.batch_size, loss_fn=base.loss_fn)
+             for m, r in results.items()}
     timing = interleaved_step_ms(steps, rounds=args.timing_rounds, device=device)
     print()
     print(f"{'method':<8}{'test acc':>10}{'step ms (median, IQR)':>26}{'ratio to bp':>13}")
@@ -181,7 +205,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         t = timing[m]
         ratio = f"{t['median_ms'] / bp_ms:.3f}" if bp_ms else "-"
         spread = f"{t['median_ms']:.3f} ({t['q1_ms']:.2f}-{t['q3_ms']:.2f})"
-        print(f"{m:<8}{r.test_accuracy:>10.4f}{spread:>26}{ratio:>13}")
+        ppl = f"   test perplexity {r.test_perplexity:.4f}" if r.test_perplexity is not None else ""
+        print(f"{m:<8}{r.test_accuracy:>10.4f}{spread:>26}{ratio:>13}{ppl}")
     if bp_ms and "dfa" in timing:
         print(f"\nDFA/BP step-time ratio: {timing['dfa']['median_ms'] / bp_ms:.3f} "
               f"(medians of {args.timing_rounds} interleaved steps after training)")
@@ -210,6 +235,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _check_plot(args)
     base = _config(args, "bp")
     base.validate()
+    if base.is_lm or args.data == "austen" or args.pretrain_data == "austen":
+        raise ValueError("finetune takes image classification tasks; train the transformer LM with `train`")
     target = _load(args)
     source = load_dataset(args.pretrain_data)
     if source.input_shape != target.input_shape:
@@ -296,6 +323,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if verdict == "MISSES" and not args.no_target else 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """Set a corpus up (idempotent): the Jane Austen novels from Debian's r-cran-janeaustenr."""
+    try:
+        cache = prepare_austen(args.dir, download=not args.no_download)
+        data = load_austen(root=args.dir)
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
+    sizes = {n: len((cache / f"{n}.txt").read_text(encoding="utf-8")) for n in AUSTEN_NOVELS}
+    for name, title in AUSTEN_NOVELS.items():
+        role = "test" if name == AUSTEN_TEST else "train"
+        print(f"  {title:<24}{sizes[name]:>10,} characters  ({role})")
+    print(f"  {'total':<24}{sum(sizes.values()):>10,} characters in {cache}")
+    print(f"  vocabulary {data.n_classes} (the training novels' characters and <unk>); "
+          f"{len(data.x_train)} train / {len(data.x_test)} test windows of {data.context} characters")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     print(info_text())
     return 0
@@ -353,6 +397,14 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--no-target", action="store_true",
                          help="report the CPU target but do not fail the command when it is missed")
     p_bench.set_defaults(func=cmd_bench)
+    p_data = sub.add_parser("data", help="download and cache a data set (austen: Jane Austen's novels from "
+                                         "Debian's r-cran-janeaustenr; idempotent)")
+    p_data.add_argument("name", choices=("austen",))
+    p_data.add_argument("--dir", type=Path, default=None,
+                        help="data directory (default: $FASTDFA_DATA, else ~/.cache/fastdfa)")
+    p_data.add_argument("--no-download", action="store_true",
+                        help="only extract from an R package already there; never run apt-get download")
+    p_data.set_defaults(func=cmd_data)
     p_info = sub.add_parser("info", help="versions and backend availability")
     p_info.set_defaults(func=cmd_info)
     args = parser.parse_args(argv)

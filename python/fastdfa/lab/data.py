@@ -8,13 +8,18 @@
 * a directory of IDX files in the MNIST layout (``train-images-idx3-ubyte``,
   ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
   ``t10k-labels-idx1-ubyte``), each gzipped (``.gz``) or not.
+* ``austen``: character-level text, Jane Austen's six novels (``load_austen``;
+  Debian's ``r-cran-janeaustenr``, set up once with ``python -m fastdfa data austen``).
 
 Images become float32 tensors ``[N, 1, H, W]`` scaled to [0, 1] and then
-standardised with the training set's mean and standard deviation.
+standardised with the training set's mean and standard deviation. Text
+becomes ``TextDataset``: int64 ``[N, T]`` input windows and their next-character
+targets ``[N, T]``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import struct
@@ -48,6 +53,31 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def is_text(self) -> bool:
+        return False
+
+
+@dataclass
+class TextDataset(Dataset):
+    """Next-character prediction: ``x_*`` are int64 token ids ``[N, T]``, ``y_*`` the same windows shifted
+    by one character (``y[:, t]`` is the character after ``x[:, t]``); ``n_classes`` is the vocabulary
+    size. ``vocab[i]`` is the character of id ``i``; id 0 is ``UNK`` (characters of the test text that
+    the training texts lack)."""
+
+    vocab: tuple[str, ...] = ()
+    train_texts: tuple[str, ...] = ()  # the training documents' names
+    test_texts: tuple[str, ...] = ()   # the held-out documents' names
+    chars: dict = dataclasses.field(default_factory=dict)  # document name -> its number of characters
+
+    @property
+    def context(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def is_text(self) -> bool:
+        return True
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -160,9 +190,12 @@ def select_classes(data: Dataset, classes: list[int]) -> Dataset:
     return Dataset(f"{data.name}:{label}", x_train, y_train, x_test, y_test, len(classes))
 
 
-def load_dataset(spec: str) -> Dataset:
+def load_dataset(spec: str, context: int = 64) -> Dataset:
     """``digits``, ``fashion-mnist``, or a directory of IDX files; ``SPEC:CLASSES`` (``digits:0-4``)
-    keeps only those classes, relabelled 0..k-1."""
+    keeps only those classes, relabelled 0..k-1. ``austen``: character windows of ``context``
+    characters from Jane Austen's novels, "Persuasion" held out (``load_austen``)."""
+    if spec == "austen":
+        return load_austen(context)
     if ":" in spec and not Path(spec).is_dir():
         base, _, classes = spec.rpartition(":")
         if classes and all(ch.isdigit() or ch in ",-" for ch in classes):
@@ -173,8 +206,8 @@ def load_dataset(spec: str) -> Dataset:
         return load_fashion_mnist()
     if Path(spec).is_dir():
         return load_idx_dir(spec)
-    raise ValueError(f"unknown dataset {spec!r}: use 'digits', 'fashion-mnist' or a directory of IDX files, "
-                     "optionally with :CLASSES (digits:0-4)")
+    raise ValueError(f"unknown dataset {spec!r}: use 'digits', 'fashion-mnist', 'austen' or a directory of IDX "
+                     "files, optionally with :CLASSES (digits:0-4)")
 
 
 def subsample_train(data: Dataset, n: int, seed: int = 0) -> Dataset:
@@ -182,5 +215,265 @@ def subsample_train(data: Dataset, n: int, seed: int = 0) -> Dataset:
     if not 0 < n <= len(data.x_train):
         raise ValueError(f"--train-samples must be in 1..{len(data.x_train)} for {data.name}, got {n}")
     keep = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))[:n]
-    return Dataset(f"{data.name}[{n} train]", data.x_train[keep], data.y_train[keep], data.x_test, data.y_test,
-                   data.n_classes)
+    # replace() keeps the class and its other fields (a TextDataset stays one)
+    return dataclasses.replace(data, name=f"{data.name}[{n} train]", x_train=data.x_train[keep],
+                               y_train=data.y_train[keep])
+
+
+# ----------------------------------------------------------------------------- Jane Austen (text)
+#
+# Jane Austen's six completed novels as Julia Silge's R package janeaustenr ships them (one element per
+# line of the Project Gutenberg text, "" for a blank line); Debian packages it as r-cran-janeaustenr.
+# The novels (1811-1818) are in the public domain; the R packaging is MIT-licensed. The package holds R
+# lazy-load files (data/Rdata.rdx + Rdata.rdb), read here with PyPI's rdata (no R needed).
+
+AUSTEN_DEB = "r-cran-janeaustenr"
+AUSTEN_NOVELS = {  # R object -> title, in order of publication
+    "sensesensibility": "Sense and Sensibility",  # 1811
+    "prideprejudice": "Pride and Prejudice",      # 1813
+    "mansfieldpark": "Mansfield Park",            # 1814
+    "emma": "Emma",                               # 1815
+    "northangerabbey": "Northanger Abbey",        # 1817 (posthumous; written 1798-1803)
+    "persuasion": "Persuasion",                   # 1817 (posthumous)
+}
+AUSTEN_TEST = "persuasion"  # the held-out novel: the last written, about 12% of the characters
+UNK = "<unk>"
+DATA_ENV = "FASTDFA_DATA"
+
+
+def data_dir(root: str | os.PathLike | None = None) -> Path:
+    """Where downloaded / extracted data lives: ``root``, else ``$FASTDFA_DATA``, else ``~/.cache/fastdfa``."""
+    if root is not None:
+        return Path(root)
+    env = os.environ.get(DATA_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "fastdfa"
+
+
+def austen_setup_lines(root: str | os.PathLike | None = None) -> str:
+    """The shell lines that set the corpus up by hand (what ``python -m fastdfa data austen`` does)."""
+    deb_dir = data_dir(root) / AUSTEN_DEB
+    return (f"apt-get update -qq && cd /tmp && apt-get download {AUSTEN_DEB} && "
+            f"dpkg-deb -x /tmp/{AUSTEN_DEB}_*_all.deb {deb_dir}\n"
+            f"pip install rdata && python -m fastdfa data austen")
+
+
+def austen_r_package_candidates(root: str | os.PathLike | None = None) -> list[Path]:
+    """Where the R package janeaustenr is looked for: extracted with ``dpkg-deb -x`` under the data dir
+    (what ``python -m fastdfa data austen`` does), or installed with ``apt-get install r-cran-janeaustenr``."""
+    return [data_dir(root) / AUSTEN_DEB / "usr/lib/R/site-library/janeaustenr",
+            Path("/usr/lib/R/site-library/janeaustenr"),
+            Path("/usr/local/lib/R/site-library/janeaustenr")]
+
+
+def find_austen_r_package(root: str | os.PathLike | None = None) -> Path | None:
+    for directory in austen_r_package_candidates(root):
+        if (directory / "data" / "Rdata.rdx").is_file() and (directory / "data" / "Rdata.rdb").is_file():
+            return directory
+    return None
+
+
+def decompress_lazyload_chunk(chunk: bytes, compression: int) -> bytes:
+    """One object of an R lazy-load ``.rdb`` file, decompressed to its R serialisation.
+
+    R writes (``makeLazyLoadDB``, ``R_compress1/2/3`` in serialize.c) a 4-byte big-endian uncompressed
+    length, then: for ``compressed = TRUE`` (1) a zlib stream; for 2 and 3 a type byte, then ``Z`` zlib,
+    ``2`` bzip2, ``X`` a raw LZMA2 stream (xz preset 9e, no container), ``0`` stored bytes.
+    """
+    import bz2
+    import lzma
+    import zlib
+
+    if len(chunk) < 5:
+        raise ValueError(f"lazy-load chunk of {len(chunk)} bytes is too short")
+    size = struct.unpack(">I", chunk[:4])[0]
+    if compression == 1:
+        body = zlib.decompress(chunk[4:])
+    elif compression in (2, 3):
+        kind, data = chr(chunk[4]), chunk[5:]
+        if kind == "Z":
+            body = zlib.decompress(data)
+        elif kind == "2":
+            body = bz2.decompress(data)
+        elif kind == "X":
+            body = lzma.decompress(data, format=lzma.FORMAT_RAW,
+                                   filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
+        elif kind == "0":
+            body = data
+        else:
+            raise ValueError(f"unknown lazy-load chunk type {kind!r}")
+    else:
+        raise ValueError(f"unknown lazy-load compression {compression!r}")
+    if len(body) != size:
+        raise ValueError(f"lazy-load chunk: header says {size} bytes, decompressed {len(body)}")
+    return body
+
+
+def read_lazyload_db(directory: str | os.PathLike, stem: str = "Rdata", names=None) -> dict:
+    """The objects of the R lazy-load database ``directory/stem.rdx`` + ``stem.rdb``, converted by rdata.
+
+    The ``.rdx`` index is a gzipped serialisation of ``list(variables = list(name = c(offset, length)),
+    references, compressed)``; each object is the chunk ``rdb[offset:offset + length]``
+    (``decompress_lazyload_chunk``), an RDS serialisation rdata parses. ``names``: only these objects.
+    """
+    try:
+        import rdata
+    except ImportError:
+        raise ImportError("reading R data needs PyPI's rdata: pip install rdata") from None
+    import numpy as np
+
+    directory = Path(directory)
+    index = rdata.conversion.convert(
+        rdata.parser.parse_data((directory / f"{stem}.rdx").read_bytes(), extension=".rds"))
+    compression = int(np.asarray(index["compressed"]).ravel()[0])
+    raw = (directory / f"{stem}.rdb").read_bytes()
+    out = {}
+    for name, (offset, length) in index["variables"].items():
+        name = str(name)
+        if names is not None and name not in names:
+            continue
+        body = decompress_lazyload_chunk(raw[int(offset):int(offset) + int(length)], compression)
+        out[name] = rdata.conversion.convert(rdata.parser.parse_data(body, extension=".rds"))
+    return out
+
+
+def extract_austen(r_package: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, int]:
+    """Write each novel of the R package janeaustenr as ``out_dir/<name>.txt`` (UTF-8, its lines joined
+    with newlines, ending with one). Returns name -> characters."""
+    objects = read_lazyload_db(Path(r_package) / "data", names=set(AUSTEN_NOVELS))
+    missing = sorted(set(AUSTEN_NOVELS) - set(objects))
+    if missing:
+        raise ValueError(f"{r_package}: the R data lacks {missing}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for name in AUSTEN_NOVELS:
+        text = "".join(("" if line is None else str(line)) + "\n" for line in objects[name])
+        tmp = out_dir / f".{name}.txt.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out_dir / f"{name}.txt")  # atomic: a cache file is whole or absent
+        sizes[name] = len(text)
+    return sizes
+
+
+def austen_cache_dir(root: str | os.PathLike | None = None) -> Path:
+    return data_dir(root) / "austen"
+
+
+def _austen_cached(root) -> bool:
+    return all((austen_cache_dir(root) / f"{n}.txt").is_file() for n in AUSTEN_NOVELS)
+
+
+def download_austen_deb(root: str | os.PathLike | None = None) -> Path:
+    """``apt-get download r-cran-janeaustenr`` and ``dpkg-deb -x`` it under the data dir; returns the
+    extracted R package. Needs Debian's apt (and ``apt-get update`` run once, as root)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    target = data_dir(root) / AUSTEN_DEB
+    for tool in ("apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            raise FileNotFoundError(f"{tool} not found: the Jane Austen corpus comes from Debian's {AUSTEN_DEB}. "
+                                    f"On a Debian/Ubuntu machine run:\n{austen_setup_lines(root)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        proc = subprocess.run(["apt-get", "download", AUSTEN_DEB], cwd=tmp, capture_output=True, text=True)
+        debs = sorted(Path(tmp).glob(f"{AUSTEN_DEB}_*.deb"))
+        if proc.returncode != 0 or not debs:
+            why = proc.stderr.strip() or proc.stdout.strip()
+            raise FileNotFoundError(f"apt-get download {AUSTEN_DEB} failed ({why}). Run `apt-get update` first "
+                                    f"(as root), or set up by hand:\n{austen_setup_lines(root)}")
+        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(target)], check=True)
+    found = find_austen_r_package(root)
+    if found is None:
+        raise FileNotFoundError(f"{debs[-1].name} extracted to {target} but holds no R data "
+                                "(expected usr/lib/R/site-library/janeaustenr/data/Rdata.rdx)")
+    return found
+
+
+def prepare_austen(root: str | os.PathLike | None = None, download: bool = True, log=print) -> Path:
+    """Set the corpus up (idempotent; ``python -m fastdfa data austen``): find the R package (else
+    download and extract the Debian package when ``download``), extract the six novels as text into
+    ``austen_cache_dir(root)``. Returns that directory."""
+    cache = austen_cache_dir(root)
+    if _austen_cached(root):
+        log(f"Jane Austen corpus already in {cache}")
+        return cache
+    package = find_austen_r_package(root)
+    if package is None:
+        if not download:
+            raise FileNotFoundError(_austen_missing(root))
+        log(f"downloading Debian's {AUSTEN_DEB} into {data_dir(root) / AUSTEN_DEB}")
+        package = download_austen_deb(root)
+    sizes = extract_austen(package, cache)
+    log(f"extracted {len(sizes)} novels ({sum(sizes.values()):,} characters) from {package} into {cache}")
+    return cache
+
+
+def _austen_missing(root) -> str:
+    where = ", ".join(str(p) for p in austen_r_package_candidates(root))
+    return (f"the Jane Austen corpus is not set up: no text cache in {austen_cache_dir(root)} and no R package "
+            f"janeaustenr in {where}. Set it up once (as root on Debian/Ubuntu; {DATA_ENV} moves the data dir):\n"
+            f"  apt-get update -qq && python -m fastdfa data austen\n"
+            f"or by hand:\n  " + austen_setup_lines(root).replace("\n", "\n  "))
+
+
+def austen_texts(root: str | os.PathLike | None = None) -> dict[str, str]:
+    """The six novels' texts, name -> text, from the cache (extracted from the R package first if
+    needed; a FileNotFoundError says the set-up commands when neither is there)."""
+    if not _austen_cached(root):
+        package = find_austen_r_package(root)
+        if package is None:
+            raise FileNotFoundError(_austen_missing(root))
+        extract_austen(package, austen_cache_dir(root))
+    return {n: (austen_cache_dir(root) / f"{n}.txt").read_text(encoding="utf-8") for n in AUSTEN_NOVELS}
+
+
+def _codepoints(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+
+
+def char_windows(text: str, vocab: tuple[str, ...], context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-overlapping windows of ``text``: ``x[i] = ids[i*T:(i+1)*T]``, ``y[i] = ids[i*T+1:(i+1)*T+1]``
+    (``T = context``), so every character after the first is a target exactly once, except a tail of
+    fewer than T. Characters not in ``vocab`` get id 0 (``vocab[0]``, UNK)."""
+    chars = np.array([ord(c) for c in vocab[1:]], dtype=np.uint32)  # sorted by construction
+    codes = _codepoints(text)
+    pos = np.searchsorted(chars, codes)
+    hit = pos < len(chars)
+    hit[hit] = chars[pos[hit]] == codes[hit]
+    ids = np.where(hit, pos + 1, 0).astype(np.int64)
+    n = (len(ids) - 1) // context
+    if n < 1:
+        raise ValueError(f"a text of {len(text)} characters is shorter than context {context} + 1")
+    ids = torch.from_numpy(ids)
+    return ids[:n * context].view(n, context), ids[1:n * context + 1].view(n, context)
+
+
+def build_vocab(texts) -> tuple[str, ...]:
+    """``(UNK, *sorted characters of texts)``: id 0 is UNK, then the characters by code point."""
+    chars = set()
+    for t in texts:
+        chars.update(t)
+    return (UNK, *sorted(chars))
+
+
+def load_austen(context: int = 64, root: str | os.PathLike | None = None, test: str = AUSTEN_TEST) -> TextDataset:
+    """Character-level Jane Austen: train on five novels, test on ``test`` (default "Persuasion").
+
+    The vocabulary is the training novels' characters (id 0 is UNK for test characters they lack);
+    the training novels are concatenated in order of publication. Windows of ``context`` characters,
+    targets shifted by one (``char_windows``). Texts from ``austen_texts`` (cache under ``data_dir()``).
+    """
+    if test not in AUSTEN_NOVELS:
+        raise ValueError(f"the held-out novel must be one of {sorted(AUSTEN_NOVELS)}, got {test!r}")
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise ValueError(f"context must be a positive int, got {context!r}")
+    texts = austen_texts(root)
+    train_names = tuple(n for n in AUSTEN_NOVELS if n != test)
+    train_text = "".join(texts[n] for n in train_names)
+    vocab = build_vocab([train_text])
+    x_train, y_train = char_windows(train_text, vocab, context)
+    x_test, y_test = char_windows(texts[test], vocab, context)
+    return TextDataset("austen", x_train, y_train, x_test, y_test, len(vocab), vocab=vocab,
+                       train_texts=train_names, test_texts=(test,), chars={n: len(t) for n, t in texts.items()})

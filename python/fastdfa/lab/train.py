@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -17,7 +18,7 @@ from ..feedback import seeded_generator
 from ..grape import CALIBRATE_SCALES, calibration_step
 from ..graphs import CapturedStep
 from ..metrics import alignment_summary, gradient_alignment, weight_alignment
-from ..models import make_model
+from ..models import TRANSFORMER_SITES, make_model, make_transformer_lm
 from .data import Dataset
 
 METHODS = MODES  # every mode of fastdfa.DFA is a training method
@@ -26,6 +27,13 @@ METHODS = MODES  # every mode of fastdfa.DFA is a training method
 # training loss rose after epoch 3 and test accuracy swung between 0.80 and
 # 0.85; at 3e-4 it fell steadily (0.853 after 5 epochs).
 DEFAULT_LR = {"bp": 1e-3, "fa": 3e-4, "dfa": 3e-4, "grape": 3e-4}
+LM_MODELS = ("transformer",)  # models trained on text, with per-token outputs (batch_dims=2)
+LM_FIELDS = ("sites", "context", "d_model", "heads", "layers")  # TrainConfig fields of the LM only
+
+
+def token_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every token: logits ``[B, T, V]``, targets ``[B, T]``."""
+    return F.cross_entropy(logits.flatten(0, -2), target.flatten())
 
 
 @dataclass
@@ -56,15 +64,31 @@ class TrainConfig:
     check_every: int = 50            # steps between GA checks for calibrate_below
     calibrate_scale: str = "raw"     # "rule": each BP gradient rescaled to the rule's norm (fastdfa.grape.calibrate)
     cuda_graph: bool = False         # each rule step captured once and replayed (fastdfa.CapturedStep; CUDA only)
+    # the transformer LM (model "transformer", text data; fastdfa.models.TransformerLM)
+    sites: str = "blocks"            # "blocks": DFA between blocks; "layers": at every attention / MLP sub-layer
+    context: int = 64                # characters per training window (the data's windows; the position table)
+    d_model: int = 128
+    heads: int = 4
+    layers: int = 2
 
     @property
     def effective_lr(self) -> float:
         return DEFAULT_LR[self.method] if self.lr is None else self.lr
 
+    @property
+    def is_lm(self) -> bool:
+        return self.model in LM_MODELS
+
+    @property
+    def loss_fn(self):
+        """Cross-entropy over classes, or over every token for the LM."""
+        return token_cross_entropy if self.is_lm else F.cross_entropy
+
     def dfa_config(self) -> DFAConfig:
-        """The wrapper's options, validated by ``fastdfa.DFAConfig`` (the one place they are checked)."""
+        """The wrapper's options, validated by ``fastdfa.DFAConfig`` (the one place they are checked).
+        The LM's outputs are per token: ``batch_dims=2``, each token's error projected to that token."""
         return DFAConfig(mode=self.method, seed=self.seed, feedback=self.feedback, conv_feedback=self.conv_feedback,
-                         feedback_layout=self.feedback_layout,
+                         feedback_layout=self.feedback_layout, batch_dims=2 if self.is_lm else 1,
                          backend=self.backend, feedback_lr=self.feedback_lr, perturb=self.perturb, jvp=self.jvp)
 
     def validate(self) -> None:
@@ -89,6 +113,14 @@ class TrainConfig:
         calibrates = self.calibrate_every or self.calibrate_every_steps or self.calibrate_below is not None
         if calibrates and self.method not in ("dfa", "grape", "fa"):
             raise ValueError(f"calibration re-anchors fa, dfa or grape with BP steps; method is {self.method!r}")
+        if self.sites not in TRANSFORMER_SITES:
+            raise ValueError(f"sites must be one of {TRANSFORMER_SITES}, got {self.sites!r}")
+        if self.is_lm:
+            for name in ("context", "d_model", "heads", "layers"):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            if self.d_model % self.heads:
+                raise ValueError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
 
 
 def check_device(device) -> torch.device:
@@ -115,6 +147,7 @@ class EpochResult:
     step_ms_median: float
     seconds: float
     alignment: dict | None = None  # {"weight": {layer: WA}, "gradient": {layer: GA}} with log_alignment
+    test_loss: float | None = None  # LM: mean per-character cross-entropy (nats) on the test text
 
 
 @dataclass
@@ -127,6 +160,10 @@ class TrainResult:
     calibrations: list = field(default_factory=list)  # (epoch, step, reason) of every BP calibration batch
     initial_alignment: dict | None = None  # WA / GA before the first step, with log_alignment
     prepared: object = None                # what train(prepare=...) returned (e.g. the FWM report)
+    # LM only (test_accuracy is then the next-character accuracy): exp of the mean per-character
+    # cross-entropy on the held-out text, and that cross-entropy in bits
+    test_perplexity: float | None = None
+    bits_per_character: float | None = None
     model: object = field(default=None, repr=False)
     optimizer: object = field(default=None, repr=False)
 
@@ -139,7 +176,10 @@ class TrainResult:
     def to_json(self) -> dict:
         # Field by field: asdict() would deep-copy the model and optimizer it then drops.
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "optimizer")}
-        out["epochs"] = [asdict(e) for e in self.epochs]
+        lm_only = ("test_perplexity", "bits_per_character", "test_loss")  # absent for image tasks
+        out = {k: v for k, v in out.items() if not (k in lm_only and v is None)}
+        out["epochs"] = [{k: v for k, v in asdict(e).items() if not (k in lm_only and v is None)}
+                         for e in self.epochs]
         if isinstance(self.prepared, list):
             out["prepared"] = [p.to_dict() if hasattr(p, "to_dict") else p for p in self.prepared]
         out["step_ms_median"] = self.step_ms_median
@@ -162,15 +202,41 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> tuple[float, float]:
+    """``(mean cross-entropy in nats, next-token accuracy)`` over every target token of ``y`` ``[N, T]``
+    (summed in float64). ``exp`` of the first is the perplexity; divided by ln 2, bits per token."""
+    was_training = model.training
+    model.eval()
+    total, correct = 0.0, 0
+    for i in range(0, len(x), batch_size):
+        logits, target = model(x[i:i + batch_size]), y[i:i + batch_size]
+        total += float(F.cross_entropy(logits.flatten(0, -2).double(), target.flatten(), reduction="sum"))
+        correct += int((logits.argmax(-1) == target).sum())
+    model.train(was_training)
+    return total / y.numel(), correct / y.numel()
+
+
 def build(config: TrainConfig, data: Dataset, model: nn.Module | None = None) -> tuple[DFA, torch.optim.Optimizer]:
     """Model (seeded by config.seed: the same init for every method; or ``model``, e.g. a pretrained
     one), wrapper and optimizer."""
     torch.manual_seed(config.seed)
+    text = getattr(data, "is_text", False)
+    if text != config.is_lm:
+        raise ValueError(f"{data.name} is text: train it with --model transformer" if text else
+                         f"--model {config.model} is a character LM: train it on text (--data austen), "
+                         f"not on {data.name}")
+    sites = None
     if model is None:
-        model = make_model(config.model, data.input_shape, data.n_classes, config.hidden, config.activation)
+        if config.is_lm:
+            model = make_transformer_lm(data.n_classes, data.context, config.d_model, config.heads, config.layers)
+        else:
+            model = make_model(config.model, data.input_shape, data.n_classes, config.hidden, config.activation)
+    if config.is_lm:
+        sites = model.sites(config.sites)
     # On the device before wrapping: an explicitly requested backend is checked against it.
     model = model.to(config.device)
-    dfa = DFA.from_config(model, config.dfa_config()).to(config.device)
+    dfa = DFA.from_config(model, config.dfa_config(), sites=sites).to(config.device)
     dfa.build(data.x_train[:2].to(config.device))
     if config.optimizer == "adam":
         # capturable: the step count stays on the GPU, so a replayed graph advances it (fastdfa.CapturedStep)
@@ -182,24 +248,25 @@ def build(config: TrainConfig, data: Dataset, model: nn.Module | None = None) ->
     return dfa, opt
 
 
-def train_step(dfa: DFA, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """zero_grad, forward, cross-entropy, backward, optimizer step; returns the loss."""
+def train_step(dfa: DFA, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               loss_fn=F.cross_entropy) -> torch.Tensor:
+    """zero_grad, forward, loss (cross-entropy), backward, optimizer step; returns the loss."""
     opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(dfa(x), y)
+    loss = loss_fn(dfa(x), y)
     loss.backward()
     opt.step()
     return loss
 
 
 def make_step(dfa: DFA, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-              seed: int = 0):
+              seed: int = 0, loss_fn=F.cross_entropy):
     """A training step on batch ``r`` of a fixed seeded order (the same batches for every method)."""
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(x.device)
     n_batches = max(1, len(x) // batch_size)
 
     def step(r: int) -> None:
         idx = order[(r % n_batches) * batch_size:(r % n_batches + 1) * batch_size]
-        train_step(dfa, opt, x[idx], y[idx])
+        train_step(dfa, opt, x[idx], y[idx], loss_fn)
 
     return step
 
@@ -210,13 +277,13 @@ ALIGNMENT_SAMPLES = 256  # the fixed training batch WA/GA logging measures GA on
 def _calibrate(dfa: DFA, opt, x_train, y_train, config: TrainConfig, gen: torch.Generator) -> None:
     """GrAPE's calibration: one exact-BP step on one random batch (``fastdfa.grape.calibrate``)."""
     idx = torch.randperm(len(x_train), generator=gen)[:config.batch_size].to(x_train.device)
-    calibration_step(dfa, opt, x_train[idx], y_train[idx], scale=config.calibrate_scale)
+    calibration_step(dfa, opt, x_train[idx], y_train[idx], config.loss_fn, scale=config.calibrate_scale)
 
 
-def measure_alignment(dfa: DFA, x: torch.Tensor, y: torch.Tensor) -> dict:
+def measure_alignment(dfa: DFA, x: torch.Tensor, y: torch.Tensor, loss_fn=F.cross_entropy) -> dict:
     """WA per layer and GA per layer on (x, y) (fastdfa.metrics); leaves the model as it was."""
 
-    return {"weight": weight_alignment(dfa), "gradient": gradient_alignment(dfa, x, y)}
+    return {"weight": weight_alignment(dfa), "gradient": gradient_alignment(dfa, x, y, loss_fn)}
 
 
 def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=print,
@@ -245,17 +312,19 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
     # Calibration batches come from their own stream, so a calibrated run sees the data in the same
     # order as the uncalibrated run of its seed and the two differ only by the BP steps.
     calibration_gen = seeded_generator(config.seed, "calibration")
-    result = TrainResult(config={**asdict(config), "lr": config.effective_lr}, dataset=data.name,
+    recorded = {k: v for k, v in asdict(config).items() if config.is_lm or k not in LM_FIELDS}
+    result = TrainResult(config={**recorded, "lr": config.effective_lr}, dataset=data.name,
                          test_accuracy=0.0, prepared=prepared)
     n = len(x_train)
+    loss_fn = config.loss_fn
     log_alignment = config.log_alignment and config.method in ("fa", "dfa", "grape")
     x_align, y_align = x_train[:ALIGNMENT_SAMPLES], y_train[:ALIGNMENT_SAMPLES]
     if log_alignment:
-        result.initial_alignment = measure_alignment(dfa, x_align, y_align)
+        result.initial_alignment = measure_alignment(dfa, x_align, y_align, loss_fn)
     steps_done = 0  # over all epochs, for calibrate_every_steps
     captured = None
     if config.cuda_graph:
-        captured = CapturedStep(dfa, opt)  # the last partial batch gets its own graph
+        captured = CapturedStep(dfa, opt, loss_fn)  # the last partial batch gets its own graph
     for epoch in range(1, config.epochs + 1):
         dfa.train()
         order = torch.randperm(n, generator=gen).to(device)
@@ -274,18 +343,18 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
             # number of steps and the data seen are those of the uncalibrated run
             bp_step = config.calibrate_every_steps and steps_done % config.calibrate_every_steps == 0
             if bp_step:
-                loss = calibration_step(dfa, opt, xb, yb, scale=config.calibrate_scale)
+                loss = calibration_step(dfa, opt, xb, yb, loss_fn, scale=config.calibrate_scale)
             elif captured is not None:
                 loss = captured(xb, yb)
             else:
-                loss = train_step(dfa, opt, xb, yb)
+                loss = train_step(dfa, opt, xb, yb, loss_fn)
             _sync(device)
             step_ms.append((time.perf_counter() - t0) * 1e3)
             losses.append(loss.detach())
             if bp_step:
                 result.calibrations.append((epoch, len(losses), f"every {config.calibrate_every_steps} steps"))
             if config.calibrate_below is not None and len(losses) % config.check_every == 0:
-                ga = alignment_summary(gradient_alignment(dfa, x_align, y_align))
+                ga = alignment_summary(gradient_alignment(dfa, x_align, y_align, loss_fn))
                 if ga < config.calibrate_below:  # event-driven: re-anchor when the rule drifts from BP
                     _calibrate(dfa, opt, x_train, y_train, config, calibration_gen)
                     result.calibrations.append((epoch, len(losses), f"GA {ga:.3f} < {config.calibrate_below}"))
@@ -296,20 +365,29 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
             _calibrate(dfa, opt, x_train, y_train, config, calibration_gen)
             result.calibrations.append((epoch, len(losses), f"every {config.calibrate_every} epochs"))
         seconds = time.perf_counter() - start
-        acc = evaluate(dfa, x_test, y_test)
-        alignment = measure_alignment(dfa, x_align, y_align) if log_alignment else None
+        test_loss = None
+        if config.is_lm:
+            test_loss, acc = evaluate_lm(dfa, x_test, y_test)
+        else:
+            acc = evaluate(dfa, x_test, y_test)
+        alignment = measure_alignment(dfa, x_align, y_align, loss_fn) if log_alignment else None
         epoch_result = EpochResult(epoch, float(torch.stack(losses).mean()), acc, statistics.fmean(step_ms),
-                                   statistics.median(step_ms), seconds, alignment)
+                                   statistics.median(step_ms), seconds, alignment, test_loss)
         result.epochs.append(epoch_result)
         if log is not None:
             extra = ""
+            if test_loss is not None:
+                extra = f"  test ppl {math.exp(test_loss):.3f}  bpc {test_loss / math.log(2):.4f}"
             if alignment is not None:
-                extra = (f"  WA {alignment_summary(alignment['weight']):.3f}"
+                extra += (f"  WA {alignment_summary(alignment['weight']):.3f}"
                          f"  GA {alignment_summary(alignment['gradient']):.3f}")
             log(f"{config.method:>4} epoch {epoch:>3}/{config.epochs}  loss {epoch_result.train_loss:.4f}  "
                 f"test acc {acc:.4f}  step {epoch_result.step_ms_mean:.2f} ms mean, "
                 f"{epoch_result.step_ms_median:.2f} median{extra}")
     result.test_accuracy = result.epochs[-1].test_accuracy
+    if config.is_lm:
+        result.test_perplexity = math.exp(result.epochs[-1].test_loss)
+        result.bits_per_character = result.epochs[-1].test_loss / math.log(2)
     result.skipped_steps = dfa.skipped_steps
     result.model, result.optimizer = dfa, opt  # for side-by-side timing after training
     return result
