@@ -365,7 +365,8 @@ def _austen_cached(root) -> bool:
 
 def download_austen_deb(root: str | os.PathLike | None = None) -> Path:
     """``apt-get download r-cran-janeaustenr`` and ``dpkg-deb -x`` it under the data dir; returns the
-    extracted R package. Needs Debian's apt (and ``apt-get update`` run once, as root)."""
+    extracted R package. Needs Debian's apt and its package lists (run as root, it fetches them with
+    ``apt-get update`` when the download finds none)."""
     import shutil
     import subprocess
     import tempfile
@@ -378,6 +379,10 @@ def download_austen_deb(root: str | os.PathLike | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         proc = subprocess.run(["apt-get", "download", AUSTEN_DEB], cwd=tmp, capture_output=True, text=True)
+        if proc.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
+            # a fresh Debian machine has no package lists yet: as root, fetch them once and try again
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+            proc = subprocess.run(["apt-get", "download", AUSTEN_DEB], cwd=tmp, capture_output=True, text=True)
         debs = sorted(Path(tmp).glob(f"{AUSTEN_DEB}_*.deb"))
         if proc.returncode != 0 or not debs:
             why = proc.stderr.strip() or proc.stdout.strip()
