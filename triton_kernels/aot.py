@@ -66,6 +66,11 @@ NETS = (
 CONV_SITES = (("conv-16x28x28,32x14x14-10", (16 * 28 * 28, 32 * 14 * 14), 10),
               ("conv-channelwise-16,32,64-10", (16, 32, 64), 10))
 BATCHES = (256, 100)              # a full batch, and one that is not a multiple of 16
+# Past 2^31 elements (a token batch of a wide transformer-sized MLP): the launchers switch the
+# kernels to 64-bit offsets. Built on the meta device (no memory); its addresses are the views'
+# offsets from 0, so its alignment is the layout's own.
+LARGE_NETS = (("4096-4096x2-1000", 4096, (4096, 4096), 1000),)
+LARGE_BATCHES = (1 << 20,)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = (None, "relu", "tanh", "sigmoid", "gelu")
 PRECISIONS = ("ieee", "tf32")     # torch.backends.cuda.matmul.allow_tf32 False / True
@@ -192,7 +197,7 @@ def _parse_ptxas(log: str) -> dict | None:
 
 def compile_launch(launch: Launch, arch: int, results_dir: str | None = None) -> dict:
     """Compiles the launch for ``sm_<arch>``: ``{regs, spill_stores, spill_loads, stack, shared,
-    num_warps, num_stages, hash}``, or ``{error: ...}`` when it does not compile.
+    num_warps, num_stages, maxnreg, hash}``, or ``{error: ...}`` when it does not compile.
 
     Registers and spills come from ptxas' own ``-v`` log of the compile (TRITON_DUMP_PTXAS_LOG);
     a kernel Triton already had in its cache is looked up in ``results_dir`` (written here on every
@@ -206,31 +211,30 @@ def compile_launch(launch: Launch, arch: int, results_dir: str | None = None) ->
     src = ASTSource(launch.kernel, signature, constexprs, attrs)
     options = {k: v for k, v in launch.options.items() if v is not None}
     target = GPUTarget("cuda", arch, 32)
-    knobs.nvidia.dump_ptxas_log = True
-    try:
-        for attempt in range(2):
-            log = io.StringIO()
-            try:
-                with contextlib.redirect_stdout(log), knobs.compilation.scope():
-                    knobs.compilation.always_compile = attempt > 0
-                    compiled = triton.compile(src, target=target, options=options)
-            except Exception as e:  # noqa: BLE001 -- a compile error is a result, reported
-                first = str(e).strip().splitlines()
-                return {"error": f"{type(e).__name__}: {first[0] if first else ''}"[:300]}
-            usage = _parse_ptxas(log.getvalue())
-            saved = os.path.join(results_dir, compiled.hash + ".json") if results_dir else None
-            if usage is None and saved and os.path.exists(saved):
-                with open(saved) as f:
-                    usage = json.load(f)
-            if usage is not None:
-                break
-        else:
-            return {"error": "no ptxas log for the compiled kernel"}
-    finally:
-        knobs.nvidia.dump_ptxas_log = False
+    saved = os.path.join(results_dir, "{}.json") if results_dir else None
+    usage = None
+    for attempt in range(2):  # the second compiles again: a kernel from Triton's cache whose log is gone
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log), knobs.nvidia.scope(), knobs.compilation.scope():
+                knobs.nvidia.dump_ptxas_log = True
+                knobs.compilation.always_compile = attempt > 0
+                compiled = triton.compile(src, target=target, options=options)
+        except Exception as e:  # noqa: BLE001 -- a compile error is a result, reported
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
+            where = f"{lines[0]} ... " if len(lines) > 2 else ""  # Triton's: location, source, cause
+            return {"error": f"{type(e).__name__}: {where}{' | '.join(lines[-2:])}"[:500]}
+        usage = _parse_ptxas(log.getvalue())
+        if usage is None and saved and os.path.exists(saved.format(compiled.hash)):
+            with open(saved.format(compiled.hash)) as f:
+                usage = json.load(f)
+        if usage is not None:
+            break
+    if usage is None:
+        return {"error": "no ptxas log for the compiled kernel"}
     if saved:
         os.makedirs(results_dir, exist_ok=True)
-        with open(saved, "w") as f:
+        with open(saved.format(compiled.hash), "w") as f:
             json.dump(usage, f)
     meta = compiled.metadata
     return dict(usage, shared=int(meta.shared), num_warps=int(meta.num_warps), num_stages=int(meta.num_stages),
@@ -256,13 +260,13 @@ class _Precision(contextlib.ContextDecorator):
         torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
-def _state(n, rows, activation, dtype, h):
+def _state(n, rows, activation, dtype, device):
     from ._common import STATE_OF
     kind = STATE_OF[activation]
     if kind == "mask":
-        return torch.empty(n, rows, dtype=torch.uint8)
+        return torch.empty(n, rows, dtype=torch.uint8, device=device)
     if kind in ("pre", "output"):
-        return torch.empty(n, rows, dtype=dtype) if h is None else h
+        return torch.empty(n, rows, dtype=dtype, device=device)
     return None
 
 
@@ -274,19 +278,20 @@ def _site_layout(rows):
     return offsets, at
 
 
-def _project_and_align(net, rows, n_out, dtype, prec, batch, activation):
+def _project_and_align(net, rows, n_out, dtype, prec, batch, activation, device):
     from . import align_step, dfa_project
     out = []
     offsets, total = _site_layout(rows)
-    feedback = torch.empty(total, n_out, dtype=dtype)
-    error = torch.empty(batch, n_out, dtype=dtype)
-    sites = [dfa_project.ProjectSite(o, r, activation, _state(batch, r, activation, dtype, None))
+    feedback = torch.empty(total, n_out, dtype=dtype, device=device)
+    error = torch.empty(batch, n_out, dtype=dtype, device=device)
+    sites = [dfa_project.ProjectSite(o, r, activation, _state(batch, r, activation, dtype, device))
              for o, r in zip(offsets, rows)]
     base = dict(net=net, dtype=_DTYPE_NAME[dtype], precision=prec, batch=batch)
     projected, launches = dfa_project.plan_dfa_project(error, feedback, sites, gpu=True)
     for launch in launches:
         out.append(Variant(dict(op="dfa_project", **base), launch, True))
-    asites = [align_step.AlignSite(o, r, torch.empty(batch, r, dtype=dtype), torch.empty(batch, n_out, dtype=dtype))
+    asites = [align_step.AlignSite(o, r, torch.empty(batch, r, dtype=dtype, device=device),
+                                   torch.empty(batch, n_out, dtype=dtype, device=device))
               for o, r in zip(offsets, rows)]
     _, launches = align_step.plan_align_step(feedback, asites, 0.1, gpu=True)
     for launch in launches:
@@ -294,45 +299,56 @@ def _project_and_align(net, rows, n_out, dtype, prec, batch, activation):
     return out, projected, offsets
 
 
-def enumerate_variants() -> list[Variant]:
-    """Every launch the engine (and the API) makes at the shapes of ``NETS`` / ``CONV_SITES``, for every
-    dtype, precision, batch, activation, bias and tangent count (deterministic order)."""
+def _net_variants(net, n_in, hidden, n_out, batches, device) -> list[Variant]:
     from . import dfa_wgrad, jvp_linear
     variants: list[Variant] = []
+    widths = (n_in,) + tuple(hidden) + (n_out,)
+    empty = functools.partial(torch.empty, device=device)
+    for dtype in DTYPES:
+        for prec in PRECISIONS:
+            with _precision(prec):
+                for batch in batches:
+                    found, projected, offsets = _project_and_align(net, hidden, n_out, dtype, prec, batch, "relu",
+                                                                   device)
+                    variants += found
+                    deltas = [projected[:, o:o + r] for o, r in zip(offsets, hidden)]
+                    deltas.append(empty(batch, n_out, dtype=dtype))  # the output layer's delta: e
+                    inputs = [empty(batch, w, dtype=dtype) for w in widths[:-1]]
+                    _, launches = dfa_wgrad.plan_dfa_wgrad(deltas, inputs, [True] * len(deltas), gpu=True)
+                    base = dict(net=net, dtype=_DTYPE_NAME[dtype], precision=prec, batch=batch)
+                    variants += [Variant(dict(op="dfa_wgrad", **base), launch, True) for launch in launches]
+                    for layer, (k, m) in enumerate(zip(widths[:-1], widths[1:])):
+                        last = layer == len(widths) - 2
+                        for act in ((None,) if last else ACTIVATIONS):
+                            for bias in (True, False):
+                                for n_t in ENGINE_TANGENTS + API_TANGENTS:
+                                    x = empty(batch, k, dtype=dtype)
+                                    w = empty(m, k, dtype=dtype)
+                                    b = empty(m, dtype=dtype) if bias else None
+                                    t = empty(n_t, batch, k, dtype=dtype) if n_t else None
+                                    _, launches = jvp_linear.plan_jvp_linear(x, w, b, act, t, gpu=True)
+                                    for chunk, launch in enumerate(launches):
+                                        desc = dict(op="jvp_linear", **base, layer=f"{k}->{m}",
+                                                    act=act or "none", bias=bias, tangents=n_t, chunk=chunk)
+                                        variants.append(Variant(desc, launch, n_t in ENGINE_TANGENTS))
+    return variants
+
+
+def enumerate_variants() -> list[Variant]:
+    """Every launch the engine (and the API) makes at the shapes of ``NETS``, ``CONV_SITES`` and
+    ``LARGE_NETS``, for every dtype, precision, batch, activation, bias and tangent count
+    (deterministic order)."""
+    variants: list[Variant] = []
     for net, n_in, hidden, n_out in NETS:
-        widths = (n_in,) + tuple(hidden) + (n_out,)
+        variants += _net_variants(net, n_in, hidden, n_out, BATCHES, "cpu")
+    for net, rows, n_out in CONV_SITES:
         for dtype in DTYPES:
             for prec in PRECISIONS:
                 with _precision(prec):
                     for batch in BATCHES:
-                        found, projected, offsets = _project_and_align(net, hidden, n_out, dtype, prec, batch, "relu")
-                        variants += found
-                        deltas = [projected[:, o:o + r] for o, r in zip(offsets, hidden)]
-                        deltas.append(torch.empty(batch, n_out, dtype=dtype))  # the output layer's delta: e
-                        inputs = [torch.empty(batch, w, dtype=dtype) for w in widths[:-1]]
-                        _, launches = dfa_wgrad.plan_dfa_wgrad(deltas, inputs, [True] * len(deltas), gpu=True)
-                        base = dict(net=net, dtype=_DTYPE_NAME[dtype], precision=prec, batch=batch)
-                        variants += [Variant(dict(op="dfa_wgrad", **base), launch, True) for launch in launches]
-                        for layer, (k, m) in enumerate(zip(widths[:-1], widths[1:])):
-                            last = layer == len(widths) - 2
-                            for act in ((None,) if last else ACTIVATIONS):
-                                for bias in (True, False):
-                                    for n_t in ENGINE_TANGENTS + API_TANGENTS:
-                                        x = torch.empty(batch, k, dtype=dtype)
-                                        w = torch.empty(m, k, dtype=dtype)
-                                        b = torch.empty(m, dtype=dtype) if bias else None
-                                        t = torch.empty(n_t, batch, k, dtype=dtype) if n_t else None
-                                        _, launches = jvp_linear.plan_jvp_linear(x, w, b, act, t, gpu=True)
-                                        for chunk, launch in enumerate(launches):
-                                            desc = dict(op="jvp_linear", **base, layer=f"{k}->{m}",
-                                                        act=act or "none", bias=bias, tangents=n_t, chunk=chunk)
-                                            variants.append(Variant(desc, launch, n_t in ENGINE_TANGENTS))
-        for net_c, rows, n_out_c in CONV_SITES if net == NETS[0][0] else ():
-            for dtype in DTYPES:
-                for prec in PRECISIONS:
-                    with _precision(prec):
-                        for batch in BATCHES:
-                            variants += _project_and_align(net_c, rows, n_out_c, dtype, prec, batch, "relu")[0]
+                        variants += _project_and_align(net, rows, n_out, dtype, prec, batch, "relu", "cpu")[0]
+    for net, n_in, hidden, n_out in LARGE_NETS:  # no memory behind them: shapes and addresses only
+        variants += _net_variants(net, n_in, hidden, n_out, LARGE_BATCHES, "meta")
     unique: dict[str, Variant] = {}
     for v in variants:  # a net with two layers of one shape makes the same launches twice
         unique.setdefault(variant_id(v), v)
@@ -343,10 +359,11 @@ def enumerate_variants() -> list[Variant]:
 
 
 def sample(variants: list[Variant]) -> list[Variant]:
-    """A deterministic covering sample: per op, greedily the variants that cover the most not yet
-    covered PAIRS of axis values (dtype x precision, dtype x activation, net x batch, ...), so every
-    pair the full sweep has is compiled at least once; then one variant per distinct block
-    configuration (constexprs and options) not covered yet."""
+    """A deterministic covering sample: per op, greedily the compiled kernels that cover the most
+    not yet covered PAIRS of axis values (``_axes``: dtype x precision, activation x tangent tile,
+    alignment x index width, ...), so every pair the full sweep has is compiled at least once; then
+    one kernel per block configuration (tiles, warps, stages, per dtype) not covered yet. Returns
+    every variant that binds to a chosen kernel."""
     chosen: list[Variant] = []
     by_op: dict[str, list[Variant]] = {}
     for v in variants:
@@ -379,7 +396,8 @@ def _axes(v: Variant) -> dict:
     not), activation, bias, tangent tile, and the alignments the launcher derived (ALIGN_*)."""
     d, c = v.desc, v.launch.constexprs
     axes = {"dtype": d["dtype"], "precision": d["precision"], "batch16": d["batch"] % 16 == 0}
-    axes.update({k: x for k, x in c.items() if k.startswith("ALIGN") or k in ("PASS", "T_PAD", "STORE_PRIMAL")})
+    axes.update({k: x for k, x in c.items()
+                 if k.startswith("ALIGN") or k in ("PASS", "T_PAD", "STORE_PRIMAL", "INDEX")})
     if d["op"] == "jvp_linear":
         axes.update(act=d["act"], bias=d["bias"])
     return {k: str(x) for k, x in axes.items()}

@@ -193,9 +193,9 @@ def plan_dfa_project(
                          *(row[4] for row in site_rows), *(st.data_ptr() // st.element_size() for st in states))
     align_k = divisibility(k, error.stride(0), feedback_all.stride(0), error.data_ptr() // dtype.itemsize,
                            feedback_all.data_ptr() // dtype.itemsize)
-    n_tiles = grid[0] * bm
-    index = index_dtype(n_tiles * max(error.stride(0), k), (r + bn) * max(feedback_all.stride(0), k),
-                        n_tiles * max(out.stride(0), r + bn), *(n_tiles * max(row[4], row[1] + bn) for row in site_rows))
+    n_up, k_up = grid[0] * bm, triton.cdiv(k, bk) * bk
+    index = index_dtype(n_up * error.stride(0) + k_up, (r + bn) * feedback_all.stride(0) + k_up,
+                        n_up * out.stride(0) + r + bn, *(n_up * row[4] + row[1] + bn for row in site_rows))
     launch = Launch(
         _dfa_project_kernel, grid,
         (error, feedback_all, out, site_table, tile_table, n, k // align_k, error.stride(0), feedback_all.stride(0),

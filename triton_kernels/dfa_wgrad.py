@@ -52,11 +52,12 @@ def _dfa_wgrad_kernel(
 ):
     g, tile_m, tile_n = load_grouped_tile(tile_table, tl.program_id(0))
     base = group_table + _GROUP_FIELDS_C * g
-    delta = tl.multiple_of(tl.load(base).to(tl.pointer_type(DTYPE)), ALIGN_D * ELEM_BYTES)  # [N, M_l], unit column stride
+    # delta [N, M_l] and x [N, K_l] with unit column strides, dW [M_l, K_l] contiguous
+    delta = tl.multiple_of(tl.load(base).to(tl.pointer_type(DTYPE)), ALIGN_D * ELEM_BYTES)
     stride_d = tl.multiple_of(tl.load(base + 1).to(INDEX), ALIGN_D)
-    x = tl.multiple_of(tl.load(base + 2).to(tl.pointer_type(DTYPE)), ALIGN_X * ELEM_BYTES)  # [N, K_l], unit column stride
+    x = tl.multiple_of(tl.load(base + 2).to(tl.pointer_type(DTYPE)), ALIGN_X * ELEM_BYTES)
     stride_x = tl.multiple_of(tl.load(base + 3).to(INDEX), ALIGN_X)
-    dw = tl.multiple_of(tl.load(base + 4).to(tl.pointer_type(DTYPE)), ALIGN_W * ELEM_BYTES)  # [M_l, K_l], contiguous
+    dw = tl.multiple_of(tl.load(base + 4).to(tl.pointer_type(DTYPE)), ALIGN_W * ELEM_BYTES)
     db_addr = tl.load(base + 5)
     M = tl.multiple_of(tl.load(base + 6).to(INDEX), ALIGN_D)
     K = tl.multiple_of(tl.load(base + 7).to(INDEX), ALIGN_W)
@@ -157,7 +158,7 @@ def plan_dfa_wgrad(
     align_w = divisibility(*(r[4] // size for r in rows), *(r[5] // size for r in rows), *(r[7] for r in rows))
     # Largest element offsets (rows rounded up to whole tiles) against 2^31.
     n_up, m_up, k_up = -(-n // br) * br, max(r[6] for r in rows) + bm, max(r[7] for r in rows) + bn
-    index = index_dtype(*(n_up * max(r[1], m_up) for r in rows), *(n_up * max(r[3], k_up) for r in rows), m_up * k_up)
+    index = index_dtype(*(n_up * r[1] + m_up for r in rows), *(n_up * r[3] + k_up for r in rows), m_up * k_up + k_up)
     launch = Launch(_dfa_wgrad_kernel, (tiles.shape[0],), (groups, tiles, n),
                     dict(DTYPE=tl_dtype(dtype), ELEM_BYTES=size, DOT_PRECISION=dot_precision(), ALIGN_D=align_d,
                          ALIGN_X=align_x, ALIGN_W=align_w, INDEX=index, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br),

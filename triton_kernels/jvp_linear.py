@@ -138,11 +138,11 @@ def _blocks(n: int, m: int, k: int, t_pad: int, dtype: torch.dtype, gpu: bool) -
     budget.
 
     GPU: without tangents 64x64 output tiles. The primal tile and the T_PAD
-    tangent tiles share each W tile, so the accumulators are BLOCK_M x
-    BLOCK_N + T_PAD x BLOCK_M x BLOCK_N fp32: with tangents the primal tile
-    has 32 rows (T_PAD 1), then 16. fp32 takes BLOCK_K 16 and 8 warps (its
-    "ieee" dot runs on FMAs with the operands in registers). Every kernel the
-    engine launches (T_PAD 0 and 1) is spill-free on sm_80 and sm_90 under
+    tangent tiles share each W tile, so the accumulators are (1 + T_PAD) x
+    BLOCK_M x BLOCK_N fp32: one tangent (GrAPE's dual pass) takes a 32x64
+    tile, more a 16x32 one. fp32 takes BLOCK_K 16 and 8 warps (its "ieee" dot
+    runs on FMAs with the operands in registers). Every kernel the engine
+    launches (T_PAD 0 and 1) is spill-free on sm_80 and sm_90 under
     ``_common.register_budget`` (``tests/test_triton_compile.py``).
     """
     if gpu:
@@ -150,7 +150,9 @@ def _blocks(n: int, m: int, k: int, t_pad: int, dtype: torch.dtype, gpu: bool) -
         bk = 16 if fp32 else 32
         if t_pad == 0:
             return 64, 64, bk, 8 if fp32 else 4, 3
-        return max(16, 32 // t_pad), 64, bk, 8 if (fp32 or t_pad > 2) else 4, 3
+        if t_pad == 1:
+            return 32, 64, bk, 8 if fp32 else 4, 3
+        return 16, 32, bk, 8, 3   # T_PAD 2 to 8 tangent tiles stacked under a 16-row primal tile
     # Interpreter: cost grows with programs x K steps, so tiles as large as the problem allows.
     bm = max(16, min(64 if t_pad <= 1 else 32, triton.next_power_of_2(n)))
     return bm, max(16, min(128, triton.next_power_of_2(m))), max(16, min(128, triton.next_power_of_2(k))), 4, 1
@@ -224,9 +226,9 @@ def plan_jvp_linear(
         # Largest element offsets (rows and tangent slots rounded up to whole tiles) against 2^31.
         n_up, m_up, k_up = triton.cdiv(n, bm) * bm, triton.cdiv(m, bn) * bn, triton.cdiv(k, bk) * bk
         t_up = max(t_pad, 1)
-        index = index_dtype(n_up * max(x.stride(0), k_up), t_up * max(strides_in[1], n_up * k_up),
-                            m_up * max(weight.stride(0), k_up), n_up * max(h.stride(0), m_up),
-                            t_up * max(strides_out[1], n_up * m_up))
+        index = index_dtype(n_up * x.stride(0) + k_up, t_up * strides_in[1] + n_up * strides_in[2] + k_up,
+                            m_up * weight.stride(0) + k_up, n_up * h.stride(0) + m_up,
+                            t_up * strides_out[1] + n_up * strides_out[2] + m_up)
         grid = (triton.cdiv(n, bm), triton.cdiv(m, bn))
         align_in, align_out = divisibility(k, *strides_in), divisibility(m, *strides_out)
         launches.append(Launch(
