@@ -25,6 +25,9 @@ def _wrap(model, backend, **kw):
         return dfa
     if backend == "triton":
         pytest.importorskip("triton")
+        if torch.cuda.is_available():
+            pytest.skip("the Triton interpreter on CPU tensors; on a GPU, compiled Triton is covered by the kernel "
+                    "and engine tests (tests/test_triton_engine.py)")
     return fastdfa.DFA(model, backend=backend, **kw)
 
 
