@@ -33,6 +33,15 @@ def _hidden(text: str) -> tuple[int, ...]:
     return widths
 
 
+CALIBRATION_OPTIONS = (  # (flag, type, default, metavar, help): GrAPE's calibration, fastdfa.grape.calibrate
+    ("--calibrate-every", int, 0, "T", "one exact-BP batch every T epochs (GrAPE's calibration; 0: never)"),
+    ("--calibrate-every-steps", int, 0, "N", "every N-th training step runs exact BP on its batch instead of the "
+     "rule (sparse BP at rate 1/N, same number of steps; 0: never)"),
+    ("--calibrate-below", float, None, "GA", "adaptive calibration: one BP batch whenever the mean gradient "
+     "alignment, checked every --check-every steps on a fixed batch, is below GA"),
+)
+
+
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits",
                    help="digits (bundled with scikit-learn), fashion-mnist (Debian's dataset-fashion-mnist), "
@@ -78,14 +87,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                    help="grape: where the JVP perturbs (default activation)")
     p.add_argument("--jvp", choices=JVP, default="per-site",
                    help="grape: one tangent per site (exact) or one shared dual pass (default per-site)")
-    p.add_argument("--calibrate-every", type=int, default=0, metavar="T",
-                   help="one exact-BP batch every T epochs (GrAPE's calibration; 0: never)")
-    p.add_argument("--calibrate-every-steps", type=int, default=0, metavar="N",
-                   help="every N-th training step runs exact BP on its batch instead of the rule (sparse BP at rate 1/N, "
-                        "same number of steps; 0: never)")
-    p.add_argument("--calibrate-below", type=float, default=None, metavar="GA",
-                   help="adaptive calibration: one BP batch whenever the mean gradient alignment, checked every "
-                        "--check-every steps on a fixed batch, is below GA")
+    for flag, kind, default, metavar, text in CALIBRATION_OPTIONS:
+        p.add_argument(flag, type=kind, default=default, metavar=metavar, help=text)
     p.add_argument("--calibrate-scale", choices=CALIBRATE_SCALES, default="raw",
                    help="calibration BP gradients as they are (raw) or rescaled per parameter to the norm of the "
                         "rule's gradient on the same batch (rule: BP's direction at a rule step's size under Adam)")
