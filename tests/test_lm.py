@@ -191,3 +191,26 @@ def test_lm_and_image_options_are_not_mixed(tiny_corpus, capsys):
     assert main(["train", "--model", "transformer", "--data", "austen", "--d-model", "30", "--heads", "4",
                  "--epochs", "1", "--no-progress"]) == 2
     assert "multiple of heads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["dfa", "grape"])
+@pytest.mark.parametrize("kind", ["blocks", "layers"])
+def test_triton_backend_equals_torch_on_the_lm(kind, mode):
+    """The triton backend (interpreter on a CPU) gives the torch backend's gradients on the transformer LM."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the Triton interpreter on CPU tensors; on a GPU, compiled Triton is covered by the kernel "
+                    "and engine tests")
+    torch.manual_seed(0)
+    model = make_transformer_lm(11, 8, d_model=16, heads=2, layers=2)
+    x, y = torch.randint(0, 11, (3, 8)), torch.randint(0, 11, (3, 8))
+    grads, feedback = {}, {}
+    for backend in ("torch", "triton"):
+        m = copy.deepcopy(model)
+        dfa = fastdfa.DFA(m, mode=mode, sites=m.sites(kind), batch_dims=2, backend=backend, seed=3)
+        torch.nn.functional.cross_entropy(dfa(x).reshape(-1, 11), y.reshape(-1)).backward()
+        grads[backend] = [p.grad for p in m.parameters()]
+        feedback[backend] = dfa.feedback.flat.clone()
+    for a, b in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(feedback["triton"], feedback["torch"], rtol=1e-5, atol=1e-6)
