@@ -71,5 +71,10 @@ class KernelBackend(abc.ABC):
             return "autocast is on: the fused kernels run at the parameters' dtype, so autograd runs the layers"
         return None
 
+    def __deepcopy__(self, memo) -> "KernelBackend":
+        # one instance per process (get_backend), holding no model state; the cuda backend holds the compiled
+        # extension module, which cannot be copied: a deep-copied wrapper shares its backend
+        return self
+
     def __repr__(self) -> str:
         return f"<fastdfa backend {self.name!r}>"
