@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 MODES = ("bp", "fa", "dfa", "grape")
 FEEDBACK_KINDS = ("uniform", "gaussian")
@@ -121,10 +121,6 @@ class DFAConfig:
         n = env_streams() if self.streams is None else self.streams
         _int_at_least("streams", n, 1, " (1: no side streams)")
         return n
-
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
 
 
 def _read(name: str, doc: str = "") -> property:

@@ -36,8 +36,6 @@ class KernelBackend(abc.ABC):
     # True: fastdfa.Linear / Conv2d in DFA mode run their training forward through the backend
     # (jvp_linear / the activation state) and the projection applies their g' (fastdfa.engine.fused).
     fuses_layers: bool = False
-    # True: dfa_wgrad runs its per-layer GEMMs on a pool of CUDA streams and takes streams=.
-    fans_out: bool = False
     ProjectSite = ProjectSite
     AlignSite = AlignSite
 

@@ -71,7 +71,6 @@ class CudaBackend(KernelBackend):
 
     name = "cuda"
     fuses_layers = True
-    fans_out = True  # dfa_wgrad takes streams= (the engine's pool size)
 
     def __init__(self, C, streams: int = 4):
         self.C = C

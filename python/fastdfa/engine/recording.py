@@ -102,11 +102,6 @@ class Recorder:
                            "added). Its rule would silently be BP; create a new fastdfa.DFA(model) after "
                            "editing the model.")
 
-    def remove_hooks(self) -> None:
-        for h in self.hooks:
-            h.remove()
-        self.hooks = []
-
 
 class FAForward:
     """The interceptor of a training forward in mode "fa": every fastdfa layer (inside user sites too)
