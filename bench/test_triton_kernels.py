@@ -136,9 +136,12 @@ def test_align_step(benchmark, record_step, record_interleaved, shape):
     fb = torch.randn(width * layers, n_out, device=DEVICE)
     sites = [align_step.AlignSite(i * width, width, torch.randn(n, width, device=DEVICE),
                                   torch.randn(n, n_out, device=DEVICE)) for i in range(layers)]
-    fb_ref, fb_cuda = fb.clone(), fb.clone()
+    fb_ref, fb_cuda, fb_det = fb.clone(), fb.clone(), fb.clone()
+    # "triton-deterministic": per-tile partials summed in tile order instead of fp32 atomics; its
+    # ratio to "triton" decides whether it becomes the only path (docs/kernels.md, under 5%)
     _bench(benchmark, record_step, record_interleaved, f"align_step-{n}x{width}x{layers}-o{n_out}",
            _with_cuda({"triton": lambda: align_step.align_step(fb, sites, 0.1),
+                       "triton-deterministic": lambda: align_step.align_step(fb_det, sites, 0.1, deterministic=True),
                        "torch": lambda: align_step.align_step_reference(fb_ref, sites, 0.1)},
                       "cuda", lambda: CUDA_OPS.align_step(fb_cuda, sites, 0.1)))
 

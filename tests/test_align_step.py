@@ -122,3 +122,68 @@ def test_the_step_is_scale_free():
     new_b, cos_b = op.align_step_reference(b, sites64, 0.7)
     torch.testing.assert_close(new_b, 3.0 * new_a, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(cos_b, cos_a, rtol=1e-12, atol=1e-12)
+
+
+def _run(launches, reverse_programs=False):
+    for launch in launches:
+        args = list(launch.args)
+        if reverse_programs:  # program i runs tile (tiles - 1 - i): the atomics add in the other order
+            args[4] = args[4].flip(0).contiguous()
+        launch.kernel[launch.grid](*args, **launch.constexprs, **launch.options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_deterministic_step_matches_reference(dtype):
+    """Several row tiles per site (rows > the interpreter's 128-row tile): the per-tile partials
+    summed in tile order give the reference's step."""
+    feedback64, sites64 = _problem(29, [300, 5, 140], 11, shared=False, seed=5)
+    fb = feedback64.to(dtype).to(DEVICE)
+    cos = op.align_step(fb, _at(sites64, dtype, DEVICE), lr=0.5, deterministic=True)
+    stored = _at(sites64, dtype, "cpu")
+    ref64, cos64 = op.align_step_reference(feedback64.to(dtype).double(),
+                                           [op.AlignSite(s.offset, s.rows, s.perturbation.double(),
+                                                         s.tangent.double()) for s in stored], lr=0.5)
+    compute = torch.float32 if (dtype == torch.float16 and DEVICE == "cpu") else dtype
+    refd, _ = op.align_step_reference(feedback64.to(dtype).to(compute),
+                                      [op.AlignSite(s.offset, s.rows, s.perturbation.to(compute),
+                                                    s.tangent.to(compute)) for s in stored], lr=0.5)
+    assert_matches_reference(fb.cpu(), ref64, refd.to(dtype), f"deterministic align_step {dtype}")
+    torch.testing.assert_close(cos.cpu().double(), cos64, rtol=0, atol=5e-3 if dtype != torch.float32 else 1e-5)
+
+
+def test_deterministic_path_does_not_depend_on_the_order_programs_run():
+    """The same step with the programs run in reverse order: bitwise the same feedback and column
+    sums on the deterministic path. On the atomic path (interpreter: programs run one after another,
+    so the order is exactly the tile table's) the reversed order changes the fp32 sums' last bits --
+    what a GPU does from run to run."""
+    feedback64, sites64 = _problem(33, [1000, 260], 64, shared=False, seed=6)
+    results = {}
+    for deterministic in (True, False):
+        for reverse in (False, True):
+            fb = feedback64.float().to(DEVICE)
+            stats, launches = op.plan_align_step(fb, _at(sites64, torch.float32, DEVICE), 0.5,
+                                                 deterministic=deterministic)
+            assert all(launch.constexprs["DETERMINISTIC"] is deterministic for launch in launches)
+            _run(launches, reverse_programs=reverse)
+            results[deterministic, reverse] = (fb.cpu(), stats.cpu())
+    for a, b in zip(results[True, False], results[True, True]):
+        assert torch.equal(a, b)
+    if DEVICE == "cpu":
+        assert not torch.equal(results[False, False][1], results[False, True][1])
+    # and both paths are the same step up to fp32 summation order
+    torch.testing.assert_close(results[True, False][0], results[False, False][0], rtol=1e-5, atol=1e-6)
+
+
+def test_deterministic_is_the_default_under_torch_deterministic_algorithms():
+    feedback64, sites64 = _problem(8, [10], 3, shared=False)
+    fb = feedback64.float().to(DEVICE)
+    sites = _at(sites64, torch.float32, DEVICE)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        on = op.plan_align_step(fb, sites, 0.1)[1]
+        torch.use_deterministic_algorithms(False)
+        off = op.plan_align_step(fb, sites, 0.1)[1]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert [launch.constexprs["DETERMINISTIC"] for launch in on + off] == [True, True, False, False]

@@ -27,6 +27,17 @@ the OLD B and J give everything. Two launches for all sites:
      the column; its norm, and so the feedback's scale, is kept)
      over B in place.
 
+Deterministic path (``deterministic=True``, the default under
+``torch.use_deterministic_algorithms(True)``): fp32 atomics add in whatever
+order the tiles finish, so the column sums -- and GrAPE's feedback -- can
+differ in the last bits from run to run on a GPU. Instead, pass 1 stores each
+tile's partial sums in its own slot of a ``[S, tiles_m, n_out, 3]`` buffer (no
+atomics), and every pass-2 tile adds its column's partials in tile order
+(tile 0, 1, ...): the same sums, in the same order, on every run and whatever
+order the programs run in. The column sums are then ``tiles_m`` x 3 loads per
+column per tile instead of 3 (``tiles_m`` = n_l / BLOCK_M, 64 for n_l = 4096
+at fp16), small against the tile's GEMM over the batch.
+
 J (``n_l x n_out`` per site) exists only as tiles in registers; the extra
 cost is the second GEMM over the batch, against writing and reading J.
 A column whose J_j is zero (a dead output) is left as it is.
@@ -67,10 +78,13 @@ def _j_tile(p, stride_p, t, stride_t, rm, rn, m_mask, n_mask, batch, inv_batch,
 def _align_step_kernel(
     feedback_ptr,   # [R, K] all sites' feedback B (K = n_out), row stride stride_f; updated in place by pass 2
     stats_ptr,      # [S, K, 3] fp32 column sums <B,J>, |J|^2, |B|^2 (zeroed before pass 1)
+    partials_ptr,   # [S, tiles_m, K, 3] fp32 per-tile column sums (DETERMINISTIC only; else unused)
     site_table,     # [S, 6] int64: offset, rows, P address, P row stride, T address, T row stride
     tile_table,     # [tiles, 3] int64: site, tile row (over n_l), tile column (over K)
     batch, k_units, stride_f, inv_batch, step,   # K = k_units * ALIGN_K; step = lr / n_out
+    tiles_m,                         # the partials' second dimension: max over sites of cdiv(n_l, BLOCK_M)
     PASS: tl.constexpr,              # 1: column sums; 2: update and normalise
+    DETERMINISTIC: tl.constexpr,     # column sums through per-tile partials in a fixed order, no atomics
     DTYPE: tl.constexpr, ELEM_BYTES: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # What the launcher found to divide (elements; _common.divisibility): every site's rows, P address
     # and P row stride (ALIGN_P); K, the feedback's row stride and address, every T address and row
@@ -103,13 +117,35 @@ def _align_step_kernel(
     b = tl.load(feedback_ptr + b_off, mask=mask, other=0.0).to(tl.float32)
     st = stats_ptr + (s * K + rn) * 3
     if PASS == 1:
-        tl.atomic_add(st, tl.sum(b * j, axis=0), mask=n_mask)
-        tl.atomic_add(st + 1, tl.sum(j * j, axis=0), mask=n_mask)
-        tl.atomic_add(st + 2, tl.sum(b * b, axis=0), mask=n_mask)
+        if DETERMINISTIC:
+            part = partials_ptr + ((s * tiles_m + tile_m) * K + rn) * 3
+            tl.store(part, tl.sum(b * j, axis=0), mask=n_mask)
+            tl.store(part + 1, tl.sum(j * j, axis=0), mask=n_mask)
+            tl.store(part + 2, tl.sum(b * b, axis=0), mask=n_mask)
+        else:
+            tl.atomic_add(st, tl.sum(b * j, axis=0), mask=n_mask)
+            tl.atomic_add(st + 1, tl.sum(j * j, axis=0), mask=n_mask)
+            tl.atomic_add(st + 2, tl.sum(b * b, axis=0), mask=n_mask)
     else:
-        bj = tl.load(st, mask=n_mask, other=0.0)
-        jj = tl.load(st + 1, mask=n_mask, other=0.0)
-        bb = tl.load(st + 2, mask=n_mask, other=1.0)
+        if DETERMINISTIC:
+            # this column's partials, tile 0 first: every tile of the column gets the same sums
+            bj = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            jj = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            bb = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for mt in range(0, tl.cdiv(rows, BLOCK_M)):
+                part = partials_ptr + ((s * tiles_m + mt) * K + rn) * 3
+                bj += tl.load(part, mask=n_mask, other=0.0)
+                jj += tl.load(part + 1, mask=n_mask, other=0.0)
+                bb += tl.load(part + 2, mask=n_mask, other=0.0)
+            bb = tl.where(n_mask, bb, 1.0)
+            if tile_m == 0:  # one tile per column hands the sums back (the step's cosines)
+                tl.store(st, bj, mask=n_mask)
+                tl.store(st + 1, jj, mask=n_mask)
+                tl.store(st + 2, bb, mask=n_mask)
+        else:
+            bj = tl.load(st, mask=n_mask, other=0.0)
+            jj = tl.load(st + 1, mask=n_mask, other=0.0)
+            bb = tl.load(st + 2, mask=n_mask, other=1.0)
         nb = tl.sqrt(bb)
         nj = tl.sqrt(jj)
         live = (nj > 0.0) & (nb > 0.0)
@@ -140,10 +176,13 @@ def _blocks(batch: int, rows_max: int, k: int, dtype: torch.dtype, gpu: bool) ->
 _TABLES = TableCache()
 
 
-def align_step(feedback_all: torch.Tensor, sites: Sequence[AlignSite], lr: float) -> torch.Tensor:
+def align_step(feedback_all: torch.Tensor, sites: Sequence[AlignSite], lr: float,
+               deterministic: bool | None = None) -> torch.Tensor:
     """One GrAPE step on every site's feedback, in place; returns each site's mean column cosine
-    between B and J_hat^T BEFORE the step (``[S]`` fp32), the alignment the step improved on."""
-    stats, launches = plan_align_step(feedback_all, sites, lr)
+    between B and J_hat^T BEFORE the step (``[S]`` fp32), the alignment the step improved on.
+    ``deterministic``: column sums without atomics, bitwise the same on every run (default:
+    ``torch.are_deterministic_algorithms_enabled()``)."""
+    stats, launches = plan_align_step(feedback_all, sites, lr, deterministic=deterministic)
     run_launches(launches)
     bj, jj, bb = stats.unbind(-1)
     live = (jj > 0) & (bb > 0)
@@ -152,9 +191,12 @@ def align_step(feedback_all: torch.Tensor, sites: Sequence[AlignSite], lr: float
 
 
 def plan_align_step(feedback_all: torch.Tensor, sites: Sequence[AlignSite], lr: float,
-                    gpu: bool | None = None) -> tuple[torch.Tensor, list[Launch]]:
+                    gpu: bool | None = None, deterministic: bool | None = None) -> tuple[torch.Tensor, list[Launch]]:
     """``align_step``'s checks, zeroed ``[S, n_out, 3]`` column sums and tables, and its two launches
-    (not run). ``gpu``: GPU tile sizes (default: whether the tensors are on a GPU)."""
+    (not run). ``gpu``: GPU tile sizes (default: whether the tensors are on a GPU); ``deterministic``:
+    as in ``align_step``."""
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     r, k = feedback_all.shape
     if not sites:
         return torch.zeros(0, k, 3, dtype=torch.float32, device=feedback_all.device), []
@@ -188,12 +230,16 @@ def plan_align_step(feedback_all: torch.Tensor, sites: Sequence[AlignSite], lr: 
                            *(row[4] // size for row in rows), *(row[5] for row in rows))
     # Largest element offsets (batch rows, site rows and columns rounded up to whole tiles) against 2^31.
     b_up = -(-batch // br) * br
+    tiles_m = -(-max(s.rows for s in sites) // bm) if deterministic else 1
+    partials = (torch.empty(len(sites), tiles_m, k, 3, dtype=torch.float32, device=device) if deterministic
+                else stats)  # every slot a pass-1 tile reads back is written first: no zeroing needed
     index = index_dtype(*(b_up * row[3] + row[1] + bm for row in rows), *(b_up * row[5] + k + bn for row in rows),
-                        (r + bm) * feedback_all.stride(0) + k + bn, len(sites) * (k + bn) * 3)
+                        (r + bm) * feedback_all.stride(0) + k + bn, len(sites) * tiles_m * (k + bn) * 3)
     launches = [Launch(_align_step_kernel, (tiles.shape[0],),
-                       (feedback_all, stats, table, tiles, batch, k // align_k, feedback_all.stride(0), 1.0 / batch,
-                        lr / k),
-                       dict(PASS=pass_, DTYPE=tl_dtype(dtype), ELEM_BYTES=size, DOT_PRECISION=dot_precision(),
+                       (feedback_all, stats, partials, table, tiles, batch, k // align_k, feedback_all.stride(0),
+                        1.0 / batch, lr / k, tiles_m),
+                       dict(PASS=pass_, DETERMINISTIC=bool(deterministic), DTYPE=tl_dtype(dtype), ELEM_BYTES=size,
+                            DOT_PRECISION=dot_precision(),
                             ALIGN_P=align_p, ALIGN_K=align_k, INDEX=index, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br),
                        num_warps=warps, num_stages=stages, keep=tuple(keep))
                 for pass_ in (1, 2)]

@@ -293,9 +293,11 @@ def _project_and_align(net, rows, n_out, dtype, prec, batch, activation, device)
     asites = [align_step.AlignSite(o, r, torch.empty(batch, r, dtype=dtype, device=device),
                                    torch.empty(batch, n_out, dtype=dtype, device=device))
               for o, r in zip(offsets, rows)]
-    _, launches = align_step.plan_align_step(feedback, asites, 0.1, gpu=True)
-    for launch in launches:
-        out.append(Variant(dict(op="align_step", **base, **{"pass": launch.constexprs["PASS"]}), launch, True))
+    for deterministic in (False, True):  # fp32 atomics, or per-tile partials summed in tile order
+        _, launches = align_step.plan_align_step(feedback, asites, 0.1, gpu=True, deterministic=deterministic)
+        for launch in launches:
+            out.append(Variant(dict(op="align_step", **base, **{"pass": launch.constexprs["PASS"]},
+                                    deterministic=deterministic), launch, True))
     return out, projected, offsets
 
 
@@ -393,11 +395,12 @@ def sample(variants: list[Variant]) -> list[Variant]:
 
 def _axes(v: Variant) -> dict:
     """What the sample covers pairwise: the variant's dtype, precision, batch (a multiple of 16 or
-    not), activation, bias, tangent tile, and the alignments the launcher derived (ALIGN_*)."""
+    not), activation, bias, tangent tile, align_step's deterministic path, and the alignments the
+    launcher derived (ALIGN_*)."""
     d, c = v.desc, v.launch.constexprs
     axes = {"dtype": d["dtype"], "precision": d["precision"], "batch16": d["batch"] % 16 == 0}
     axes.update({k: x for k, x in c.items()
-                 if k.startswith("ALIGN") or k in ("PASS", "T_PAD", "STORE_PRIMAL", "INDEX")})
+                 if k.startswith("ALIGN") or k in ("PASS", "DETERMINISTIC", "T_PAD", "STORE_PRIMAL", "INDEX")})
     if d["op"] == "jvp_linear":
         axes.update(act=d["act"], bias=d["bias"])
     return {k: str(x) for k, x in axes.items()}
