@@ -75,7 +75,6 @@ def emulated_cuda_backend(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # resolve_backend's non-CUDA-device escape hatch
     import fastdfa.dfa as dfa_module
     monkeypatch.setattr(dfa_module, "get_backend", backends.get_backend)
-    monkeypatch.setattr(dfa_module, "resolve_backend", backends.resolve_backend)
 
 
 @pytest.mark.parametrize("mode", ["dfa", "grape"])

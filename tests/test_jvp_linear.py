@@ -80,6 +80,18 @@ def test_equals_torch_func_jvp_of_the_plain_layer():
         torch.testing.assert_close(h.cpu().double(), want_h, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("activation", [None, "relu", "tanh", "sigmoid", "gelu"])
+def test_reference_equals_torch_func_jvp_in_float64(activation):
+    """The reference's g'(a) from the saved state is the derivative forward AD takes, for every activation."""
+    from fastdfa.activations import apply_activation
+    x, w, b, dx = _inputs(7, 12, 9, 3, bias=True, seed=11)
+    h, dh, _ = op.jvp_linear_reference(x, w, b, activation, dx)
+    for t in range(3):
+        want_h, want_dh = torch.func.jvp(lambda v: apply_activation(F.linear(v, w, b), activation), (x,), (dx[t],))
+        torch.testing.assert_close(dh[t], want_dh, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(h, want_h, rtol=0, atol=0)
+
+
 def test_bad_input():
     x, w = torch.randn(4, 5), torch.randn(3, 6)
     with pytest.raises(ValueError, match="linear layer"):

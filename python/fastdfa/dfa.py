@@ -28,7 +28,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .backends import BackendUnavailableError, KernelBackend, get_backend, resolve_backend
+from .backends import BackendUnavailableError, KernelBackend, backend_for, get_backend
 from .config import DFAConfig, WrapperOptions
 from .engine import fused, grape_pass
 from .engine.guard import ForwardGuard
@@ -81,7 +81,7 @@ class DFA(WrapperOptions, nn.Module):
         config = dataclasses.replace(config, streams=config.stream_count)  # FASTDFA_STREAMS read once, here
         names, candidates, user_sites, layers = discover(model, sites, FASTDFA_LAYERS)
         if backend not in (None, "auto"):  # an explicit request fails now, before the model is touched
-            _check_dtype(get_backend(resolve_backend(backend, _device_of(model))), model)
+            _check_dtype(backend_for(backend, _device_of(model)), model)
         self.model = model
         self._config = config
         self.module_names = names
@@ -273,7 +273,7 @@ class DFA(WrapperOptions, nn.Module):
         if self.kernels is None:
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
             device = _device_of(self.model, tensors[0].device if tensors else torch.device("cpu"))
-            kernels = get_backend(resolve_backend(self._config.backend, device))
+            kernels = backend_for(self._config.backend, device)
             _check_dtype(kernels, self.model)
             self.kernels = kernels
         return self.kernels

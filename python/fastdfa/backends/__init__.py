@@ -7,9 +7,12 @@ Availability is checked once and cached (xformers' rule): importing fastdfa
 never imports triton or the compiled extension.
 
 Dispatch rule (docs/design.md section 2):
-  * ``"auto"`` picks torch on every device: measured on the first GPU run, the
-    kernel backends were slower than torch's own cuBLAS GEMMs in eager steps
-    (``resolve_backend`` has the numbers);
+  * ``"auto"`` picks the first available backend of ``AUTO_PREFERENCE`` for the
+    device: torch on every device today, since on the first GPU run the kernel
+    backends were slower than torch's own cuBLAS GEMMs in eager steps (the
+    numbers are at ``AUTO_PREFERENCE``). A kernel backend chosen by "auto" runs
+    behind ``FallbackBackend`` (``fallback.py``): an op whose kernel fails to
+    compile or launch moves to the torch backend with one warning;
   * an explicitly requested backend (argument or ``FASTDFA_BACKEND``) that is
     not available raises ``BackendUnavailableError`` saying why and how to
     get it.
@@ -37,6 +40,15 @@ ENV_VAR = "FASTDFA_BACKEND"
 # op is the module of the same name in triton_kernels/ (fastdfa.triton_kernels).
 KERNEL_OPS = ("dfa_project", "dfa_wgrad", "jvp_linear", "align_step")
 OPS: dict[str, set[str]] = {"torch": set(KERNEL_OPS), "triton": set(KERNEL_OPS), "cuda": set(KERNEL_OPS)}
+
+
+# What "auto" picks, per device type: the first available backend in the list. Torch everywhere, GPUs
+# included: on the first GPU run (H200, torch 2.11, triton 3.6; bench/results/gpu-check-targets.json)
+# it was the fastest eager DFA on all three target models: 0.87x BP eager on the GEMM-bound MLP
+# against 1.09x (cuda) and 1.89x (triton), 1.05x against 1.82x / 1.57x on the latency-bound MLP, 1.20x
+# against 1.56x / 1.99x on the CNN. The kernel backends stay one argument away (backend="cuda" /
+# "triton") until they win in eager steps; then they go first here, behind FallbackBackend.
+AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {"cuda": ("torch",), "cpu": ("torch",)}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -141,11 +153,10 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
         requested = os.environ.get(ENV_VAR, "auto")
         explicit_source = ENV_VAR
     if requested == "auto":
-        # The torch backend everywhere, GPUs included: on the first GPU run (H200, torch 2.11, triton 3.6;
-        # bench/results/gpu-check-targets.json) it was the fastest eager DFA on all three target models:
-        # 0.87x BP eager on the GEMM-bound MLP against 1.09x (cuda) and 1.89x (triton), 1.05x against
-        # 1.82x / 1.57x on the latency-bound MLP, 1.20x against 1.56x / 1.99x on the CNN. The kernel
-        # backends stay one argument away (backend="cuda" / "triton") until they win in eager steps.
+        for name in AUTO_PREFERENCE.get(device.type, ("torch",)):
+            if name == "torch" or (backend_status(name).available
+                                   and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")):
+                return name
         return "torch"
     status = backend_status(requested)  # raises on unknown names
     if not status.available:
@@ -155,3 +166,21 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
     if requested != "torch" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise BackendUnavailableError(f"backend {requested!r} needs CUDA tensors, but the model is on {device}")
     return requested
+
+
+def backend_for(requested: str | None, device: torch.device) -> KernelBackend:
+    """The ``KernelBackend`` that runs a model on ``device`` for a request (as ``resolve_backend``).
+    A kernel backend that "auto" chose comes behind ``FallbackBackend``: its ops fall back to torch
+    one by one at their first failure, with a warning. A named backend is returned as it is: its
+    errors are raised."""
+    name = resolve_backend(requested, device)
+    chose_auto = (requested if requested is not None else os.environ.get(ENV_VAR, "auto")) == "auto"
+    if name == "torch" or not chose_auto:
+        return get_backend(name)
+    return _auto_backend(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_backend(name: str) -> KernelBackend:
+    from .fallback import FallbackBackend  # one per process, as get_backend's: an op that fell back stays there
+    return FallbackBackend(get_backend(name), get_backend("torch"))

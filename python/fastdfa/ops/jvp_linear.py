@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..activations import STATE_OF, apply_activation
+from ..activations import STATE_OF, apply_activation, derivative_from_state
 
 
 def jvp_linear_reference(x: torch.Tensor,                  # [N, k]
@@ -29,6 +29,7 @@ def jvp_linear_reference(x: torch.Tensor,                  # [N, k]
     state = {"mask": (a > 0).to(torch.uint8), "pre": a, "output": h, None: None}[kind]
     dh = None
     if tangents is not None:
-        _, dh = torch.func.jvp(lambda a_: apply_activation(a_, activation),
-                               (a.expand(tangents.shape[0], *a.shape).contiguous(),), (tangents @ weight.t(),))
+        # g'(a) from the state, as the kernels do (not torch.func.jvp: it would open a forward-AD level,
+        # and GrAPE's dual pass, which calls this op when a kernel falls back, already runs inside one)
+        dh = derivative_from_state(state, activation, dtype=a.dtype) * (tangents @ weight.t())
     return h, dh, state
