@@ -1,6 +1,7 @@
-"""Activation checkpointing under DFA, FA and GrAPE: ``fastdfa.checkpoint`` gives the rule's gradients
-(those of the same model without checkpointing, float64), and torch's reentrant checkpoint, which would
-recompute with BP's rule, is refused."""
+"""Activation checkpointing under DFA, FA and GrAPE: ``fastdfa.checkpoint`` and torch's own
+non-reentrant ``torch.utils.checkpoint`` give the rule's gradients (those of the same model without
+checkpointing, float64), and torch's reentrant checkpoint, which would recompute with BP's rule, is
+refused."""
 
 import copy
 
@@ -34,6 +35,8 @@ class Net(nn.Module):
         h = self.a(x)
         if self.how == "fastdfa":
             h = fastdfa.checkpoint(self.segment, h)
+        elif self.how == "torch":
+            h = torch_checkpoint(self.segment, h, use_reentrant=False)
         elif self.how == "reentrant":
             h = torch_checkpoint(self.segment, h, use_reentrant=True)
         else:
@@ -51,9 +54,10 @@ def _grads(model, mode, backend, x, t):
     return [p.grad for p in model.parameters()], dfa
 
 
+@pytest.mark.parametrize("how", ["fastdfa", "torch"])
 @pytest.mark.parametrize("mode", ["dfa", "fa", "grape"])
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda-emulated"])
-def test_fastdfa_checkpoint_gives_the_rule_s_gradients(mode, backend):
+def test_checkpoint_gives_the_rule_s_gradients(mode, backend, how):
     if backend == "triton":
         pytest.importorskip("triton")
         if torch.cuda.is_available():
@@ -63,7 +67,7 @@ def test_fastdfa_checkpoint_gives_the_rule_s_gradients(mode, backend):
     torch.manual_seed(0)
     plain = Net(dtype=dtype)
     checkpointed = copy.deepcopy(plain)
-    checkpointed.how = "fastdfa"
+    checkpointed.how = how
     x, t = torch.randn(5, 4, dtype=dtype), torch.randint(0, 3, (5,))
     want, ref = _grads(plain, mode, backend, x, t)
     got, dfa = _grads(checkpointed, mode, backend, x, t)
@@ -93,3 +97,40 @@ def test_fastdfa_checkpoint_outside_a_wrapper_is_torch_s():
     model(x).sum().backward()
     for p, w in zip(model.parameters(), want):
         torch.testing.assert_close(p.grad, w)
+
+
+def test_torch_checkpoint_in_bp_mode_after_a_dfa_step_is_bp():
+    """A DFA step leaves its checkpointed sites registered for recomputation; the next forward (here
+    in mode "bp", through the same wrapper) must recompute as IT ran: BP's gradients, exactly."""
+    torch.manual_seed(0)
+    model = Net("torch")
+    reference = copy.deepcopy(model)
+    reference.how = None
+    dfa = fastdfa.DFA(model, seed=4, sites=[model.block])
+    x, t = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
+    F.cross_entropy(dfa(x), t).backward()
+    model.zero_grad()
+    with fastdfa.backprop(dfa):
+        F.cross_entropy(dfa(x), t).backward()
+    F.cross_entropy(reference(x), t).backward()
+    for p, w in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, w.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_checkpoint_twice_in_one_step_and_accumulation():
+    """Two checkpointed forwards before one backward (gradient accumulation through a summed loss), and a
+    second backward through the same graph (retain_graph): the DFA gradients of the plain model."""
+    torch.manual_seed(0)
+    plain = Net()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.how = "torch"
+    x1, x2, t = torch.randn(5, 4, dtype=DT), torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
+    grads = []
+    for model in (plain, checkpointed):
+        dfa = fastdfa.DFA(model, seed=4, sites=[model.block])
+        loss = F.cross_entropy(dfa(x1), t) + F.cross_entropy(dfa(x2), t)
+        loss.backward(retain_graph=True)
+        loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for g, w in zip(*grads[::-1]):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)

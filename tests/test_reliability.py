@@ -275,3 +275,22 @@ def test_captured_step_without_a_gpu_says_so():
     step = fastdfa.CapturedStep(dfa, torch.optim.SGD(dfa.parameters(), lr=0.1))
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         step(torch.randn(2, 6), torch.randint(0, 3, (2,)))
+
+
+@pytest.mark.parametrize("built", [False, True])
+def test_a_site_module_replaced_after_wrapping_is_refused(built):
+    """A module named in sites= swapped for a new one: the new one carries no site hook, so its input
+    would not be cut and BP would silently flow into it. Refused, naming the site, nothing changed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(fastdfa.Linear(6, 5, dtype=DT), nn.Sequential(nn.Linear(5, 5, dtype=DT), nn.Tanh()),
+                          fastdfa.Linear(5, 3, dtype=DT))
+    dfa = fastdfa.DFA(model, sites=[model[1]])
+    x = torch.randn(2, 6, dtype=DT)
+    if built:
+        dfa(x)
+    model[1] = nn.Sequential(nn.Linear(5, 5, dtype=DT), nn.Tanh())
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"changed after wrapping.*|'1'"):
+        F.cross_entropy(dfa(x), torch.zeros(2, dtype=torch.long)).backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())

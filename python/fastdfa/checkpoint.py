@@ -6,11 +6,12 @@ is ``torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)`` whose
 recomputation (in the backward) cuts the graph at the same sites as the
 training forward did: each site module computes on its detached input again,
 so the recomputed saved tensors are the forward's and DFA's rule holds inside
-the segment. Plain ``torch.utils.checkpoint`` cannot know about the cut: the
-non-reentrant form then fails in the backward ("Recomputed values ... have
-different metadata"), and the reentrant form would run the segment without
-grad and recompute it with BP's rule, which the wrapper refuses (a site that
-runs under no_grad inside a training forward raises).
+the segment. It says so through ``context_fn``; torch's own non-reentrant
+checkpoint gets the same recomputation through the layers'
+``RECOMPUTE_FORWARD`` registry (``fastdfa/layers.py``), so both work. The
+reentrant form would run the segment without grad and recompute it with BP's
+rule, which the wrapper refuses (a site that runs under no_grad inside a
+training forward raises).
 
 Outside a wrapper's training forward (mode "bp", eval, no grad) it is torch's
 checkpoint as it is.

@@ -182,6 +182,8 @@ class DFA(WrapperOptions, nn.Module):
     def forward(self, *args, **kwargs):
         mode, built = self._config.mode, self.feedback.sites is not None
         grad = torch.is_grad_enabled()
+        if self._recorder.pending:  # the last forward's checkpointed sites: recomputed as it ran them, not as this one
+            self._recorder.pending.clear()
         if mode in ("dfa", "grape") and (grad or not built):
             return self._guard.run(self._forward_rule, args, kwargs, built)
         if not grad:
@@ -260,6 +262,7 @@ class DFA(WrapperOptions, nn.Module):
     def _build_sites(self, rec: Recording, output: torch.Tensor, n_out: int) -> None:
         if not rec.order:
             raise RuntimeError("no fastdfa layer or site module ran in the forward pass")
+        rec.check_sites_ran()
         params = [p for p in self.model.parameters() if p.is_floating_point()]
         config = self._config
         self.feedback.build(rec.order[1:], rec.shapes, self.module_names, n_out, seed=config.seed,

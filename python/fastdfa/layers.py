@@ -23,11 +23,20 @@ numbers) sets ``LAYER_FORWARD`` to a handler ``handler(layer, input) -> output``
 for the duration of its forward; a layer with a handler set calls it instead
 of its own forward, and the handler computes the plain result with
 ``layer.plain_forward(input)`` where it wants it.
+
+``torch.utils.checkpoint`` (non-reentrant) recomputes a segment in the
+backward, long after the engine's forward (and its ``LAYER_FORWARD``) ended;
+the recomputation must save the same tensors as the forward did, so it must
+run the same handler. An engine that ran a layer inside a checkpointed
+segment registers itself in ``RECOMPUTE_FORWARD`` (layer -> weak reference to
+an object with ``recompute_forward(layer, input)``); a layer with no handler
+set uses it only while torch is recomputing a checkpointed segment.
 """
 
 from __future__ import annotations
 
 import contextvars
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +49,46 @@ from .feedback import feedback_matrix, seeded_generator
 # variable, not an attribute on the layers: layers stay picklable and free of references to a wrapper,
 # and one layer can be trained by two wrappers in turn.
 LAYER_FORWARD: contextvars.ContextVar = contextvars.ContextVar("fastdfa_layer_forward", default=None)
+# module -> weakref to the engine that recomputes it inside a checkpointed segment (module docstring).
+RECOMPUTE_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _saved_tensors_pack_hook_name() -> str:
+    """The qualified name of the innermost saved-tensors pack hook ('' when none, or when this torch
+    has no way to tell): torch.utils.checkpoint's non-reentrant form runs its forward under
+    ``_checkpoint_hook`` and its recomputation under ``_recomputation_hook``."""
+    try:
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    except (AttributeError, TypeError, RuntimeError):  # a torch without it: no checkpoint support
+        return ""
+    return getattr(hooks[0], "__qualname__", "") if hooks else ""
+
+
+def in_checkpoint_forward() -> bool:
+    """Whether this runs inside the forward of a ``torch.utils.checkpoint`` segment (non-reentrant)."""
+    return _saved_tensors_pack_hook_name().startswith("_checkpoint_hook.")
+
+
+def in_checkpoint_recompute() -> bool:
+    """Whether this runs inside autograd's recomputation of a checkpointed segment (non-reentrant)."""
+    return _saved_tensors_pack_hook_name().startswith("_recomputation_hook.")
+
+
+def recompute_handler(module: nn.Module):
+    """The forward handler to recompute ``module`` with, when torch is recomputing a checkpointed
+    segment that an engine ran it in; else None."""
+    ref = RECOMPUTE_FORWARD.get(module)
+    if ref is None or not in_checkpoint_recompute():
+        return None
+    owner = ref()
+    return None if owner is None else owner.recompute_forward
+
+
+def _handler(module: nn.Module):
+    handler = LAYER_FORWARD.get()
+    if handler is None and RECOMPUTE_FORWARD:  # an empty dict in every run without checkpointing
+        return recompute_handler(module)
+    return handler
 
 
 def init_feedback_weight(layer: nn.Module, seed: int, index: int) -> None:
@@ -179,7 +228,7 @@ class Linear(nn.Linear):
         init_feedback_weight(self, seed=0, index=0)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        handler = LAYER_FORWARD.get()
+        handler = _handler(self)
         if handler is not None:
             return handler(self, input)
         return self.plain_forward(input)
@@ -241,7 +290,7 @@ class Conv2d(nn.Conv2d):
         init_feedback_weight(self, seed=0, index=0)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        handler = LAYER_FORWARD.get()
+        handler = _handler(self)
         if handler is not None:
             return handler(self, input)
         return self.plain_forward(input)

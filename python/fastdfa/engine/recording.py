@@ -20,11 +20,12 @@ the other interceptor (``grape_pass.DualPass``).
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from torch import nn
 
-from ..layers import LAYER_FORWARD
+from ..layers import LAYER_FORWARD, RECOMPUTE_FORWARD, in_checkpoint_forward, in_checkpoint_recompute
 from . import fused
 
 
@@ -56,6 +57,22 @@ class Recorder:
         self.site_checks: list[tuple[tuple[int, ...], int | None]] = []  # per site: (shape, feature axis)
         self.active = None  # the interceptor of the forward now running
         self.hooks = [m.register_forward_pre_hook(self._site_hook) for m in user_sites]
+        # Site modules the last training forward ran inside a torch.utils.checkpoint segment, with the
+        # interceptor that recomputes them as that forward ran them (cleared by every wrapper forward).
+        self.pending: dict[nn.Module, object] = {}
+        self._ref = weakref.ref(self)
+
+    def checkpointed(self, module: nn.Module, replay) -> None:
+        """``module`` ran inside a (non-reentrant) torch.utils.checkpoint segment of a training forward:
+        torch will recompute it in the backward with no interceptor set, and the recomputation must save
+        the tensors the forward saved (the input detached at the graph cut), so it runs ``replay``."""
+        self.pending[module] = replay
+        RECOMPUTE_FORWARD[module] = self._ref
+
+    def recompute_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A fastdfa layer's forward during torch's recomputation of a checkpointed segment."""
+        replay = self.pending.get(layer)
+        return layer.plain_forward(x) if replay is None else replay.layer_forward(layer, x)
 
     def freeze(self, order: list[nn.Module], sites) -> None:
         """After the build: every later forward must run ``order``, each site with an input its feedback
@@ -87,7 +104,9 @@ class Recorder:
     def _site_hook(self, module: nn.Module, args):
         active = self.active
         if active is None:
-            return None
+            active = self.pending.get(module) if self.pending else None
+            if active is None or not in_checkpoint_recompute():
+                return None
         if not args or not isinstance(args[0], torch.Tensor):
             raise TypeError(f"site module {self.names[module]!r} must take a tensor as its first "
                             "positional argument")
@@ -118,6 +137,8 @@ class FAForward:
             self.recorder.unknown_layer(layer)
         if not torch.is_grad_enabled():  # this interceptor only runs training forwards
             raise RuntimeError(NO_GRAD_INSIDE.format(self.recorder.names[layer]))
+        if in_checkpoint_forward():
+            self.recorder.checkpointed(layer, self)
         return layer.fa_forward(x)
 
     def replay(self) -> "FAForward":
@@ -171,8 +192,11 @@ class Recording:
         recorder = self.recorder
         position = self.count
         self.count = position + 1
-        if self.grad and not torch.is_grad_enabled():
-            raise RuntimeError(NO_GRAD_INSIDE.format(recorder.names[module]))
+        if self.grad:
+            if not torch.is_grad_enabled():
+                raise RuntimeError(NO_GRAD_INSIDE.format(recorder.names[module]))
+            if in_checkpoint_forward():
+                recorder.checkpointed(module, self.replay())
         expected = recorder.expected
         if expected is None:
             return self._learn(module, x, position)
@@ -265,11 +289,36 @@ class Recording:
             n_out *= size
         return n_out
 
+    def check_sites_ran(self) -> None:
+        """Before the build: every module named in ``sites=`` ran in this forward (a site module swapped
+        for a new one after wrapping would train the new one by BP, silently)."""
+        recorder = self.recorder
+        ran = {id(m) for m in self.order}
+        missing = [m for m in recorder.user_sites if id(m) not in ran]
+        if not missing:
+            return
+        present = {id(m) for m in recorder.model.modules()}
+        gone = [recorder.names[m] for m in missing if id(m) not in present]
+        if gone:
+            raise RuntimeError(f"site module(s) {gone} are no longer in the model: it changed after wrapping (a "
+                               "module replaced or removed), and a module put in their place would silently "
+                               "train by BP. Create a new fastdfa.DFA(model) after editing the model.")
+        raise RuntimeError(f"site module(s) {[recorder.names[m] for m in missing]} named in sites= did not run in "
+                           "the forward: every site must run in every training forward")
+
     def check_complete(self, output: torch.Tensor, n_out: int) -> None:
         """After a forward of a built wrapper: every site ran, the output still fits the feedback."""
         store = self.store
         expected = len(store.sites) + 1
         if self.count != expected:
+            recorder = self.recorder
+            present = {id(m) for m in recorder.model.modules()}
+            gone = [recorder.names[m] for m in recorder.expected if id(m) not in present]
+            if gone:
+                raise RuntimeError(f"site module(s) {gone} are no longer in the model: it changed after "
+                                   "wrapping (a module replaced or removed), and a module put in their place "
+                                   "would silently train by BP. Create a new fastdfa.DFA(model) after editing "
+                                   "the model.")
             raise RuntimeError(f"{self.count} of the {expected} DFA modules ran in this "
                                "forward; every site must run in every training forward")
         if n_out != store.n_out:
