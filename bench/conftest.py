@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(ROOT, "python"))
 TARGETS = {"core-": 0.80, "mlp-step-784x256x3-": 0.95, "mlp-step-784x1024x4-": 0.78}
 _MEDIANS: dict = {}      # pytest-benchmark stats per group and method (methods timed one after the other)
 _INTERLEAVED: dict = {}  # interleaved_step_ms per group: the ratio the target is checked on
+_FLOPS: dict = {}        # FLOPs of one step per group and method (FlopCounterMode), where a bench counts them
 
 
 def pytest_addoption(parser):
@@ -50,6 +51,19 @@ def record_interleaved():
         _INTERLEAVED[group] = timing
 
     return _record
+
+
+@pytest.fixture
+def record_flops():
+    """record_flops(group, {method: flops of one step}): written with the FLOP floor (method / bp)."""
+    def _record(group, flops):
+        _FLOPS[group] = dict(flops)
+
+    return _record
+
+
+def _flop_floors():
+    return {g: {m: f / fl["bp"] for m, f in fl.items() if m != "bp"} for g, fl in _FLOPS.items() if fl.get("bp")}
 
 
 TARGET_GROUPS = tuple(TARGETS)  # the groups a target applies to
@@ -101,6 +115,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         shown = ", ".join(f"{m} {r:.3f}" for m, r in ratios_.items() if m != "baseline")
         terminalreporter.write_line(f"[fastdfa] {group}, interleaved, ratio to {base} "
                                     f"({_INTERLEAVED[group][base]['median_ms']:.3f} ms): {shown}")
+    for group, floors in _flop_floors().items():
+        shown = ", ".join(f"{m} {r:.3f}" for m, r in floors.items())
+        terminalreporter.write_line(f"[fastdfa] {group}, FLOP floor (FLOPs over bp's): {shown}")
     path = config.getoption("--fastdfa-record")
     if path and os.environ.get("FASTDFA_BENCH_SMOKE") == "1":
         terminalreporter.write_line("[fastdfa] FASTDFA_BENCH_SMOKE=1: plumbing check, nothing recorded")
@@ -115,6 +132,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                   "pytest_benchmark": _MEDIANS, "sequential_ratios": _ratios(_MEDIANS),
                   "interleaved": _INTERLEAVED, "ratios": ratios, "targets": {g: target_of(g) for g in ratios},
                   "ratios_to_baseline": baseline}
+        if _FLOPS:
+            record.update(flops=_FLOPS, flop_floors=_flop_floors())
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(record, f, indent=2)

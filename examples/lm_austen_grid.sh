@@ -1,27 +1,33 @@
 #!/usr/bin/env bash
 # The Jane Austen character LM table (issue "Transformers"): BP, DFA, GrAPE, DFA + calibration and
 # GrAPE + calibration, sites at blocks and at sub-layers, on the default LM (d_model 128, 2 blocks,
-# 4 heads, context 64), one epoch over SAMPLES training windows, each run on one thread, JOBS at a time.
+# 4 heads, context 64), EPOCHS epochs over SAMPLES training windows (SAMPLES=all: every one of the
+# 55k non-overlapping training windows), each run on one thread, JOBS at a time.
 #
 #   SAMPLES=16384 JOBS=2 bash examples/lm_austen_grid.sh            # about 30 min on 2 cores
+#   SAMPLES=all EPOCHS=2 JOBS=2 OUT=bench/results/lm-austen-full bash examples/lm_austen_grid.sh
 #   python examples/lm_austen_table.py bench/results/lm-austen      # the table and the summary record
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SAMPLES=${SAMPLES:-16384}
+EPOCHS=${EPOCHS:-1}
 JOBS=${JOBS:-2}
 OUT=${OUT:-bench/results/lm-austen}
 mkdir -p "$OUT"
 runs=()
-for seed in 0 1 2; do runs+=("bp blocks $seed -" "dfa blocks $seed -" "grape blocks $seed -" "dfa layers $seed -"); done
-runs+=("grape layers 0 -" "dfa blocks 0 10" "grape blocks 0 10")
+# the costliest runs first, so the last ones to finish are short (grape layers is about 3x a bp run)
+for seed in 0 1 2; do runs+=("grape layers $seed -" "grape blocks $seed -"); done
+runs+=("grape blocks 0 10" "dfa blocks 0 10")
+for seed in 0 1 2; do runs+=("dfa layers $seed -" "dfa blocks $seed -" "bp blocks $seed -"); done
 run() {
   read -r method sites seed calib <<<"$1"
   name="$method-$sites-s$seed"; extra=()
   if [ "$calib" != "-" ]; then name="$name-bp$calib"; extra=(--calibrate-every-steps "$calib"); fi
   [ -f "$OUT/$name.json" ] && return 0
+  if [ "$SAMPLES" != all ]; then extra+=(--train-samples "$SAMPLES"); fi
   OMP_NUM_THREADS=1 python -m fastdfa train --data austen --model transformer --method "$method" --sites "$sites" \
-    --seed "$seed" --epochs 1 --train-samples "$SAMPLES" --threads 1 --no-progress "${extra[@]}" \
+    --seed "$seed" --epochs "$EPOCHS" --threads 1 --no-progress "${extra[@]}" \
     --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || echo "FAILED $name (see $OUT/$name.log)"
 }
-export -f run; export OUT SAMPLES
+export -f run; export OUT SAMPLES EPOCHS
 printf '%s\n' "${runs[@]}" | xargs -P "$JOBS" -I{} bash -c 'run "$@"' _ {}
