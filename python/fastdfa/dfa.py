@@ -64,8 +64,7 @@ class DFA(WrapperOptions, nn.Module):
     """
 
     def __init__(self, model: nn.Module, mode: str = "dfa", seed: int = 0, feedback: str = "uniform",
-                 sites: list[nn.Module] | None = None, *, conv_feedback: str = "dense",
-                 feedback_layout: str = "dense",
+                 sites: list[nn.Module] | None = None, *, conv_feedback: str = "dense", feedback_layout: str = "dense",
                  feedback_scale: float = 1.0, batch_dims: int = 1, nonfinite: str = "raise",
                  example_input=None, backend: str | None = None, wgrad: str = "grouped",
                  feedback_lr: float = 0.5, perturb: str = "activation", jvp: str = "per-site",
@@ -74,8 +73,7 @@ class DFA(WrapperOptions, nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         config = DFAConfig(mode=mode, seed=seed, feedback=feedback, conv_feedback=conv_feedback,
-                           feedback_layout=feedback_layout,
-                           feedback_scale=feedback_scale, batch_dims=batch_dims, nonfinite=nonfinite,
+                           feedback_layout=feedback_layout, feedback_scale=feedback_scale, batch_dims=batch_dims, nonfinite=nonfinite,
                            backend=backend, wgrad=wgrad, streams=streams, feedback_lr=feedback_lr,
                            perturb=perturb, jvp=jvp)
         config = dataclasses.replace(config, streams=config.stream_count)  # FASTDFA_STREAMS read once, here
@@ -182,8 +180,7 @@ class DFA(WrapperOptions, nn.Module):
     def forward(self, *args, **kwargs):
         mode, built = self._config.mode, self.feedback.sites is not None
         grad = torch.is_grad_enabled()
-        if self._recorder.pending:  # the last forward's checkpointed sites: recomputed as it ran them, not as this one
-            self._recorder.pending.clear()
+        self._recorder.pending.clear()  # the last forward's checkpointed sites (recomputed as IT ran them)
         if mode in ("dfa", "grape") and (grad or not built):
             return self._guard.run(self._forward_rule, args, kwargs, built)
         if not grad:
@@ -262,7 +259,6 @@ class DFA(WrapperOptions, nn.Module):
     def _build_sites(self, rec: Recording, output: torch.Tensor, n_out: int) -> None:
         if not rec.order:
             raise RuntimeError("no fastdfa layer or site module ran in the forward pass")
-        rec.check_sites_ran()
         params = [p for p in self.model.parameters() if p.is_floating_point()]
         config = self._config
         self.feedback.build(rec.order[1:], rec.shapes, self.module_names, n_out, seed=config.seed,

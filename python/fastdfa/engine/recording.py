@@ -265,7 +265,10 @@ class Recording:
         return Replay(self.recorder, first, self.kernels if self.plan is not None else None)
 
     def check_output(self, output, batch_dims: int) -> int:
-        """The output's features per batch element, after checking it is one tensor with the batch dims."""
+        """The output's features per batch element, after checking it is one tensor with the batch dims
+        (and, before the build, that every module named in sites= ran)."""
+        if self.recorder.expected is None and self.order:
+            self.check_sites_ran()
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"fastdfa.DFA needs the model to return one tensor, got {type(output).__name__}; "
                             "wrap the model so its forward returns the tensor the loss is computed on")
