@@ -55,11 +55,12 @@ def test_char_windows_shift_by_one_and_map_unseen_characters_to_unk():
         data_mod.char_windows("ab", vocab, context=3)
 
 
-@pytest.mark.parametrize("compression,kind", [(1, None), (2, b"2"), (3, b"X"), (3, b"Z"), (3, b"0")])
+@pytest.mark.parametrize("compression,kind", [(1, None), (2, b"2"), (2, b"1"), (3, b"Z"), (3, b"1"), (3, b"0")])
 def test_lazyload_chunks_of_every_r_compression(compression, kind):
+    # R_decompress2/3's type bytes: Z raw LZMA2 (xz), 2 bzip2, 1 zlib, 0 stored
     body = b"R serialisation " * 50
-    packed = {None: zlib.compress(body), b"Z": zlib.compress(body), b"2": bz2.compress(body), b"0": body,
-              b"X": lzma.compress(body, format=lzma.FORMAT_RAW,
+    packed = {None: zlib.compress(body), b"1": zlib.compress(body), b"2": bz2.compress(body), b"0": body,
+              b"Z": lzma.compress(body, format=lzma.FORMAT_RAW,
                                   filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])}[kind]
     chunk = struct.pack(">I", len(body)) + (kind or b"") + packed
     assert data_mod.decompress_lazyload_chunk(chunk, compression) == body

@@ -20,6 +20,12 @@ sites matching its weight (for a CNN: the linear head, whose first layer's
 input site is the flattened conv output, gets matched; the convs keep their
 weights and feedback).
 
+A converted transformer encoder (BERT's layout) gets FWM's encoder form instead
+(``fastdfa.matching``): the chain runs along the residual stream through each
+block's FFN down, FFN up and attention output projections, whose output
+feedback is the sum of the feedback of every site reading the residual stream
+above them (LayerNorm taken as the identity); Q/K/V keep their weights.
+
 ``soft_align`` (IFA, Cheon, Bae, Paik) turns the feedback to a chosen angle
 from the forward path at initialisation.
 """
@@ -27,65 +33,38 @@ from the forward path at initialisation.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 
 from .dfa import DFA
 from .feedback import seeded_generator
 from .layers import Linear
+from .matching import (ATTENTION_FEEDBACK, FWM_METHODS, LayerMatch, encoder_blocks, encoder_layout,
+                       encoder_weight_alignment, match_encoder)
+from .matching import solve_feedback as _solve
 from .metrics import _cos, chain, weight_alignment
 
-FWM_METHODS = ("lstsq", "svd")
-
-
-@dataclass
-class LayerMatch:
-    """What feedback_weight_matching did to one layer."""
-
-    layer: str
-    action: str                       # "feedback = weight^T", "weights matched", "kept"
-    reconstruction_error: float | None  # ||F_l F_{l-1}^T - W_l||_F / ||W_l||_F before weight matching
-    rank: int | None                  # rank of the least-squares solve
-    rank_limit: int | None            # min(n_l, n_{l-1}, n_out): the most F_l F_{l-1}^T can have
-    wa_before: float | None
-    wa_after: float | None
-    note: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _solve(f_out: torch.Tensor, w: torch.Tensor, method: str, rank: int | None) -> tuple[torch.Tensor, int]:
-    """X minimising ||f_out X - w||_F, in float64: ``(X, rank used)``.
-
-    "lstsq": LAPACK's gelsd (minimum-norm solution, numerical rank);
-    "svd": truncated pseudo-inverse, keeping the ``rank`` largest singular
-    values of ``f_out`` (default: its numerical rank, as gelsd).
-    """
-    a, b = f_out.double().cpu(), w.double().cpu()
-    if method == "lstsq":
-        if rank is not None:
-            raise ValueError("rank= truncates the SVD solve; use method='svd' with it")
-        result = torch.linalg.lstsq(a, b, driver="gelsd")
-        return result.solution, int(result.rank)
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
-    tol = s.max() * max(a.shape) * torch.finfo(torch.float64).eps if s.numel() else 0.0
-    numerical = int((s > tol).sum())
-    r = numerical if rank is None else min(int(rank), numerical)
-    if r < 1:
-        raise ValueError("the feedback above this layer is zero: nothing to match against")
-    x = vh[:r].t() @ torch.diag(1.0 / s[:r]) @ u[:, :r].t() @ b
-    return x, r
+__all__ = ["FWM_METHODS", "ATTENTION_FEEDBACK", "LayerMatch", "feedback_weight_matching", "soft_align",
+           "encoder_blocks", "encoder_layout", "encoder_weight_alignment"]
 
 
 @torch.no_grad()
-def feedback_weight_matching(dfa: DFA, method: str = "lstsq", rank: int | None = None) -> list[LayerMatch]:
+def feedback_weight_matching(dfa: DFA, method: str = "lstsq", rank: int | None = None, *,
+                             attention_feedback: str = "value", match_weights: bool = True) -> list[LayerMatch]:
     """FWM on the wrapped model, in place (see the module docstring); one report per layer.
 
     Run it on the BP-pretrained weights, then train in mode "dfa" (with
     weight decay, as the paper does). Needs the feedback built (one forward,
     or ``example_input=``). Nothing is changed when it raises.
+
+    A model holding transformer encoder blocks in BERT's layout (``fastdfa.matching.encoder_blocks``:
+    a converted Hugging Face BERT) gets the encoder form instead of the plain chain: the head and each
+    block's attention output, FFN up and FFN down projections are matched along the residual stream,
+    Q/K/V keep their weights, and ``attention_feedback`` ("value", the default, "keep" or "zero") sets
+    the feedback at their input (``fastdfa.matching``; docs/design.md, "FWM on a transformer encoder").
+
+    ``match_weights=False`` stops after feedback matching: the feedback is set as above and every weight
+    is kept (its WA is then ``sqrt(1 - reconstruction_error**2)``, not 1).
     """
     if not isinstance(dfa, DFA):
         raise TypeError(f"feedback_weight_matching needs a fastdfa.DFA, got {type(dfa).__name__}")
@@ -93,7 +72,12 @@ def feedback_weight_matching(dfa: DFA, method: str = "lstsq", rank: int | None =
         raise ValueError(f"method must be one of {FWM_METHODS}, got {method!r}")
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive int or None, got {rank!r}")
+    if attention_feedback not in ATTENTION_FEEDBACK:
+        raise ValueError(f"attention_feedback must be one of {ATTENTION_FEEDBACK}, got {attention_feedback!r}")
     links = chain(dfa)
+    layout = encoder_layout(dfa)
+    if layout is not None:
+        return match_encoder(dfa, layout, method, rank, attention_feedback, match_weights)
     last = links[-1]
     if (len(links) < 2 or not isinstance(last.layer, Linear) or last.f_in is None or last.f_in.channelwise
             or last.f_in.rows != last.layer.in_features):
@@ -122,7 +106,7 @@ def feedback_weight_matching(dfa: DFA, method: str = "lstsq", rank: int | None =
     for link in links[1:]:
         if id(link.f_in) in new_feedback:
             link.f_in.feedback.copy_(new_feedback[id(link.f_in)])
-    for link, x, _, _ in solved:  # weight matching: W_l := F_l F_{l-1}^T
+    for link, x, _, _ in solved if match_weights else ():  # weight matching: W_l := F_l F_{l-1}^T
         w_new = link.f_out.feedback.double() @ link.f_in.feedback.double().t()
         link.layer.weight.copy_(w_new)
     wa_after = weight_alignment(dfa)
@@ -135,7 +119,7 @@ def feedback_weight_matching(dfa: DFA, method: str = "lstsq", rank: int | None =
         elif id(lay) in done:
             err, r = done[id(lay)]
             limit = min(lay.out_features, lay.in_features, n_out)
-            action = "weights matched"
+            action = "weights matched" if match_weights else "feedback matched, weights kept"
             note = (f"rank of F_l F_(l-1)^T is at most n_out = {n_out} < min(n_l, n_(l-1)) = "
                     f"{min(lay.out_features, lay.in_features)}: the match is approximate"
                     if limit < min(lay.out_features, lay.in_features) else "")

