@@ -135,6 +135,10 @@ BELOW = {
     "fastdfa.backends": {"fastdfa.activations", "fastdfa.ops", "fastdfa.triton_kernels", "fastdfa.backends"},
     "fastdfa.engine": {"fastdfa.activations", "fastdfa.config", "fastdfa.feedback", "fastdfa.layers", "fastdfa.ops",
                        "fastdfa.triton_kernels", "fastdfa.engine"},
+    # a front like dfa: the wrapper and the engine below it, the models it knows how to split
+    "fastdfa.distributed": {"fastdfa.dfa", "fastdfa.engine", "fastdfa.backends", "fastdfa.config", "fastdfa.layers",
+                            "fastdfa.models", "fastdfa.activations", "fastdfa.feedback", "fastdfa.ops",
+                            "fastdfa.triton_kernels", "fastdfa.distributed"},
 }
 
 

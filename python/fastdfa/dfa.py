@@ -253,6 +253,11 @@ class DFA(WrapperOptions, nn.Module):
         return grape_pass.dual_pass(self.model, self._recorder, self.feedback.sites, self._resolve_backend(args),
                                     self.perturbations, config.perturb, config.jvp, args, kwargs, n)
 
+    def dual_forward(self, inj: grape_pass.DualPass):
+        """Context manager: a forward of ``self.model`` in it is a GrAPE dual pass through ``inj``
+        (``grape_pass.dual_forward``); a pipeline stage (``fastdfa.distributed``) runs its part so."""
+        return grape_pass.dual_forward(self.model, self._recorder, inj)
+
     def _align(self, estimate) -> None:
         self.last_alignment = grape_pass.align_feedback(self.kernels, self.feedback, estimate, self.feedback_lr)
 

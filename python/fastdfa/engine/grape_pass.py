@@ -111,7 +111,8 @@ def _site_feeds_linear(site) -> bool:
     return isinstance(site.module, Linear) and not site.channelwise and site.rows == site.module.in_features
 
 
-def _uses_weight_space(perturb: str, site, n: int) -> bool:
+def uses_weight_space(perturb: str, site, n: int) -> bool:
+    """Whether ``site`` is perturbed in weight space under ``perturb`` for a batch of ``n`` rows."""
     if perturb == "activation" or not _site_feeds_linear(site):
         return False
     if perturb == "weight":
@@ -122,9 +123,14 @@ def _uses_weight_space(perturb: str, site, n: int) -> bool:
 class DualPass:
     """The interceptor of the dual pass: which site gets which tangent, in which rows."""
 
-    def __init__(self, sites, candidates: set, kernels, stream: PerturbationStream, n: int, replicas: int):
+    def __init__(self, sites, candidates: set, kernels, stream: PerturbationStream, n: int, replicas: int,
+                 first_replica: int = 0):
         self.sites, self.candidates, self.kernels, self.stream = sites, candidates, kernels, stream
         self.n, self.replicas = n, replicas
+        # the replica of site 0 in a model tensor's rows: 0 for a whole model; a pipeline stage
+        # (fastdfa.distributed) whose sites are sites k, k+1, ... of the model runs the model's K replicas
+        # and sets k. rows() stays local: it indexes the output tangents of these sites only.
+        self.first_replica = first_replica
         self.position = 0
         self.perturbations: list[torch.Tensor | None] = [None] * len(sites)
         self.inputs: list[torch.Tensor | None] = [None] * len(sites)  # each site's primal input, its replica's rows
@@ -136,9 +142,17 @@ class DualPass:
         return slice(k * self.n, (k + 1) * self.n) if self.replicas > 1 else slice(0, self.n)
 
     def leading(self, k: int, size0: int) -> slice:
-        """Replica k's slice of dim 0 of a model tensor (dim 0 holds replicas x the first batch dim)."""
+        """Site k's replica's slice of dim 0 of a model tensor (dim 0 holds replicas x the first batch dim)."""
         block = size0 // self.replicas
-        return slice(k * block, (k + 1) * block) if self.replicas > 1 else slice(0, size0)
+        j = self.first_replica + k
+        return slice(j * block, (j + 1) * block) if self.replicas > 1 else slice(0, size0)
+
+    def draw(self, shape, device: torch.device, dtype: torch.dtype, k: int, weight: bool = False) -> torch.Tensor:
+        """Site k's N(0, 1) perturbation (its weight-space ``V`` if ``weight``): drawn from the stream in
+        float32, then cast. A pipeline stage (fastdfa.distributed) overrides it to serve its slice of the
+        whole mini-batch's draws."""
+        return torch.randn(shape, generator=self.stream.generator(device), device=device,
+                           dtype=torch.float32).to(dtype)
 
     def scatter(self, k: int, values: torch.Tensor, shape) -> torch.Tensor:
         """``values`` in replica k's rows of an otherwise zero tangent of ``shape``; with one replica
@@ -151,8 +165,7 @@ class DualPass:
 
     def perturb_weight(self, k: int, layer) -> None:
         w = layer.weight
-        v = torch.randn(w.shape, generator=self.stream.generator(w.device), device=w.device,
-                        dtype=torch.float32).to(w.dtype)
+        v = self.draw(w.shape, w.device, w.dtype, k, weight=True)
         self.weight_sites[k] = (layer, v)
         self.weight_layers[layer] = k
 
@@ -168,8 +181,7 @@ class DualPass:
         self.inputs[k] = primal[mine]
         if k in self.weight_sites:
             return x  # perturbed in weight space, inside the layer
-        p = torch.randn(primal[mine].shape, generator=self.stream.generator(primal.device),
-                        device=primal.device, dtype=torch.float32).to(primal.dtype)
+        p = self.draw(primal[mine].shape, primal.device, primal.dtype, k)
         per_sample = len(self.sites[k].shape)  # this forward's per-sample shape (a per-feature site's varies)
         self.perturbations[k] = p.reshape(self.n, *p.shape[p.dim() - per_sample:])
         inject = self.scatter(k, p, primal.shape)
@@ -216,27 +228,37 @@ def dual_pass(model, recorder, sites, kernels, stream: PerturbationStream, pertu
     replicas = len(sites) if jvp == "per-site" else 1
     inj = DualPass(sites, recorder.candidates, kernels, stream, n, replicas)
     for k, site in enumerate(sites):
-        if _uses_weight_space(perturb, site, n):
+        if uses_weight_space(perturb, site, n):
             inj.perturb_weight(k, site.module)
     if replicas > 1:
-        args, kwargs = _replicate(args, kwargs, replicas)
+        args, kwargs = replicate_batch(args, kwargs, replicas)
+    with dual_forward(model, recorder, inj):
+        out = model(*args, **kwargs)
+        primal, tangent = fwAD.unpack_dual(out)
+        if tangent is None:  # no site reaches the output (cannot happen with sites in use)
+            tangent = torch.zeros_like(primal)
+    with torch.no_grad():
+        return estimate_from_tangents(inj, sites, tangent.reshape(replicas * n, -1), n)
+
+
+@contextlib.contextmanager
+def dual_forward(model, recorder, inj: DualPass):
+    """The context of a dual pass: ``model`` in eval mode (restored after), no autograd graph, one
+    forward-AD level, the math SDPA backend and no MHA fast path (the others have no forward AD), and
+    every site module's input through ``inj``. A forward of ``model`` inside it is the dual pass."""
     training = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with torch.no_grad(), fwAD.dual_level(), _math_attention(), _no_mha_fast_path(), recorder.intercepting(inj):
-            out = model(*args, **kwargs)
-            primal, tangent = fwAD.unpack_dual(out)
-            if tangent is None:  # no site reaches the output (cannot happen with sites in use)
-                tangent = torch.zeros_like(primal)
+            yield inj
     finally:
         for m, t in training:
             m.training = t
-    with torch.no_grad():
-        return _estimate(inj, sites, tangent.reshape(replicas * n, -1), n)
 
 
-def _estimate(inj: DualPass, sites, t_all: torch.Tensor, n: int) -> GrapeEstimate:
-    """Every site's (P_l, T_l) from the dual pass's output tangents (see the module docstring)."""
+def estimate_from_tangents(inj: DualPass, sites, t_all: torch.Tensor, n: int) -> GrapeEstimate:
+    """Every site's (P_l, T_l) from the dual pass's output tangents (see the module docstring):
+    ``t_all`` holds ``inj.replicas`` blocks of ``n`` rows, site k's in block ``inj.rows(k)``."""
     est = GrapeEstimate()
     for k, site in enumerate(sites):
         t_k = t_all[inj.rows(k)]
@@ -256,7 +278,7 @@ def _estimate(inj: DualPass, sites, t_all: torch.Tensor, n: int) -> GrapeEstimat
     return est
 
 
-def _replicate(args: tuple, kwargs: dict, replicas: int) -> tuple[tuple, dict]:
+def replicate_batch(args: tuple, kwargs: dict, replicas: int) -> tuple[tuple, dict]:
     """Stack the batch ``replicas`` times along dim 0 of every tensor argument that carries it: those
     whose dim 0 is the first tensor argument's (the data's). Tensors without the batch axis (a [T, T]
     attention mask, a position table) are passed as they are."""

