@@ -197,6 +197,25 @@ def test_finetune_command_on_a_tiny_bert(tiny_model_dir, reviews_cache, tmp_path
         assert all(0 <= r["test_accuracy"] <= 1 for r in runs)
 
 
+def test_alignment_every_n_steps_and_its_plot(tiny_model_dir, reviews_cache, tmp_path):
+    """--align-every-steps 2: WA / GA at step 0 and every 2nd step (64 texts, batch 16: 4 steps), drawn over
+    the steps; the records are the per-epoch ones' kind (the last one equals the epoch's)."""
+    out, png = tmp_path / "ft.json", tmp_path / "steps.png"
+    assert main(["finetune", "--model", "minilm", "--model-dir", str(tiny_model_dir), "--data", "reviews",
+                 "--method", "dfa,fwm", "--seeds", "0", "--batch-size", "16", "--max-len", "12",
+                 "--train-samples", "64", "--log-alignment", "--align-every-steps", "2", "--plot", str(png),
+                 "--threads", "1", "--no-progress", "--json", str(out)]) == 0
+    for method in ("dfa", "fwm"):
+        run = json.loads(out.read_text())["runs"][method][0]
+        points = run["alignment_steps"]
+        assert [p["step"] for p in points] == [0, 2, 4]
+        assert points[0]["weight"] == run["initial_alignment"]["weight"]
+        assert points[-1]["gradient"] == pytest.approx(run["epochs"][-1]["alignment"]["gradient"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["finetune", "--pretrain-data", "digits:0-4", "--data", "digits:5-9", "--align-every-steps", "2",
+                 "--no-progress"]) == 2
+
+
 def test_finetune_command_errors(tiny_model_dir, reviews_cache, capsys):
     assert main(["finetune", "--model", "minilm", "--model-dir", str(tiny_model_dir), "--data", "digits",
                  "--no-progress"]) == 2

@@ -241,6 +241,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.pretrain_data is None:
         raise ValueError("--pretrain-data is required (the task to pretrain on, e.g. digits:0-4), except with "
                          "--model minilm (pretrained)")
+    if args.align_every_steps:
+        raise ValueError("--align-every-steps is for --model minilm; image fine-tuning logs WA / GA per epoch")
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     bad = [m for m in methods if m not in FINETUNE_METHODS]
     if bad or not methods:

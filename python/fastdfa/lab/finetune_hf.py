@@ -78,6 +78,9 @@ def add_hf_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fwm-weights", choices=("match", "keep"), default="match",
                    help="fwm: weight matching (match, the paper's FWM) or feedback matching only (keep the "
                         "pretrained weights)")
+    g.add_argument("--align-every-steps", type=int, default=0, metavar="N",
+                   help="with --log-alignment: also measure WA and GA every N steps (the curve over fine-tuning "
+                        "that --plot draws; 0: once per epoch only)")
     g.add_argument("--timing-rounds", type=int, default=0,
                    help="after the first seed, time the trained models' whole steps interleaved, method after "
                         "method on the same batches, for this many rounds (ratios to bp; 0: off)")
@@ -109,6 +112,7 @@ class HFConfig:
     attention_feedback: str = "value"
     fwm_weights: str = "match"
     log_alignment: bool = False
+    align_every: int = 0              # with log_alignment: WA / GA every this many steps too (0: per epoch only)
     device: str = "cpu"
     backend: str | None = None
 
@@ -125,6 +129,8 @@ class HFConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if not 2 <= self.max_len <= 512:
             raise ValueError(f"--max-len must be in 2..512 (BERT's positions), got {self.max_len}")
+        if self.align_every < 0:
+            raise ValueError(f"--align-every-steps must be >= 0, got {self.align_every}")
         if self.fwm_method not in FWM_METHODS:
             raise ValueError(f"--fwm-method must be one of {FWM_METHODS}, got {self.fwm_method!r}")
         check_device(self.device)
@@ -273,7 +279,10 @@ def finetune_run(config: HFConfig, data: TokenizedTask, progress: bool = False, 
     log_alignment = config.log_alignment and config.method != "bp"
     if log_alignment:
         result.initial_alignment = measure_alignment(dfa, x_align, y_align)
+        if config.align_every:
+            result.alignment_steps.append({"step": 0, **result.initial_alignment})
     gen = torch.Generator().manual_seed(config.seed)
+    global_step = 0
     lengths = [len(s) for s in data.train_ids]
     for epoch in range(1, config.epochs + 1):
         dfa.train()
@@ -296,6 +305,9 @@ def finetune_run(config: HFConfig, data: TokenizedTask, progress: bool = False, 
                 torch.cuda.synchronize(device)
             step_ms.append((time.perf_counter() - t0) * 1e3)
             losses.append(float(loss.detach()))
+            global_step += 1
+            if log_alignment and config.align_every and global_step % config.align_every == 0:
+                result.alignment_steps.append({"step": global_step, **measure_alignment(dfa, x_align, y_align)})
             if progress and len(losses) % 10 == 0:
                 bar.set_postfix(loss=f"{statistics.fmean(losses[-10:]):.4f}")
         bar.close()
@@ -366,7 +378,8 @@ def finetune_pretrained(args: argparse.Namespace) -> tuple[dict, dict]:
                     lr=DEFAULT_LR if args.lr is None else args.lr, optimizer=args.optimizer,
                     weight_decay=args.weight_decay, max_len=args.max_len, train_samples=args.train_samples,
                     feedback=args.feedback, fwm_method=args.fwm_method, attention_feedback=args.attention_feedback,
-                    fwm_weights=args.fwm_weights, log_alignment=args.log_alignment, device=args.device,
+                    fwm_weights=args.fwm_weights, log_alignment=args.log_alignment,
+                    align_every=args.align_every_steps, device=args.device,
                     backend=args.backend)
     for m in methods:
         HFConfig(**{**asdict(base), "method": m}).validate()

@@ -159,6 +159,7 @@ class TrainResult:
     skipped_steps: int = 0
     calibrations: list = field(default_factory=list)  # (epoch, step, reason) of every BP calibration batch
     initial_alignment: dict | None = None  # WA / GA before the first step, with log_alignment
+    alignment_steps: list = field(default_factory=list)  # {"step", "weight", "gradient"} every N steps (finetune_hf)
     prepared: object = None                # what train(prepare=...) returned (e.g. the FWM report)
     # LM only (test_accuracy is then the next-character accuracy): exp of the mean per-character
     # cross-entropy on the held-out text, and that cross-entropy in bits
