@@ -369,31 +369,10 @@ def download_austen_deb(root: str | os.PathLike | None = None) -> Path:
     """``apt-get download r-cran-janeaustenr`` and ``dpkg-deb -x`` it under the data dir; returns the
     extracted R package. Needs Debian's apt and its package lists (run as root, it fetches them with
     ``apt-get update`` when the download finds none)."""
-    import shutil
-    import subprocess
-    import tempfile
-
-    target = data_dir(root) / AUSTEN_DEB
-    for tool in ("apt-get", "dpkg-deb"):
-        if shutil.which(tool) is None:
-            raise FileNotFoundError(f"{tool} not found: the Jane Austen corpus comes from Debian's {AUSTEN_DEB}. "
-                                    f"On a Debian/Ubuntu machine run:\n{austen_setup_lines(root)}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        proc = subprocess.run(["apt-get", "download", AUSTEN_DEB], cwd=tmp, capture_output=True, text=True)
-        if proc.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
-            # a fresh Debian machine has no package lists yet: as root, fetch them once and try again
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
-            proc = subprocess.run(["apt-get", "download", AUSTEN_DEB], cwd=tmp, capture_output=True, text=True)
-        debs = sorted(Path(tmp).glob(f"{AUSTEN_DEB}_*.deb"))
-        if proc.returncode != 0 or not debs:
-            why = proc.stderr.strip() or proc.stdout.strip()
-            raise FileNotFoundError(f"apt-get download {AUSTEN_DEB} failed ({why}). Run `apt-get update` first "
-                                    f"(as root), or set up by hand:\n{austen_setup_lines(root)}")
-        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(target)], check=True)
+    _apt_download_extract(AUSTEN_DEB, data_dir(root) / AUSTEN_DEB, austen_setup_lines(root))
     found = find_austen_r_package(root)
     if found is None:
-        raise FileNotFoundError(f"{debs[-1].name} extracted to {target} but holds no R data "
+        raise FileNotFoundError(f"{AUSTEN_DEB} extracted to {data_dir(root) / AUSTEN_DEB} but holds no R data "
                                 "(expected usr/lib/R/site-library/janeaustenr/data/Rdata.rdx)")
     return found
 
