@@ -76,12 +76,19 @@ def in_checkpoint_recompute() -> bool:
 
 def recompute_handler(module: nn.Module):
     """The forward handler to recompute ``module`` with, when torch is recomputing a checkpointed
-    segment that an engine ran it in; else None."""
+    segment that an engine ran it in; else None. A plain forward of ``module`` inside a new checkpointed
+    segment (the model called without its engine) makes the engine forget it: that segment is
+    recomputed plainly, as it ran."""
     ref = RECOMPUTE_FORWARD.get(module)
-    if ref is None or not in_checkpoint_recompute():
+    owner = None if ref is None else ref()
+    if owner is None:
         return None
-    owner = ref()
-    return None if owner is None else owner.recompute_forward
+    hook = _saved_tensors_pack_hook_name()
+    if hook.startswith("_recomputation_hook."):
+        return owner.recompute_forward
+    if hook.startswith("_checkpoint_hook."):
+        owner.forget(module)
+    return None
 
 
 def _handler(module: nn.Module):

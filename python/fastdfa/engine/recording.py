@@ -69,6 +69,10 @@ class Recorder:
         self.pending[module] = replay
         RECOMPUTE_FORWARD[module] = self._ref
 
+    def forget(self, module: nn.Module) -> None:
+        """``module`` ran plainly inside a checkpointed segment (no wrapper forward): recompute it plainly."""
+        self.pending.pop(module, None)
+
     def recompute_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """A fastdfa layer's forward during torch's recomputation of a checkpointed segment."""
         replay = self.pending.get(layer)
@@ -105,7 +109,11 @@ class Recorder:
         active = self.active
         if active is None:
             active = self.pending.get(module) if self.pending else None
-            if active is None or not in_checkpoint_recompute():
+            if active is None:
+                return None
+            if not in_checkpoint_recompute():
+                if in_checkpoint_forward():  # a plain forward in a new checkpointed segment: recomputed plainly
+                    self.forget(module)
                 return None
         if not args or not isinstance(args[0], torch.Tensor):
             raise TypeError(f"site module {self.names[module]!r} must take a tensor as its first "
