@@ -99,9 +99,11 @@ def test_fastdfa_checkpoint_outside_a_wrapper_is_torch_s():
         torch.testing.assert_close(p.grad, w)
 
 
-def test_torch_checkpoint_in_bp_mode_after_a_dfa_step_is_bp():
-    """A DFA step leaves its checkpointed sites registered for recomputation; the next forward (here
-    in mode "bp", through the same wrapper) must recompute as IT ran: BP's gradients, exactly."""
+@pytest.mark.parametrize("how", ["bp mode through the wrapper", "the model without its wrapper"])
+def test_a_checkpointed_bp_step_after_a_dfa_step_is_bp(how):
+    """A DFA step leaves its checkpointed sites registered for recomputation; the next checkpointed forward,
+    in mode "bp" through the same wrapper or the raw model called without it, must recompute as IT ran:
+    BP's gradients exactly, for the fastdfa layers and the sites= block alike."""
     torch.manual_seed(0)
     model = Net("torch")
     reference = copy.deepcopy(model)
@@ -110,8 +112,11 @@ def test_torch_checkpoint_in_bp_mode_after_a_dfa_step_is_bp():
     x, t = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
     F.cross_entropy(dfa(x), t).backward()
     model.zero_grad()
-    with fastdfa.backprop(dfa):
-        F.cross_entropy(dfa(x), t).backward()
+    if how == "bp mode through the wrapper":
+        with fastdfa.backprop(dfa):
+            F.cross_entropy(dfa(x), t).backward()
+    else:
+        F.cross_entropy(model(x), t).backward()
     F.cross_entropy(reference(x), t).backward()
     for p, w in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, w.grad, rtol=1e-12, atol=1e-12)
@@ -134,21 +139,3 @@ def test_torch_checkpoint_twice_in_one_step_and_accumulation():
         grads.append([p.grad for p in model.parameters()])
     for g, w in zip(*grads[::-1]):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
-
-
-def test_the_model_called_without_its_wrapper_after_a_dfa_step_recomputes_by_bp():
-    """After a checkpointed DFA step, the raw model (no wrapper) in a checkpointed BP step: its
-    recomputation must be the plain one, BP's gradients exactly, for the fastdfa layers and the
-    sites= block alike."""
-    torch.manual_seed(0)
-    model = Net("torch")
-    reference = copy.deepcopy(model)
-    reference.how = None
-    dfa = fastdfa.DFA(model, seed=4, sites=[model.block])
-    x, t = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
-    F.cross_entropy(dfa(x), t).backward()
-    model.zero_grad()
-    F.cross_entropy(model(x), t).backward()
-    F.cross_entropy(reference(x), t).backward()
-    for p, w in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, w.grad, rtol=1e-12, atol=1e-12)
