@@ -249,27 +249,53 @@ def data_dir(root: str | os.PathLike | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "fastdfa"
 
 
+# Debian's R data packages (r-cran-janeaustenr, r-cran-modeldata): fetched with ``apt-get download`` and
+# ``dpkg-deb -x`` under the data dir, or found where ``apt-get install`` puts them; read with rdata.
+
+def _r_deb_setup_lines(deb: str, data_name: str, root) -> str:
+    """The shell lines that set a Debian R data package up by hand (what ``python -m fastdfa data`` does)."""
+    return (f"apt-get update -qq && cd /tmp && apt-get download {deb} && "
+            f"dpkg-deb -x /tmp/{deb}_*_all.deb {data_dir(root) / deb}\n"
+            f"pip install rdata && python -m fastdfa data {data_name}")
+
+
+def _r_package_candidates(deb: str, package: str, root) -> list[Path]:
+    """Where R package ``package`` is looked for: extracted from ``deb`` under the data dir, or installed."""
+    return [data_dir(root) / deb / "usr/lib/R/site-library" / package,
+            Path("/usr/lib/R/site-library") / package, Path("/usr/local/lib/R/site-library") / package]
+
+
+def _find_r_package(candidates: list[Path]) -> Path | None:
+    for directory in candidates:
+        if (directory / "data" / "Rdata.rdx").is_file() and (directory / "data" / "Rdata.rdb").is_file():
+            return directory
+    return None
+
+
+def _download_r_package(deb: str, package: str, root, manual: str) -> Path:
+    """``apt-get download`` + ``dpkg-deb -x`` of ``deb`` under the data dir; the R package it holds."""
+    target = data_dir(root) / deb
+    _apt_download_extract(deb, target, manual)
+    found = _find_r_package(_r_package_candidates(deb, package, root))
+    if found is None:
+        raise FileNotFoundError(f"{deb} extracted to {target} but holds no R data "
+                                f"(expected usr/lib/R/site-library/{package}/data/Rdata.rdx)")
+    return found
+
+
 def austen_setup_lines(root: str | os.PathLike | None = None) -> str:
     """The shell lines that set the corpus up by hand (what ``python -m fastdfa data austen`` does)."""
-    deb_dir = data_dir(root) / AUSTEN_DEB
-    return (f"apt-get update -qq && cd /tmp && apt-get download {AUSTEN_DEB} && "
-            f"dpkg-deb -x /tmp/{AUSTEN_DEB}_*_all.deb {deb_dir}\n"
-            f"pip install rdata && python -m fastdfa data austen")
+    return _r_deb_setup_lines(AUSTEN_DEB, "austen", root)
 
 
 def austen_r_package_candidates(root: str | os.PathLike | None = None) -> list[Path]:
     """Where the R package janeaustenr is looked for: extracted with ``dpkg-deb -x`` under the data dir
     (what ``python -m fastdfa data austen`` does), or installed with ``apt-get install r-cran-janeaustenr``."""
-    return [data_dir(root) / AUSTEN_DEB / "usr/lib/R/site-library/janeaustenr",
-            Path("/usr/lib/R/site-library/janeaustenr"),
-            Path("/usr/local/lib/R/site-library/janeaustenr")]
+    return _r_package_candidates(AUSTEN_DEB, "janeaustenr", root)
 
 
 def find_austen_r_package(root: str | os.PathLike | None = None) -> Path | None:
-    for directory in austen_r_package_candidates(root):
-        if (directory / "data" / "Rdata.rdx").is_file() and (directory / "data" / "Rdata.rdb").is_file():
-            return directory
-    return None
+    return _find_r_package(austen_r_package_candidates(root))
 
 
 def decompress_lazyload_chunk(chunk: bytes, compression: int) -> bytes:
@@ -369,12 +395,7 @@ def download_austen_deb(root: str | os.PathLike | None = None) -> Path:
     """``apt-get download r-cran-janeaustenr`` and ``dpkg-deb -x`` it under the data dir; returns the
     extracted R package. Needs Debian's apt and its package lists (run as root, it fetches them with
     ``apt-get update`` when the download finds none)."""
-    _apt_download_extract(AUSTEN_DEB, data_dir(root) / AUSTEN_DEB, austen_setup_lines(root))
-    found = find_austen_r_package(root)
-    if found is None:
-        raise FileNotFoundError(f"{AUSTEN_DEB} extracted to {data_dir(root) / AUSTEN_DEB} but holds no R data "
-                                "(expected usr/lib/R/site-library/janeaustenr/data/Rdata.rdx)")
-    return found
+    return _download_r_package(AUSTEN_DEB, "janeaustenr", root, austen_setup_lines(root))
 
 
 def prepare_austen(root: str | os.PathLike | None = None, download: bool = True, log=print) -> Path:
@@ -575,24 +596,17 @@ def _apt_download_extract(deb: str, target: Path, manual: str) -> Path:
 # -- reviews
 
 def reviews_setup_lines(root: str | os.PathLike | None = None) -> str:
-    deb_dir = data_dir(root) / MODELDATA_DEB
-    return (f"apt-get update -qq && cd /tmp && apt-get download {MODELDATA_DEB} && "
-            f"dpkg-deb -x /tmp/{MODELDATA_DEB}_*_all.deb {deb_dir}\n"
-            f"pip install rdata && python -m fastdfa data reviews")
+    return _r_deb_setup_lines(MODELDATA_DEB, "reviews", root)
 
 
 def modeldata_candidates(root: str | os.PathLike | None = None) -> list[Path]:
     """Where the R package modeldata is looked for: extracted under the data dir (``python -m fastdfa data
     reviews``), or installed with ``apt-get install r-cran-modeldata``."""
-    return [data_dir(root) / MODELDATA_DEB / "usr/lib/R/site-library/modeldata",
-            Path("/usr/lib/R/site-library/modeldata"), Path("/usr/local/lib/R/site-library/modeldata")]
+    return _r_package_candidates(MODELDATA_DEB, "modeldata", root)
 
 
 def find_modeldata(root: str | os.PathLike | None = None) -> Path | None:
-    for directory in modeldata_candidates(root):
-        if (directory / "data" / "Rdata.rdx").is_file() and (directory / "data" / "Rdata.rdb").is_file():
-            return directory
-    return None
+    return _find_r_package(modeldata_candidates(root))
 
 
 def review_rows(frame) -> list[tuple[str, str]]:
@@ -640,13 +654,8 @@ def prepare_reviews(root: str | os.PathLike | None = None, download: bool = True
     if package is None:
         if not download:
             raise FileNotFoundError(_text_missing("reviews", root))
-        target = data_dir(root) / MODELDATA_DEB
-        log(f"downloading Debian's {MODELDATA_DEB} into {target}")
-        _apt_download_extract(MODELDATA_DEB, target, reviews_setup_lines(root))
-        package = find_modeldata(root)
-        if package is None:
-            raise FileNotFoundError(f"{MODELDATA_DEB} extracted to {target} but holds no R data "
-                                    "(expected usr/lib/R/site-library/modeldata/data/Rdata.rdx)")
+        log(f"downloading Debian's {MODELDATA_DEB} into {data_dir(root) / MODELDATA_DEB}")
+        package = _download_r_package(MODELDATA_DEB, "modeldata", root, reviews_setup_lines(root))
     sizes = extract_reviews(package, cache)
     log(f"extracted {sizes['train']} train / {sizes['test']} test reviews from {package} into {cache}")
     return cache
