@@ -143,6 +143,12 @@ def backend_status(name: str) -> BackendStatus:
     raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
 
 
+def _reaches(device: torch.device) -> bool:
+    """Whether a kernel backend can run on ``device``'s tensors: CUDA ones, or any under the Triton
+    interpreter (``TRITON_INTERPRET=1``, the CPU tests)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def resolve_backend(requested: str | None, device: torch.device) -> str:
     """The backend to run on ``device`` for a request of ``"auto"``, a name, or None.
 
@@ -154,8 +160,7 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
         explicit_source = ENV_VAR
     if requested == "auto":
         for name in AUTO_PREFERENCE.get(device.type, ("torch",)):
-            if name == "torch" or (backend_status(name).available
-                                   and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")):
+            if name == "torch" or (backend_status(name).available and _reaches(device)):
                 return name
         return "torch"
     status = backend_status(requested)  # raises on unknown names
@@ -163,7 +168,7 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
         raise BackendUnavailableError(
             f"backend {requested!r} was requested ({explicit_source}) but is unavailable: {status.reason}. "
             f"Use backend='auto' or 'torch', or see `python -m fastdfa info`.")
-    if requested != "torch" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if requested != "torch" and not _reaches(device):
         raise BackendUnavailableError(f"backend {requested!r} needs CUDA tensors, but the model is on {device}")
     return requested
 

@@ -120,6 +120,16 @@ class Recorder:
                             "positional argument")
         return (active.site_input(module, args[0]),) + tuple(args[1:])
 
+    def refuse_if_gone(self, modules) -> None:
+        """Raise, naming them, if any of the site ``modules`` is no longer in the model (replaced or removed
+        after wrapping: a module put in its place would train by BP, silently)."""
+        present = {id(m) for m in self.model.modules()}
+        gone = [self.names[m] for m in modules if id(m) not in present]
+        if gone:
+            raise RuntimeError(f"site module(s) {gone} are no longer in the model: it changed after wrapping (a "
+                               "module replaced or removed), and a module put in their place would silently "
+                               "train by BP. Create a new fastdfa.DFA(model) after editing the model.")
+
     def unknown_layer(self, layer: nn.Module):
         """Raise for a fastdfa layer the model did not have when it was wrapped (the rule would be BP's)."""
         name = next((n for n, m in self.model.named_modules() if m is layer), None)
@@ -308,12 +318,7 @@ class Recording:
         missing = [m for m in recorder.user_sites if id(m) not in ran]
         if not missing:
             return
-        present = {id(m) for m in recorder.model.modules()}
-        gone = [recorder.names[m] for m in missing if id(m) not in present]
-        if gone:
-            raise RuntimeError(f"site module(s) {gone} are no longer in the model: it changed after wrapping (a "
-                               "module replaced or removed), and a module put in their place would silently "
-                               "train by BP. Create a new fastdfa.DFA(model) after editing the model.")
+        recorder.refuse_if_gone(missing)
         raise RuntimeError(f"site module(s) {[recorder.names[m] for m in missing]} named in sites= did not run in "
                            "the forward: every site must run in every training forward")
 
@@ -322,14 +327,7 @@ class Recording:
         store = self.store
         expected = len(store.sites) + 1
         if self.count != expected:
-            recorder = self.recorder
-            present = {id(m) for m in recorder.model.modules()}
-            gone = [recorder.names[m] for m in recorder.expected if id(m) not in present]
-            if gone:
-                raise RuntimeError(f"site module(s) {gone} are no longer in the model: it changed after "
-                                   "wrapping (a module replaced or removed), and a module put in their place "
-                                   "would silently train by BP. Create a new fastdfa.DFA(model) after editing "
-                                   "the model.")
+            self.recorder.refuse_if_gone(self.recorder.expected)
             raise RuntimeError(f"{self.count} of the {expected} DFA modules ran in this "
                                "forward; every site must run in every training forward")
         if n_out != store.n_out:
