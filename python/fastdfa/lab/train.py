@@ -96,16 +96,21 @@ class TrainConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         self.dfa_config()
         check_device(self.device)
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch size must be positive")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"learning rate must be positive, got {self.lr}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a positive integer, "
+                                 f"got {getattr(self, name)!r}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr (--lr) must be a positive number, got {self.lr!r}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.calibrate_every < 0 or self.calibrate_every_steps < 0 or self.check_every < 1:
-            raise ValueError("calibrate_every and calibrate_every_steps must be >= 0 and check_every >= 1")
+        for name, low in (("calibrate_every", 0), ("calibrate_every_steps", 0), ("check_every", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be an integer >= {low}, "
+                                 f"got {getattr(self, name)!r}")
         if self.calibrate_below is not None and not -1 <= self.calibrate_below <= 1:
-            raise ValueError(f"calibrate_below is a gradient alignment in [-1, 1], got {self.calibrate_below}")
+            raise ValueError(f"calibrate_below (--calibrate-below) is a gradient alignment in [-1, 1], "
+                             f"got {self.calibrate_below!r}")
         if self.cuda_graph and not str(self.device).startswith("cuda"):
             raise ValueError(f"cuda_graph replays CUDA graphs and needs a CUDA device, got device {self.device!r}")
         if self.calibrate_scale not in CALIBRATE_SCALES:
@@ -118,9 +123,11 @@ class TrainConfig:
         if self.is_lm:
             for name in ("context", "d_model", "heads", "layers"):
                 if getattr(self, name) < 1:
-                    raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                    raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a positive integer, "
+                                     f"got {getattr(self, name)!r}")
             if self.d_model % self.heads:
-                raise ValueError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
+                raise ValueError(f"d_model (--d-model {self.d_model}) must be a multiple of heads "
+                                 f"(--heads {self.heads})")
 
 
 def check_device(device) -> torch.device:
