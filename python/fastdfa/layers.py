@@ -1,20 +1,29 @@
-"""Drop-in ``fastdfa.Linear`` and ``fastdfa.Conv2d``.
+"""Drop-in ``fastdfa.Linear``, ``Conv1d``, ``Conv2d`` and ``Conv1D``.
 
-They are ``torch.nn.Linear`` / ``torch.nn.Conv2d`` with the same constructor,
-forward result and state_dict keys (a torch checkpoint loads into them and a
-fastdfa one loads back into torch), plus one non-persistent buffer,
-``feedback_weight``, with the shape of ``weight``: the fixed random matrix that
-Feedback Alignment (FA, Lillicrap et al. 2016) uses in place of the weight for
-the input gradient. ``fastdfa.DFA`` seeds it and saves it in its own
-state_dict; the layer alone never does, so its keys stay torch's.
+``Linear`` / ``Conv1d`` / ``Conv2d`` are ``torch.nn.Linear`` / ``torch.nn.Conv1d``
+/ ``torch.nn.Conv2d``, and ``Conv1D`` is Hugging Face's GPT-2 style
+``transformers.pytorch_utils.Conv1D`` (a linear layer with the weight stored
+transposed, ``[in, out]``), each with the same constructor, forward result and
+state_dict keys (a torch / Hugging Face checkpoint loads into them and a
+fastdfa one loads back), plus one non-persistent buffer, ``feedback_weight``,
+with the shape of ``weight``: the fixed random matrix that Feedback Alignment
+(FA, Lillicrap et al. 2016) uses in place of the weight for the input
+gradient. ``fastdfa.DFA`` seeds it and saves it in its own state_dict; the
+layer alone never does, so its keys stay torch's.
 
 Two forwards, chosen by the engine that runs the layer:
-    ``plain_forward``: ``F.linear`` / ``F.conv2d`` and the activation (BP; in DFA
-              the graph cut is done by the engine: the input arrives detached).
-    ``fa_forward``: the same result; its backward computes
-              ``dX = dY @ B`` (Linear) or ``conv2d_input(dY, B)`` (Conv2d) with
-              ``B = feedback_weight``, and the usual ``dW``, ``db``.
+    ``plain_forward``: the torch (or Hugging Face) computation and the activation
+              (BP; in DFA the graph cut is done by the engine: the input arrives detached).
+    ``fa_forward``: the same result; its backward computes dX with
+              ``B = feedback_weight`` in place of the weight: ``dY @ B`` (Linear),
+              ``dY @ B^T`` (Conv1D, B being ``[in, out]``) or the transposed
+              convolution of dY with B (Conv1d, Conv2d); dW and db are the usual ones.
 Called on its own (no engine), a layer is its torch counterpart: ``plain_forward``.
+
+This module does not import ``transformers``: ``Conv1D`` re-implements
+Hugging Face's forward op for op (``torch.addmm``), so ``import fastdfa``
+stays lean; ``fastdfa.convert`` finds Hugging Face's class only when it is
+already loaded.
 
 The layers know nothing of the engine that trains them (imports go one way,
 docs/design.md section 3). An engine that needs to run a layer's forward its
@@ -103,16 +112,26 @@ def init_feedback_weight(layer: nn.Module, seed: int, index: int) -> None:
 
     That is the bound of torch's default weight init (kaiming_uniform with
     a=sqrt(5)), so B and W have the same scale and FA's dX has BP's magnitude.
+    ``fan_in`` is the number of inputs each output sees: ``weight[0].numel()``
+    for a weight ``[out, in, *kernel]`` (Linear, Conv1d, Conv2d) and
+    ``weight.shape[0]`` for Conv1D's ``[in, out]``.
     """
     buf = layer.feedback_weight
     if buf.device.type == "meta":
         return
-    fan_in = buf[0].numel()
+    fan_in = buf.shape[0] if isinstance(layer, Conv1D) else buf[0].numel()
     gen = seeded_generator(seed, "fa", index)
     # feedback_matrix has variance 1/fan; U(-1/sqrt(fan_in), ..) has 1/(3 fan_in).
     values = feedback_matrix(tuple(buf.shape), 3 * fan_in, "uniform", gen, dtype=buf.dtype, device=buf.device)
     with torch.no_grad():
         buf.copy_(values)
+
+
+def _in_dtype_of(grad_out: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The saved tensors in the dtype of the output gradient: under ``torch.autocast`` the forward ran in
+    the autocast dtype (bfloat16, say) on float32 inputs and weights, so the backward's GEMMs take the
+    gradient's dtype, as autocast's own ops do (autograd casts each returned gradient to its input's dtype)."""
+    return tuple(t if t.dtype == grad_out.dtype else t.to(grad_out.dtype) for t in tensors)
 
 
 class _FALinearFn(torch.autograd.Function):
@@ -149,7 +168,7 @@ class _FALinearFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         if grad_out is None:
             return None, None, None, None
-        x, feedback_weight = ctx.saved_tensors
+        x, feedback_weight = _in_dtype_of(grad_out, *ctx.saved_tensors)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ feedback_weight  # [..., out] @ [out, in] -> [..., in]
@@ -161,17 +180,62 @@ class _FALinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-class _FAConv2dFn(torch.autograd.Function):
-    """Conv2d whose input gradient is computed with B (feedback_weight) in place of W.
+class _FAConv1DFn(torch.autograd.Function):
+    """Hugging Face's Conv1D on a 2-d input: y = b + x W, x [N, in], W [in, out]; backward uses
+    B (feedback_weight, [in, out]) for dX = dY B^T, exact dW = x^T dY, db = sum_N dY."""
+
+    @staticmethod
+    def forward(x, weight, bias, feedback_weight):
+        return torch.addmm(bias, x, weight)  # Hugging Face's op: the same bits as its module
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, feedback_weight = inputs
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, feedback_weight)
+        ctx.fwd = (x, weight)
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, _feedback_t):
+        """Forward-mode AD: y is bilinear in (x, W) plus b, so dy = dx W + x dW + db; B plays no part."""
+        x, weight = ctx.fwd
+        out = x.new_zeros((x.shape[0], weight.shape[1]))
+        if x_t is not None:
+            out = out + x_t @ weight
+        if weight_t is not None:
+            out = out + x @ weight_t
+        if bias_t is not None:
+            out = out + bias_t
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if grad_out is None:
+            return None, None, None, None
+        x, feedback_weight = _in_dtype_of(grad_out, *ctx.saved_tensors)
+        grad_x = grad_out @ feedback_weight.t() if ctx.needs_input_grad[0] else None  # [N, out] @ [out, in]
+        grad_w = x.t() @ grad_out if ctx.needs_input_grad[1] else None                # [in, N] @ [N, out]
+        grad_b = grad_out.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
+def _conv(weight: torch.Tensor):
+    """``F.conv1d`` for a weight ``[out, in/groups, k]``, ``F.conv2d`` for ``[out, in/groups, kh, kw]``."""
+    return F.conv1d if weight.dim() == 3 else F.conv2d
+
+
+class _FAConvFn(torch.autograd.Function):
+    """Conv1d / Conv2d whose input gradient is computed with B (feedback_weight) in place of W.
 
     ``aten.convolution_backward`` gives dX from the weight it is handed and dW
     from the input and dY alone, so one call with B yields FA's dX and the true
-    dW and db.
+    dW and db. ``stride``, ``padding``, ``dilation``: one int per spatial dim
+    (``padding`` symmetric: see ``explicit_padding``).
     """
 
     @staticmethod
     def forward(x, weight, bias, feedback_weight, stride, padding, dilation, groups):
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return _conv(weight)(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -186,35 +250,56 @@ class _FAConv2dFn(torch.autograd.Function):
         """Forward-mode AD: the convolution is bilinear, dy = conv(dx, W) + conv(x, dW) + db."""
         x, weight = ctx.fwd
         stride, padding, dilation, groups, _ = ctx.conf
+        conv = _conv(weight)
         out = None
         if x_t is not None:
-            out = F.conv2d(x_t, weight, None, stride, padding, dilation, groups)
+            out = conv(x_t, weight, None, stride, padding, dilation, groups)
         if weight_t is not None:
-            term = F.conv2d(x, weight_t, None, stride, padding, dilation, groups)
+            term = conv(x, weight_t, None, stride, padding, dilation, groups)
             out = term if out is None else out + term
         if out is None:
-            out = torch.zeros_like(F.conv2d(x, weight, None, stride, padding, dilation, groups))
+            out = torch.zeros_like(conv(x, weight, None, stride, padding, dilation, groups))
         if bias_t is not None:
-            out = out + bias_t.view(1, -1, 1, 1)
+            out = out + bias_t.view(1, -1, *[1] * (weight.dim() - 2))  # [C] -> [1, C, 1(, 1)]
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         if grad_out is None:
             return (None,) * 8
-        x, feedback_weight = ctx.saved_tensors
+        x, feedback_weight = _in_dtype_of(grad_out, *ctx.saved_tensors)
         stride, padding, dilation, groups, has_bias = ctx.conf
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_out, x, feedback_weight,
             [feedback_weight.shape[0]] if has_bias else None,
-            list(stride), list(padding), list(dilation), False, [0, 0], groups, mask,
+            list(stride), list(padding), list(dilation), False, [0] * (x.dim() - 2), groups, mask,
         )
         return (grad_x if mask[0] else None, grad_w if mask[1] else None,
                 grad_b if mask[2] else None, None, None, None, None, None)
 
 
-class Linear(nn.Linear):
+def _activation_repr(layer) -> str:
+    return f", activation={layer.activation!r}" if layer.activation else ""
+
+
+class _Layer:
+    """What every fastdfa layer shares (a mixin before the torch class): the ``activation`` option, the
+    ``feedback_weight`` buffer, and a forward that hands over to the engine's handler when one is set."""
+
+    def _add_feedback(self, activation: str | None) -> None:
+        self.activation = activation
+        self.register_buffer("feedback_weight", torch.empty_like(self.weight), persistent=False)
+        init_feedback_weight(self, seed=0, index=0)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        handler = _handler(self)
+        if handler is not None:
+            return handler(self, input)
+        return self.plain_forward(input)
+
+
+class Linear(_Layer, nn.Linear):
     """``torch.nn.Linear`` that can train with FA and DFA, optionally with its activation fused.
 
     Same signature, forward and state_dict keys as ``torch.nn.Linear``, plus
@@ -230,15 +315,7 @@ class Linear(nn.Linear):
                  activation: str | None = None):
         check_activation(activation)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.activation = activation
-        self.register_buffer("feedback_weight", torch.empty_like(self.weight), persistent=False)
-        init_feedback_weight(self, seed=0, index=0)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        handler = _handler(self)
-        if handler is not None:
-            return handler(self, input)
-        return self.plain_forward(input)
+        self._add_feedback(activation)
 
     def plain_forward(self, input: torch.Tensor) -> torch.Tensor:
         """``g(x W^T + b)``, autograd's backward (no engine involved)."""
@@ -250,33 +327,122 @@ class Linear(nn.Linear):
                         self.activation)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
+        return super().extra_repr() + _activation_repr(self)
 
 
-def explicit_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Pad ``x`` the way ``conv`` would and return it with the remaining symmetric padding.
+class Conv1D(_Layer, nn.Module):
+    """Hugging Face's GPT-2 style ``transformers.pytorch_utils.Conv1D`` that can train with FA and DFA.
+
+    A linear layer with the weight stored transposed: ``weight`` is ``[nx, nf]``
+    (in, out), ``bias`` is ``[nf]``, and ``y = g(x W + b)`` over the last axis
+    of ``x`` ``[..., nx] -> [..., nf]``, computed as Hugging Face does
+    (``torch.addmm`` on ``x`` viewed as ``[N, nx]``), so the result is the same
+    bits. Same constructor (``Conv1D(nf, nx)``, output features first), init
+    (``W ~ N(0, 0.02^2)``, ``b = 0``), attributes (``nf``, ``nx``) and
+    state_dict keys as Hugging Face's, plus ``activation`` (as for
+    ``fastdfa.Linear``), ``in_features`` / ``out_features`` (``nx`` / ``nf``,
+    read by code written for ``Linear``) and the buffer ``feedback_weight``
+    (``[nx, nf]`` like ``weight``, not in the layer's own state_dict): FA's
+    input gradient is ``dX = dY @ feedback_weight^T``.
+    """
+
+    def __init__(self, nf: int, nx: int, device=None, dtype=None, activation: str | None = None):
+        check_activation(activation)
+        super().__init__()
+        self.nf = nf
+        self.nx = nx
+        self.weight = nn.Parameter(torch.empty(nx, nf, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(nf, device=device, dtype=dtype))
+        nn.init.normal_(self.weight, std=0.02)
+        self._add_feedback(activation)
+
+    @property
+    def in_features(self) -> int:
+        return self.nx
+
+    @property
+    def out_features(self) -> int:
+        return self.nf
+
+    def plain_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``g(x W + b)``, Hugging Face's forward, autograd's backward (no engine involved)."""
+        y = torch.addmm(self.bias, input.view(-1, input.size(-1)), self.weight)  # [N, nx] @ [nx, nf]
+        return activate(self, y.view(input.size()[:-1] + (self.nf,)), self.activation)
+
+    def fa_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``g(x W + b)`` whose backward uses ``feedback_weight`` for dX (Feedback Alignment)."""
+        y = _FAConv1DFn.apply(input.view(-1, input.size(-1)), self.weight, self.bias, self.feedback_weight)
+        return activate(self, y.view(input.size()[:-1] + (self.nf,)), self.activation)
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}" + _activation_repr(self)
+
+
+def explicit_padding(conv: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Pad ``x`` the way ``conv`` would and return it with the remaining symmetric padding (one int
+    per spatial dim).
 
     ``aten.convolution_backward`` only takes symmetric integer padding, so
     non-zero padding modes and the string paddings ("same" may be asymmetric
-    when dilation*(k-1) is odd) are applied to ``x`` here first.
+    when dilation*(k-1) is odd: torch puts the extra element on the right) are
+    applied to ``x`` here first.
     """
+    dims = len(conv.kernel_size)
     if conv.padding_mode != "zeros":
-        return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), (0, 0)
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), (0,) * dims
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
-            return x, (0, 0)
-        left, extra = [], [0, 0, 0, 0]
+            return x, (0,) * dims
+        left, extra = [], [0] * (2 * dims)
         for dim, (k, d) in enumerate(zip(conv.kernel_size, conv.dilation)):
             total = d * (k - 1)
             left.append(total // 2)
-            extra[2 * (1 - dim) + 1] = total - 2 * (total // 2)  # F.pad order: W then H, (left, right)
+            # F.pad's order: the last dim first, (left, right) each.
+            extra[2 * (dims - 1 - dim) + 1] = total - 2 * (total // 2)
         if any(extra):
             x = F.pad(x, extra)
-        return x, (left[0], left[1])
+        return x, tuple(left)
     return x, tuple(conv.padding)
 
 
-class Conv2d(nn.Conv2d):
+class _Conv(_Layer):
+    """The fastdfa part of ``Conv1d`` and ``Conv2d`` (before ``nn.Conv1d`` / ``nn.Conv2d`` in their MRO)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, activation: str | None = None):
+        check_activation(activation)
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
+                         device=device, dtype=dtype)
+        self._add_feedback(activation)
+
+    def plain_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """The convolution and ``g``, autograd's backward (no engine involved)."""
+        return activate(self, self._conv_forward(input, self.weight, self.bias), self.activation)  # torch's forward
+
+    def fa_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """The convolution and ``g``, whose backward uses ``feedback_weight`` for dX (Feedback Alignment)."""
+        x, padding = explicit_padding(self, input)
+        y = _FAConvFn.apply(x, self.weight, self.bias, self.feedback_weight,
+                            self.stride, padding, self.dilation, self.groups)
+        return activate(self, y, self.activation)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + _activation_repr(self)
+
+
+class Conv1d(_Conv, nn.Conv1d):
+    """``torch.nn.Conv1d`` that can train with FA and DFA.
+
+    Same signature, forward and state_dict keys as ``torch.nn.Conv1d``, plus
+    ``activation`` (as for ``fastdfa.Linear``; applied after the convolution
+    with torch ops). Adds the buffer ``feedback_weight`` (shape of ``weight``,
+    ``[out, in/groups, k]``, not in the layer's own state_dict) used for dX in
+    FA mode: dX is the transposed convolution of dY with it.
+    """
+
+
+class Conv2d(_Conv, nn.Conv2d):
     """``torch.nn.Conv2d`` that can train with FA and DFA.
 
     Same signature, forward and state_dict keys as ``torch.nn.Conv2d``, plus
@@ -286,35 +452,5 @@ class Conv2d(nn.Conv2d):
     state_dict) used for dX in FA mode.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, activation: str | None = None):
-        check_activation(activation)
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                         dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
-                         device=device, dtype=dtype)
-        self.activation = activation
-        self.register_buffer("feedback_weight", torch.empty_like(self.weight), persistent=False)
-        init_feedback_weight(self, seed=0, index=0)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        handler = _handler(self)
-        if handler is not None:
-            return handler(self, input)
-        return self.plain_forward(input)
-
-    def plain_forward(self, input: torch.Tensor) -> torch.Tensor:
-        """The convolution and ``g``, autograd's backward (no engine involved)."""
-        return activate(self, super().forward(input), self.activation)
-
-    def fa_forward(self, input: torch.Tensor) -> torch.Tensor:
-        """The convolution and ``g``, whose backward uses ``feedback_weight`` for dX (Feedback Alignment)."""
-        x, padding = explicit_padding(self, input)
-        y = _FAConv2dFn.apply(x, self.weight, self.bias, self.feedback_weight,
-                              self.stride, padding, self.dilation, self.groups)
-        return activate(self, y, self.activation)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
-
-
-FASTDFA_LAYERS = (Linear, Conv2d)
+FASTDFA_LAYERS = (Linear, Conv2d, Conv1d, Conv1D)
