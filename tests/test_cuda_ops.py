@@ -73,8 +73,8 @@ def emulated_cuda_backend(monkeypatch):
     monkeypatch.setattr(backends, "backend_status", lambda name: status if name == "cuda" else real_status(name))
     monkeypatch.setattr(backends, "get_backend", lambda name: OPS if name == "cuda" else real_get(name))
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # resolve_backend's non-CUDA-device escape hatch
-    import fastdfa.dfa as dfa_module
-    monkeypatch.setattr(dfa_module, "get_backend", backends.get_backend)
+    import fastdfa.views as views_module  # DFA.using_backend
+    monkeypatch.setattr(views_module, "get_backend", backends.get_backend)
 
 
 @pytest.mark.parametrize("mode", ["dfa", "grape"])

@@ -130,17 +130,36 @@ def test_module_running_twice_is_rejected():
         fastdfa.DFA(model)(torch.randn(1, 3))
 
 
-def test_non_tensor_output():
+def test_structured_output_takes_the_error_at_the_module_that_made_its_tensor():
+    """A tuple output: the error is taken at the module that returned its first tensor (the wrapper returns
+    the tuple unchanged); outputs whose tensor no module returned, or that hold none, are refused."""
     class TupleOut(nn.Module):
-        def __init__(self):
+        def __init__(self, scale=None):
             super().__init__()
             self.a, self.b = fastdfa.Linear(3, 3), fastdfa.Linear(3, 2)
+            self.scale = scale
 
         def forward(self, x):
-            return self.b(self.a(x)), 0
+            y = self.b(self.a(x))
+            return (y if self.scale is None else y * self.scale), 0
 
-    with pytest.raises(TypeError, match="one tensor"):
-        fastdfa.DFA(TupleOut())(torch.randn(1, 3))
+    dfa = fastdfa.DFA(TupleOut())
+    out = dfa(torch.randn(2, 3))
+    assert isinstance(out, tuple) and out[1] == 0 and dfa.error_point == "the output of 'b'"
+    with pytest.raises(ValueError, match="no module returned that tensor"):
+        fastdfa.DFA(TupleOut(scale=2.0))(torch.randn(2, 3))
+
+    class NoTensor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = fastdfa.Linear(3, 3)
+
+        def forward(self, x):
+            self.a(x)
+            return {"note": "nothing"}
+
+    with pytest.raises(TypeError, match="holding no tensor"):
+        fastdfa.DFA(NoTensor())(torch.randn(2, 3))
 
 
 def _nan_setup(**kw):

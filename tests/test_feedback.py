@@ -89,7 +89,9 @@ def test_feedback_buffers_in_state_dict_and_moved_by_to():
     dfa = _built(seed=1)
     keys = [k for k in dfa.state_dict() if "feedback" in k]
     assert keys == ["feedback.0", "feedback.1", "feedback.fa.0", "feedback.fa.1", "feedback.fa.2",
-                    "feedback._extra_state"]
+                    "feedback.site_names", "feedback.grape.seed"]
+    # tensors only (safetensors, Trainer's save_model): the site names and GrAPE's stream as tensors too
+    assert all(isinstance(v, torch.Tensor) for v in dfa.state_dict().values())
     torch.testing.assert_close(dfa.state_dict()["feedback.1"], dfa.sites[1].feedback, rtol=0, atol=0)
     before = dfa.sites[0].feedback.clone()
     dfa.to(torch.float64)

@@ -108,8 +108,8 @@ def test_warmup_is_undone_before_the_first_replay():
     dfa = _net("grape")
     x, y = _batches(1)[0]
     dfa.build(x)
+    gen_before = dfa.perturbations.generator(x.device).get_state()  # first: the stream is in the state_dict
     before = {k: v.clone() for k, v in dfa.state_dict().items() if isinstance(v, torch.Tensor)}
-    gen_before = dfa.perturbations.generator(x.device).get_state()
     opt = torch.optim.SGD(dfa.parameters(), lr=0.1, momentum=0.9)
     step = StandIn(dfa, opt, warmup=5)
     step._graphs_impl.replay = lambda graph: None  # capture (after the undone warm-up) but do not replay

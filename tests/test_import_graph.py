@@ -138,7 +138,13 @@ BELOW = {
     # a front like dfa: the wrapper and the engine below it, the models it knows how to split
     "fastdfa.distributed": {"fastdfa.dfa", "fastdfa.engine", "fastdfa.backends", "fastdfa.config", "fastdfa.layers",
                             "fastdfa.models", "fastdfa.activations", "fastdfa.feedback", "fastdfa.ops",
-                            "fastdfa.triton_kernels", "fastdfa.distributed"},
+                            "fastdfa.triton_kernels", "fastdfa.distributed",
+                            # the wrapper's from_pretrained re-converts a saved model
+                            "fastdfa.pretrained", "fastdfa.targets", "fastdfa.convert", "fastdfa.views"},
+    # what prepare / from_pretrained use to pick the modules to convert; never the wrapper
+    "fastdfa.targets": {"fastdfa.convert", "fastdfa.layers", "fastdfa.activations", "fastdfa.feedback"},
+    "fastdfa.pretrained": {"fastdfa.config", "fastdfa.targets", "fastdfa.convert", "fastdfa.layers",
+                           "fastdfa.activations", "fastdfa.feedback"},
 }
 
 

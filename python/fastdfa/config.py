@@ -16,7 +16,7 @@ The options (docs/design.md section 2 has the reasons behind each):
     feedback_layout "dense" (one row per element of the site, tied to its shape) or "per-feature"
                     (one row per feature: the channel axis of a [C, H, W] site, the last axis of any
                     other, broadcast over the rest: tokens, space; such a site takes any length)
-    conv_feedback   the older spelling for conv sites: "channel" means feedback_layout="per-feature"
+    conv_feedback   deprecated alias: "channel" means feedback_layout="per-feature" (warns)
     feedback_scale  multiplies the default feedback scale (> 0)
     batch_dims      leading dims treated as the batch (2 for [batch, tokens, ...])
     nonfinite       what a NaN/inf output error does: "raise", "skip" or "ignore"
@@ -26,6 +26,9 @@ The options (docs/design.md section 2 has the reasons behind each):
     feedback_lr     GrAPE: the alignment step size (> 0)
     perturb         GrAPE: "activation", "weight" or "auto"
     jvp             GrAPE: "per-site" (exact, K x N rows) or "shared" (one pass of N rows)
+    error_at        where e is taken: None (the model's tensor output, or the module that returns a
+                    ModelOutput's ``logits``) or a module name: e = dLoss/d(output of that module)
+    head            a module name: it and everything after it train by BP; e = dLoss/d(its input)
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import dataclass, replace
+import sys
+import warnings
+from dataclasses import dataclass, fields, replace
 
 MODES = ("bp", "fa", "dfa", "grape")
 FEEDBACK_KINDS = ("uniform", "gaussian")
@@ -48,6 +53,19 @@ PERTURB = ("activation", "weight", "auto")
 JVP = ("per-site", "shared")
 STREAMS_ENV = "FASTDFA_STREAMS"
 DEFAULT_STREAMS = 4  # side streams for the cuda backend's weight gradients (docs/kernels.md)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that points a warning at the user's line: past fastdfa's frames and the
+    dataclass's generated ``__init__`` (file "<string>")."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+                                 or frame.f_code.co_filename == "<string>"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _choice(name: str, value, choices) -> None:
@@ -92,6 +110,8 @@ class DFAConfig:
     feedback_lr: float = 0.5
     perturb: str = "activation"
     jvp: str = "per-site"
+    error_at: str | None = None
+    head: str | None = None
 
     def __post_init__(self):
         _choice("mode", self.mode, MODES)
@@ -101,8 +121,11 @@ class DFAConfig:
         _choice("feedback", self.feedback, FEEDBACK_KINDS)
         _choice("conv_feedback", self.conv_feedback, CONV_FEEDBACK)
         _choice("feedback_layout", self.feedback_layout, FEEDBACK_LAYOUTS)
-        if self.conv_feedback == "channel":  # the conv spelling of per-feature feedback
+        if self.conv_feedback == "channel":  # the older conv spelling of per-feature feedback
+            warnings.warn('conv_feedback="channel" is deprecated: use feedback_layout="per-feature" (the same '
+                          'feedback, for every site kind)', DeprecationWarning, stacklevel=_caller_level())
             object.__setattr__(self, "feedback_layout", "per-feature")
+            object.__setattr__(self, "conv_feedback", "dense")  # folded: a later replace() does not warn again
         _positive_finite("feedback_scale", self.feedback_scale)
         _int_at_least("batch_dims", self.batch_dims, 1)
         _choice("nonfinite", self.nonfinite, NONFINITE)
@@ -114,6 +137,29 @@ class DFAConfig:
         _positive_finite("feedback_lr", self.feedback_lr)
         _choice("perturb", self.perturb, PERTURB)
         _choice("jvp", self.jvp, JVP)
+        for name in ("error_at", "head"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a module name (as in model.named_modules()) or None, got {value!r}")
+        if self.error_at is not None and self.head is not None:
+            raise ValueError(f"give error_at= or head=, not both (error_at={self.error_at!r}, head={self.head!r}): "
+                             "head=NAME already takes the error at the input of NAME")
+
+    @classmethod
+    def from_options(cls, config: "DFAConfig | None" = None, **overrides) -> "DFAConfig":
+        """``config`` (default: all defaults) with ``overrides`` applied, checked once; an unknown option
+        raises naming the close ones (the one path every entry point builds its config by)."""
+        if config is not None and not isinstance(config, DFAConfig):
+            raise TypeError(f"config must be a fastdfa.DFAConfig or None, got {type(config).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in overrides if k not in names]
+        if unknown:
+            import difflib
+            hints = {k: difflib.get_close_matches(k, names, n=2) for k in unknown}
+            said = "; ".join(f"{k!r}" + (f" (did you mean {', '.join(map(repr, h))}?)" if h else "")
+                             for k, h in hints.items())
+            raise TypeError(f"unknown fastdfa.DFA option(s) {said}; the options are {names}")
+        return cls(**overrides) if config is None else replace(config, **overrides)
 
     @property
     def stream_count(self) -> int:
@@ -143,7 +189,7 @@ class WrapperOptions:
     _config: DFAConfig
 
     @property
-    def config(self) -> DFAConfig:
+    def dfa_config(self) -> DFAConfig:
         """The options in force (a frozen ``DFAConfig``)."""
         return self._config
 
@@ -159,5 +205,7 @@ class WrapperOptions:
     wgrad = _read("wgrad")
     perturb = _read("perturb")
     jvp = _read("jvp")
+    error_at = _read("error_at", "The module whose output the error is taken at (None: the model's output).")
+    head = _read("head", "The module trained by BP, with everything after it; the error is taken at its input.")
 
     streams = _read("streams", "The cuda backend's stream pool size (``streams``, else FASTDFA_STREAMS, else 4).")

@@ -28,65 +28,74 @@ import dataclasses
 import torch
 from torch import nn
 
-from .backends import BackendUnavailableError, KernelBackend, backend_for, get_backend
+from .backends import BackendUnavailableError, KernelBackend, backend_for
 from .config import DFAConfig, WrapperOptions
-from .engine import fused, grape_pass
-from .engine.guard import ForwardGuard
+from .engine import error_point, fused, grape_pass
+from .engine.guard import ForwardGuard, Snapshot
 from .engine.output import ErrorGuard, ErrorRouter, NonFiniteErrorSignal, OutputNode
-from .engine.recording import FAForward, Recorder, Recording, discover
+from .engine.recording import FAForward, GuardOnly, Recorder, Recording, discover
 from .engine.sites import FeedbackStore, Site, check_state_dict
-from .layers import FASTDFA_LAYERS, init_feedback_weight
+from .layers import FASTDFA_LAYERS
+from .pretrained import PretrainedMixin, wrapper_class
+from .views import WrapperViews
 
 __all__ = ["DFA", "Site", "NonFiniteErrorSignal", "backprop", "using_mode"]
 
 
-class DFA(WrapperOptions, nn.Module):
+class DFA(PretrainedMixin, WrapperViews, WrapperOptions, nn.Module):
     """Train ``model`` with DFA, FA, GrAPE or BP.
 
-    Args (every option is checked by ``fastdfa.DFAConfig``, which documents it):
-        model: any ``nn.Module`` holding fastdfa layers (or ``sites``).
+    ``DFA(model, config=None, *, sites=None, example_input=None, **options)``: the options are
+    ``fastdfa.DFAConfig``'s fields (``config`` with ``options`` applied; every one is checked there and
+    documented there and in docs/usage.md). The most used:
+
         mode: "dfa", "fa", "bp" or "grape"; settable at any time via ``dfa.mode``.
         seed: seeds every feedback matrix, independently of the global RNG and device.
-        feedback, feedback_scale: "uniform" or "gaussian", variance ``feedback_scale**2 / n``.
-        sites: extra modules whose inputs become sites (DFA between them, BP inside them).
         feedback_layout: "dense" (one row per element of a site) or "per-feature" (one row per feature,
-            broadcast over tokens / space: the site then takes any length); ``conv_feedback="channel"``
-            is the older conv spelling of "per-feature".
+            broadcast over tokens / space: the site then takes any length).
         batch_dims: leading dims treated as the batch (2 for ``[batch, tokens, ...]`` models).
+        error_at, head: where the error is taken (``fastdfa.engine.error_point``): by default the
+            model's output tensor, or the module whose output a returned ``ModelOutput``'s ``logits``
+            is; ``error_at=NAME`` that module's output; ``head=NAME`` its input (NAME and what runs
+            after it train by BP).
         nonfinite: a NaN/inf output error "raise"s ``NonFiniteErrorSignal``, is "skip"ped
             (``dfa.skipped_steps``), or is "ignore"d (no host sync, NaN flows on as in BP).
-        example_input: build the feedback now with one no-grad forward in eval mode.
         backend: "auto", "torch", "triton" or "cuda" (None: ``FASTDFA_BACKEND`` or "auto").
-        wgrad, streams: the kernel backends' weight gradients (one grouped launch or per layer;
-            the cuda backend's stream pool, None: ``FASTDFA_STREAMS`` or 4).
-        feedback_lr, perturb, jvp: mode "grape": the alignment step size, where the JVP perturbs,
-            how the tangents are run (``fastdfa.engine.grape_pass``).
+
+    ``sites``: extra modules whose inputs become sites (DFA between them, BP inside them); ``example_input``:
+    build the feedback now (one no-grad forward in eval mode); a str ``config`` is ``mode`` (the older form).
+    The model's own output is returned (a ``ModelOutput`` with HF's ``labels=`` loss in it); unknown
+    attributes are the model's (``fastdfa.pretrained``).
     """
 
-    def __init__(self, model: nn.Module, mode: str = "dfa", seed: int = 0, feedback: str = "uniform",
-                 sites: list[nn.Module] | None = None, *, conv_feedback: str = "dense", feedback_layout: str = "dense",
-                 feedback_scale: float = 1.0, batch_dims: int = 1, nonfinite: str = "raise",
-                 example_input=None, backend: str | None = None, wgrad: str = "grouped",
-                 feedback_lr: float = 0.5, perturb: str = "activation", jvp: str = "per-site",
-                 streams: int | None = None):
+    def __new__(cls, model=None, *args, **kwargs):  # forward() gets the model's signature (for Trainer)
+        return super().__new__(wrapper_class(DFA, type(model)) if cls is DFA and isinstance(model, nn.Module) else cls)
+
+    def __init__(self, model: nn.Module, config: DFAConfig | str | None = None, *, sites: list[nn.Module] | None = None,
+                 example_input=None, **options):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        config = DFAConfig(mode=mode, seed=seed, feedback=feedback, conv_feedback=conv_feedback,
-                           feedback_layout=feedback_layout, feedback_scale=feedback_scale, batch_dims=batch_dims, nonfinite=nonfinite,
-                           backend=backend, wgrad=wgrad, streams=streams, feedback_lr=feedback_lr,
-                           perturb=perturb, jvp=jvp)
+        if isinstance(config, str):
+            config, options = None, {"mode": config, **options}
+        config = DFAConfig.from_options(config, **options)
         config = dataclasses.replace(config, streams=config.stream_count)  # FASTDFA_STREAMS read once, here
+        point = error_point.from_config(model, config.error_at, config.head)  # a bad name raises here
         names, candidates, user_sites, layers = discover(model, sites, FASTDFA_LAYERS)
-        if backend not in (None, "auto"):  # an explicit request fails now, before the model is touched
-            _check_dtype(backend_for(backend, _device_of(model)), model)
+        if config.backend not in (None, "auto"):  # an explicit request fails now, before the model is touched
+            _check_dtype(backend_for(config.backend, _device_of(model)), model)
         self.model = model
         self._config = config
         self.module_names = names
+        self.conversion = None  # what fastdfa.prepare converted (saved by save_pretrained)
         self.feedback = FeedbackStore()
         self.feedback.fa_layers = layers
-        fusable = {m for m in candidates if isinstance(m, FASTDFA_LAYERS) and m not in set(user_sites)}
+        fusable = {m for m in candidates if isinstance(m, fused.FUSABLE) and m not in set(user_sites)}
         self._recorder = Recorder(model, names, candidates, user_sites, layers, fusable, config.batch_dims)
+        self._recorder.guard_error = self._guard_error
+        self._point = None  # where e is taken (engine.error_point); None: found on the first training forward
+        if point is not None:
+            self._set_point(point)
         self._fa_forward = FAForward(self._recorder)
         self._guard = ForwardGuard(model)
         self._router = ErrorRouter(self, self._align)
@@ -94,74 +103,22 @@ class DFA(WrapperOptions, nn.Module):
         self.kernels: KernelBackend | None = None  # resolved on the first DFA forward
         self.last_alignment: torch.Tensor | None = None  # per site: mean column cos(F, J_hat^T) before the last step
         self._fusion: tuple[str | None, dict] = ("no training forward has run yet", {})
-        for i, layer in enumerate(layers):
-            init_feedback_weight(layer, config.seed, i)
-        self.mode = mode
+        self.feedback.seed_fa_feedback(config.seed)
         if example_input is not None:
             self.build(example_input)
 
     @classmethod
     def from_config(cls, model: nn.Module, config: DFAConfig, *, sites=None, example_input=None) -> "DFA":
-        return cls(model, sites=sites, example_input=example_input, **dataclasses.asdict(config))
+        return cls(model, config, sites=sites, example_input=example_input)
 
-    @property
-    def skipped_steps(self) -> int:
-        return self._router.skipped_steps
+    def _set_point(self, point) -> None:
+        self._point = point
+        point.attach(self._recorder)
+        if point.kind == error_point.INPUT:  # head=: its fastdfa layers train by BP in every mode
+            self._recorder.head_layers = {m for m in point.module.modules() if isinstance(m, FASTDFA_LAYERS)}
 
-    @skipped_steps.setter
-    def skipped_steps(self, value: int) -> None:
-        self._router.skipped_steps = value
-
-    # ------------------------------------------------------------- sites
-    @property
-    def sites(self) -> list[Site]:
-        """The sites from input to output (empty until the feedback is built)."""
-        return list(self.feedback.sites or [])
-
-    @property
-    def built(self) -> bool:
-        return self.feedback.sites is not None
-
-    @property
-    def out_features(self) -> int | None:
-        return self.feedback.n_out
-
-    @property
-    def execution_order(self) -> tuple[nn.Module, ...]:
-        """The first module executed, then every site module, in the order they run (once built)."""
-        return self._recorder.expected or ()
-
-    def name_of(self, module: nn.Module) -> str:
-        return self.module_names[module]
-
-    @property
-    def backend(self) -> str | None:
-        """The backend resolved on the first DFA forward (None before)."""
-        return None if self.kernels is None else self.kernels.name
-
-    @property
-    def fused_layers(self) -> list[str]:
-        """Names of the layers whose delta and weight gradient the last training forward left to the
-        fused backward (kernel backends; ``fastdfa.engine.fused``). Empty with the torch backend."""
-        return [n for n, why in self.fusion_report().items() if why == fused.FUSED]
-
-    def fusion_report(self) -> dict[str, str]:
-        """For every fastdfa layer: "fused", or why the last training forward did not fuse it."""
-        refusal, reasons = self._fusion
-        if self.kernels is not None and not self.kernels.fuses_layers:
-            refusal = self.kernels.fused_route_refusal(False)
-        return {self.module_names[m]: refusal or reasons.get(m, "did not run in the last training forward")
-                for m in self.feedback.fa_layers}
-
-    @contextlib.contextmanager
-    def using_backend(self, name: str):
-        """Run the block on backend ``name`` (e.g. "torch" for a measurement), then restore."""
-        self._resolve_backend(())
-        previous, self.kernels = self.kernels, get_backend(name)
-        try:
-            yield self
-        finally:
-            self.kernels = previous
+    def _guard_error(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self._config.nonfinite == "ignore" else ErrorGuard.apply(self._router, tensor)
 
     def build(self, example_input) -> None:
         """Build the feedback now from one no-grad forward of ``example_input`` in eval mode
@@ -180,68 +137,118 @@ class DFA(WrapperOptions, nn.Module):
     def forward(self, *args, **kwargs):
         mode, built = self._config.mode, self.feedback.sites is not None
         grad = torch.is_grad_enabled()
-        self._recorder.pending.clear()  # the last forward's checkpointed sites (recomputed as IT ran them)
+        recorder = self._recorder
+        recorder.pending.clear()  # the last forward's checkpointed sites (recomputed as IT ran them)
+        if self.feedback.unseeded:  # a model built on the meta device, materialised since (to_empty)
+            self.feedback.seed_materialised(self._config.seed)
         if mode in ("dfa", "grape") and (grad or not built):
             return self._guard.run(self._forward_rule, args, kwargs, built)
         if not grad:
             return self.model(*args, **kwargs)
-        if mode == "fa":
-            token = self._recorder.begin(self._fa_forward)
+        point = self._point
+        inside = point is not None and point.kind != error_point.RETURN
+        if mode == "fa" or inside:  # FA's layers, or the NaN policy at an error point inside the model
+            token = recorder.begin(self._fa_forward if mode == "fa" else GuardOnly(recorder))
             try:
                 output = self.model(*args, **kwargs)
             finally:
-                self._recorder.end(token)
+                recorder.end(token)
         else:
             output = self.model(*args, **kwargs)
-        if self._config.nonfinite == "ignore" or not isinstance(output, torch.Tensor):
+        if self._config.nonfinite == "ignore" or inside or not isinstance(output, torch.Tensor):
             return output
         return ErrorGuard.apply(self._router, output)  # the NaN policy holds in every mode
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``, but every key and shape is checked first: a checkpoint that does
-        not fit raises before anything is written (torch's own load copies what fits, then raises)."""
-        problems = check_state_dict(self.state_dict(keep_vars=True), state_dict, strict, self.built)
+        not fit raises before anything is written (torch's own load copies what fits, then raises). A tied
+        alias the checkpoint leaves out (``fastdfa.pretrained``) is filled from the key it is tied to."""
+        aliases = self._aliases()
+        given = {k: v for k, v in state_dict.items() if k not in aliases}
+        problems = check_state_dict(self.state_dict(keep_vars=True), given, strict, self.built)
         if problems:
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__} (nothing was "
                                "loaded):\n\t" + "\n\t".join(problems))
         self._guard.forget()
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return super().load_state_dict(self._fill_aliases(given), strict=strict, assign=assign)
 
     def _forward_rule(self, args, kwargs):
-        kernels = self.kernels or self._resolve_backend(args)
-        grad = torch.is_grad_enabled()
+        kernels = self.kernels or self._resolve_backend(args, kwargs)
+        if self._point is not None:
+            output, rec = self._record(kernels, args, kwargs)
+        else:  # the first training forward: find the error point, then run again with it in place
+            devices = {a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
+            snapshot = Snapshot(self.model, devices)
+            tracker = error_point.OutputTracker(self.model)
+            try:
+                output, rec = self._record(kernels, args, kwargs)
+            finally:
+                tracker.close()
+            if isinstance(output, torch.Tensor):
+                self._set_point(error_point.ErrorPoint(error_point.RETURN))
+            else:
+                point = tracker.point_for(self.model, output)
+                del output, rec, tracker  # the discarded forward's graph
+                snapshot.restore()  # dropout's RNG and BatchNorm's statistics: as if it never ran
+                self._set_point(point)
+                output, rec = self._record(kernels, args, kwargs)
+        point = self._point
+        if point.kind == error_point.RETURN:
+            output = rec.at_error_point(output)
+        elif not rec.done:
+            raise RuntimeError(f"the error is taken at {point.describe()}, but that module did not run in this "
+                               "forward; every training forward must run it")
+        step = rec.step
+        if rec.grad and self._config.mode == "grape" and self.feedback.sites and step.rows:  # an empty batch
+            step.estimate = self.jacobian_estimate(args, kwargs, step.rows)
+        return output
+
+    def _record(self, kernels, args, kwargs):
+        """Run the model once under a ``Recording``; (its output, the recording)."""
         recorder = self._recorder
         plan = refusal = None
-        if grad and kernels.fuses_layers:
+        if torch.is_grad_enabled() and kernels.fuses_layers:
             refusal = kernels.fused_route_refusal(any(torch.is_autocast_enabled(t) for t in ("cuda", "cpu")))
             plan = fused.FusedPlan() if refusal is None and recorder.fusable else None
-        store = self.feedback
-        rec = Recording(recorder, store, kernels, plan)
+        rec = Recording(recorder, self.feedback, kernels, plan, self._take_error)
+        rec.step.refusal = refusal
         token = recorder.begin(rec)
         try:
-            output = self.model(*args, **kwargs)
+            # No-grad forwards (a build) must take the path training forwards take: torch's
+            # TransformerEncoder "fast path" (eval + no_grad) would skip the layers, recording none.
+            with contextlib.nullcontext() if rec.grad else grape_pass.no_mha_fast_path():
+                output = self.model(*args, **kwargs)
         finally:
             recorder.end(token)
+        return output, rec
+
+    def _take_error(self, rec: Recording, tensor: torch.Tensor) -> torch.Tensor:
+        """At the error point: check the error tensor, build the feedback on the first forward, and put the
+        output node on it (a training forward)."""
         batch_dims = self._config.batch_dims
-        n_out = rec.check_output(output, batch_dims)
+        n_out = rec.check_output(tensor, batch_dims)
+        store = self.feedback
         if store.sites is None:
-            self._build_sites(rec, output, n_out)
+            self._build_sites(rec, tensor, n_out)
         else:
-            rec.check_complete(output, n_out)
-        if not grad:
-            return output
-        params = ()
-        n = output.shape[:batch_dims].numel()
+            rec.check_complete(tensor, n_out)
+        n = tensor.shape[:batch_dims].numel()
+        rec.step.rows = n
+        if not rec.grad:
+            return tensor
+        if not store.sites:
+            _refuse_uncovered(rec, self._point, self.model)
+        plan, params = rec.plan, ()
         if plan is not None:
-            params = plan.finish(rec.inputs, store.sites, output, n_out, n)
+            params = plan.finish(rec.inputs, store.sites, tensor, n_out, n)
             plan.reasons.update(rec.unfused)
             self._fusion = (None, plan.reasons)
-        elif kernels.fuses_layers:
-            self._fusion = (refusal or "no fastdfa layer outside the sites= modules", {})
-        estimate = None
-        if self._config.mode == "grape" and store.sites:
-            estimate = self.jacobian_estimate(args, kwargs, n)
-        return OutputNode.apply(self._router, plan, estimate, output, *rec.inputs, *params)
+        elif rec.kernels.fuses_layers:
+            self._fusion = (rec.step.refusal or "no fastdfa layer outside the sites= modules", {})
+        if self._point.kind == error_point.INPUT:
+            rec.step.before = [(p, None if p.grad is None else p.grad.clone())
+                               for p in self._point.module.parameters() if p.requires_grad]
+        return OutputNode.apply(self._router, rec.step, tensor, *rec.inputs, *params)
 
     def jacobian_estimate(self, args: tuple, kwargs: dict, n: int) -> grape_pass.GrapeEstimate:
         """GrAPE's dual pass on the built wrapper: every site's perturbation and output tangent, drawn
@@ -250,7 +257,8 @@ class DFA(WrapperOptions, nn.Module):
             raise RuntimeError("the feedback is not built yet: run one forward of the wrapper first, or pass "
                                "example_input= to fastdfa.DFA")
         config = self._config
-        return grape_pass.dual_pass(self.model, self._recorder, self.feedback.sites, self._resolve_backend(args),
+        return grape_pass.dual_pass(self.model, self._recorder, self.feedback.sites,
+                                    self._resolve_backend(args, kwargs),
                                     self.perturbations, config.perturb, config.jvp, args, kwargs, n)
 
     def dual_forward(self, inj: grape_pass.DualPass):
@@ -263,7 +271,9 @@ class DFA(WrapperOptions, nn.Module):
 
     def _build_sites(self, rec: Recording, output: torch.Tensor, n_out: int) -> None:
         if not rec.order:
-            raise RuntimeError("no fastdfa layer or site module ran in the forward pass")
+            raise RuntimeError(f"no fastdfa layer or site module ran before the error point ({self.error_point}): "
+                               "nothing trains with DFA. Convert the model's linear layers (fastdfa.prepare(model) "
+                               "or fastdfa.convert(model)) or name blocks with sites=[...]")
         params = [p for p in self.model.parameters() if p.is_floating_point()]
         config = self._config
         self.feedback.build(rec.order[1:], rec.shapes, self.module_names, n_out, seed=config.seed,
@@ -272,20 +282,44 @@ class DFA(WrapperOptions, nn.Module):
                             dtype=params[0].dtype if params else output.dtype, device=output.device)
         self._recorder.freeze(rec.order, self.feedback.sites)
 
-    def _resolve_backend(self, args) -> KernelBackend:
+    def _resolve_backend(self, args, kwargs=None) -> KernelBackend:
         """Pick the backend on the first DFA forward, from where the model lives (before any state)."""
         if self.kernels is None:
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
             device = _device_of(self.model, tensors[0].device if tensors else torch.device("cpu"))
             kernels = backend_for(self._config.backend, device)
             _check_dtype(kernels, self.model)
             self.kernels = kernels
         return self.kernels
 
-    def extra_repr(self) -> str:
-        sites = len(self.feedback.sites) if self.built else "unbuilt"
-        return (f"mode={self.mode!r}, seed={self.seed}, feedback={self.feedback_kind!r}, sites={sites}, "
-                f"backend={self.backend!r}")
+
+def _refuse_uncovered(rec: Recording, point, model: nn.Module) -> None:
+    """No site: the first module that ran is the only one, so its input is taken as the data. If trainable
+    parameters compute that input (an embedding, blocks the conversion left alone), the error would reach
+    them by exact BP: the rule would change silently, so refuse, naming them."""
+    x = rec.first_input
+    if not isinstance(x, torch.Tensor) or x.grad_fn is None:
+        return  # the data itself: DFA and BP coincide on a one-layer model
+    reached, seen, todo = set(), set(), [x.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)
+        if variable is not None:
+            reached.add(id(variable))
+        todo.extend(f for f, _ in fn.next_functions)
+    names = [n for n, p in model.named_parameters() if id(p) in reached]
+    if not names:
+        return
+    first = rec.recorder.names[rec.order[0]] if rec.order else "?"
+    shown = ", ".join(map(repr, names[:4])) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    raise RuntimeError(f"fastdfa.DFA has no site: {first!r} is the only fastdfa layer that runs before the error point "
+                       f"({point.describe()}), so its input is taken as the data, yet {len(names)} trainable "
+                       f"parameters compute that input ({shown}): they would train by exact BP, silently. Convert "
+                       "the layers before it (fastdfa.prepare(model) converts every linear map, Hugging Face's "
+                       "Conv1D included), name blocks with sites=[...], or take the error earlier (head=...)")
 
 
 def _device_of(model: nn.Module, default: torch.device = torch.device("cpu")) -> torch.device:

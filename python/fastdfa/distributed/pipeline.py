@@ -95,7 +95,7 @@ class DFAPipeline:
         backward = dist.new_group(ranks, use_local_synchronization=True) if self.num_stages > 1 else self.group
         wire = Wire(self.group, backward, self.stage, ranks, self.device, self.timeout)
         self.runner = StageRunner(self.module, self.wrapper, wire, self.stage, self.num_stages, micro_batches,
-                                  schedule, self.wrapper.config.batch_dims, self.device, ddp, data_parallel_group,
+                                  schedule, self.wrapper.dfa_config.batch_dims, self.device, ddp, data_parallel_group,
                                   grape)
 
     def _build(self, model, split_points, sites, device, options):

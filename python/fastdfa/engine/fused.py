@@ -40,10 +40,14 @@ import torch
 import torch.nn.functional as F
 
 from ..activations import STATE_OF, apply_activation, derivative_from_state
-from ..layers import Linear, explicit_padding
+from ..layers import Conv2d, Linear, explicit_padding
 from ..ops.dfa_project import split_projection
 
 FUSED = "fused"
+# The layer types the fused route knows (a jvp_linear forward, a cuDNN conv with its state saved); other
+# fastdfa layers (Conv1D, Conv1d) take the generic route, with this reason in fusion_report.
+FUSABLE = (Linear, Conv2d)
+NOT_FUSABLE = "the kernel backends fuse fastdfa.Linear and fastdfa.Conv2d only: generic route"
 NOT_NEXT_SITE = ("fused forward, but its output reaches the next site through other ops (pooling, a view, "
                  "dropout, a residual add): its own backward computes delta (generic route)")
 

@@ -132,6 +132,7 @@ class DualPass:
         # and sets k. rows() stays local: it indexes the output tangents of these sites only.
         self.first_replica = first_replica
         self.position = 0
+        self.error: torch.Tensor | None = None  # the dual tensor at the error point (None: the model's output)
         self.perturbations: list[torch.Tensor | None] = [None] * len(sites)
         self.inputs: list[torch.Tensor | None] = [None] * len(sites)  # each site's primal input, its replica's rows
         self.weight_sites: dict[int, tuple] = {}   # site index -> (layer, V)
@@ -163,6 +164,11 @@ class DualPass:
         out[self.leading(k, shape[0])] = values
         return out
 
+    def at_error_point(self, x: torch.Tensor) -> torch.Tensor:
+        """The error point (``engine.error_point``): its tangent is the output tangent T_l measures."""
+        self.error = x
+        return x
+
     def perturb_weight(self, k: int, layer) -> None:
         w = layer.weight
         v = self.draw(w.shape, w.device, w.dtype, k, weight=True)
@@ -171,6 +177,8 @@ class DualPass:
 
     def site_input(self, module, x: torch.Tensor) -> torch.Tensor:
         """Inject site k's activation perturbation into the tangent of its input."""
+        if self.error is not None:  # after the error point: BP's part of the model, nothing injected
+            return x
         position = self.position
         self.position += 1
         if position == 0:
@@ -189,6 +197,8 @@ class DualPass:
 
     def layer_forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         """A fastdfa layer in the dual pass: its site's injection, then primal and tangent."""
+        if self.error is not None:
+            return layer.plain_forward(x)
         if layer in self.candidates:
             x = self.site_input(layer, x)
         if isinstance(layer, Linear):
@@ -234,6 +244,11 @@ def dual_pass(model, recorder, sites, kernels, stream: PerturbationStream, pertu
         args, kwargs = replicate_batch(args, kwargs, replicas)
     with dual_forward(model, recorder, inj):
         out = model(*args, **kwargs)
+        if inj.error is not None:
+            out = inj.error
+        elif not isinstance(out, torch.Tensor):
+            raise RuntimeError("GrAPE's dual pass: the error point did not run (the model returned a "
+                               f"{type(out).__name__} and no module took the error)")
         primal, tangent = fwAD.unpack_dual(out)
         if tangent is None:  # no site reaches the output (cannot happen with sites in use)
             tangent = torch.zeros_like(primal)
@@ -249,7 +264,7 @@ def dual_forward(model, recorder, inj: DualPass):
     training = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        with torch.no_grad(), fwAD.dual_level(), _math_attention(), _no_mha_fast_path(), recorder.intercepting(inj):
+        with torch.no_grad(), fwAD.dual_level(), _math_attention(), no_mha_fast_path(), recorder.intercepting(inj):
             yield inj
     finally:
         for m, t in training:
@@ -280,9 +295,12 @@ def estimate_from_tangents(inj: DualPass, sites, t_all: torch.Tensor, n: int) ->
 
 def replicate_batch(args: tuple, kwargs: dict, replicas: int) -> tuple[tuple, dict]:
     """Stack the batch ``replicas`` times along dim 0 of every tensor argument that carries it: those
-    whose dim 0 is the first tensor argument's (the data's). Tensors without the batch axis (a [T, T]
-    attention mask, a position table) are passed as they are."""
-    first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim()), None)
+    whose dim 0 is the first tensor argument's (the data's: the first positional one, else the first
+    keyword one, as ``model(input_ids=..., attention_mask=...)`` is called). Tensors without the batch
+    axis (a [T, T] attention mask, a position table) are passed as they are."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.dim()]
+    tensors += [v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim()]
+    first = tensors[0] if tensors else None
     n0 = None if first is None else first.shape[0]
 
     def rep(a):
@@ -297,7 +315,7 @@ def _math_attention():
 
 
 @contextlib.contextmanager
-def _no_mha_fast_path():
+def no_mha_fast_path():
     """``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` take a fused "fast path" in eval mode
     under no_grad (``aten._native_multi_head_attention``), which has no forward AD; the dual pass runs in
     exactly that mode, so the fast path is switched off for it (and back on after)."""

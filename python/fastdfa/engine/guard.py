@@ -29,7 +29,7 @@ def signature(args: tuple, kwargs: dict) -> tuple:
     return key
 
 
-class _Snapshot:
+class Snapshot:
     """The norm layers' running statistics and the RNG states, to put back."""
 
     def __init__(self, model: nn.Module, devices: set):
@@ -65,7 +65,7 @@ class ForwardGuard:
                                      f"with ({b}): an unbatched sample? fastdfa.DFA takes batched inputs: "
                                      f"give it a batch dim with x.unsqueeze(0)")
         devices = {a.device for a in args if isinstance(a, torch.Tensor)}
-        snapshot = _Snapshot(self.model, devices)
+        snapshot = Snapshot(self.model, devices)
         try:
             out = forward(args, kwargs)
         except BaseException:

@@ -1,7 +1,8 @@
 """The output node: identity in forward, the whole DFA error routing in backward.
 
-``OutputNode.apply(router, plan, estimate, output, *site_inputs, *params)``
-returns ``output`` unchanged. Its backward receives the output error
+``OutputNode.apply(router, step, output, *site_inputs, *params)`` returns
+``output`` (the tensor at the error point, ``engine.error_point``) unchanged;
+``step`` holds the forward's fused plan and GrAPE estimate. Its backward receives the output error
 ``e = dLoss/dy_hat`` and hands it to ``router.backward``, which returns ``e``
 for the output and ``(e @ F_s^T)`` reshaped to the site for every site, all
 sites from ONE GEMM (docs/design.md section 2); with a kernel backend, also the
@@ -13,8 +14,7 @@ block's detached input.
 from __future__ import annotations
 
 import math
-
-import math
+import weakref
 
 import torch
 
@@ -50,9 +50,10 @@ class OutputNode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, router: "ErrorRouter", plan, estimate, output: torch.Tensor, *tensors: torch.Tensor):
+    def forward(ctx, router: "ErrorRouter", step, output: torch.Tensor, *tensors: torch.Tensor):
+        plan = step.plan
         n_sites = len(tensors) - (0 if plan is None else plan.n_params)
-        ctx.router, ctx.plan, ctx.estimate, ctx.n_tensors = router, plan, estimate, len(tensors)
+        ctx.router, ctx.step, ctx.n_tensors = router, step, len(tensors)
         batch_dims = router.batch_dims
         ctx.batch_shape = output.shape[:batch_dims]
         ctx.site_dtypes = [x.dtype for x in tensors[:n_sites]]
@@ -64,24 +65,29 @@ class OutputNode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        plan = ctx.plan
+        step = ctx.step
+        plan, estimate = step.plan, step.estimate
         if plan is not None:
             plan.put_tensors(ctx.saved_tensors)  # raises torch's error on a second backward without retain_graph
-        if ctx.estimate is not None:
+        if estimate is not None:
             # GrAPE steps the feedback after this backward's projection; a second backward through the
             # same graph (retain_graph=True) must project with the feedback this forward used, so keep it.
             ctx.feedback = ctx.router.store.flat.clone()
         try:
             result = ctx.router.backward(grad_output, ctx.batch_shape, ctx.site_dtypes, ctx.site_shapes, plan,
-                                         ctx.estimate, getattr(ctx, "feedback", None))
+                                         estimate, getattr(ctx, "feedback", None))
+        except BaseException:
+            for p, grad in step.before:  # the head's gradients of this backward: as they were before it
+                p.grad = grad
+            raise
         finally:
             if plan is not None:
                 plan.take_tensors()  # only autograd's saved copies keep them alive
-        ctx.estimate = None  # the alignment step belongs to the forward: once
+        step.estimate = None  # the alignment step belongs to the forward: once
         if result is None:  # non-finite error, skipped at the user's request
-            return (None, None, None, None) + (None,) * ctx.n_tensors
+            return (None, None, None) + (None,) * ctx.n_tensors
         output_grad, site_grads, param_grads = result
-        return (None, None, None, output_grad) + tuple(site_grads) + tuple(param_grads)
+        return (None, None, output_grad) + tuple(site_grads) + tuple(param_grads)
 
 
 class ErrorRouter:
@@ -98,19 +104,27 @@ class ErrorRouter:
         self.engine = engine
         self.store = engine.feedback  # the wrapper's FeedbackStore (it keeps it for life)
         self.on_estimate = on_estimate
-        self.batch_dims = engine.config.batch_dims
+        self.batch_dims = engine.dfa_config.batch_dims
         self.skipped_steps = 0
 
     def backward(self, error: torch.Tensor, batch_shape, site_dtypes, site_shapes, plan, estimate, feedback=None):
         result = self.route(error, batch_shape, site_dtypes, site_shapes, plan, feedback)
         if result is not None and estimate is not None:
-            self.on_estimate(estimate)
+            # After the whole backward, not now: one backward may cover several forwards (two losses summed),
+            # and each forward's projection must use the feedback as it was, not as another's alignment left it.
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self.on_estimate(estimate))
         return result
 
     def usable(self, error: torch.Tensor) -> bool:
-        """The NaN policy (every mode): True to go on with ``error``; False when the step is skipped
-        ("skip": every parameter's ``.grad`` is set to None, so ``optimizer.step()`` leaves the weights
-        alone, momentum included); raises ``NonFiniteErrorSignal`` for "raise"."""
+        """The NaN policy (every mode): True to go on with ``error``; False when the step is skipped;
+        raises ``NonFiniteErrorSignal`` for "raise".
+
+        "skip" skips the whole optimizer step, accumulated micro-batches included: every parameter's
+        ``.grad`` is set to None now, and every later backward until the next ``torch.optim`` step
+        adds nothing (``_SkippedWindow``), so ``optimizer.step()`` leaves the weights alone, momentum
+        included, however many micro-batches the step accumulates."""
+        if self in _SKIPPED:
+            return False  # a later micro-batch of a skipped step: it must not step the weights alone
         # The check reads the error on the host: a captured CUDA graph (fastdfa.CapturedStep) cannot, and
         # leaves NaN/inf to flow into the gradients as BP does.
         nonfinite = self.engine.nonfinite
@@ -121,9 +135,14 @@ class ErrorRouter:
                 "the output error dLoss/dy_hat holds NaN or inf; no gradient was accumulated. Check the "
                 "loss and learning rate, or pass nonfinite='skip' to fastdfa.DFA to skip such steps")
         self.skipped_steps += 1
+        _SKIPPED.add(self)
+        _watch_optimizer_steps()
+        self.clear_grads()
+        return False
+
+    def clear_grads(self) -> None:
         for p in self.engine.model.parameters():
             p.grad = None
-        return False
 
     def route(self, error: torch.Tensor, batch_shape, site_dtypes, site_shapes, plan, feedback=None):
         """The gradients of one backward; ``feedback``: the [R, n_out] to project with (None: the store's)."""
@@ -136,7 +155,7 @@ class ErrorRouter:
             return None
         kernels = engine.kernels
         if plan is not None:
-            config = engine.config
+            config = engine.dfa_config
             return fused.fused_backward(kernels, store, flat, engine.module_names, config.wgrad, config.streams,
                                         error, batch_shape, plan, site_dtypes, site_shapes)
         sites = store.sites
@@ -166,3 +185,32 @@ class ErrorGuard(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         return None, (grad_output if ctx.router.usable(grad_output) else None)
+
+
+# The routers whose current optimizer step is skipped (nonfinite="skip"): from the non-finite micro-batch
+# to the next torch.optim step of an optimizer holding their parameters. Weak: a dropped wrapper leaves.
+_SKIPPED: "weakref.WeakSet[ErrorRouter]" = weakref.WeakSet()
+_OPTIMIZER_HOOKS: list = []
+
+
+def _watch_optimizer_steps() -> None:
+    """Register (once per process) torch.optim's global step hooks that end a skipped step: before the
+    step, the skipped routers' parameters lose any gradient a later backward outside the wrapper gave
+    them; after it, the routers train again."""
+    if _OPTIMIZER_HOOKS:
+        return
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    def owners(optimizer):
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        return [r for r in list(_SKIPPED) if any(id(p) in held for p in r.engine.model.parameters())]
+
+    def before(optimizer, args, kwargs):
+        for router in owners(optimizer):
+            router.clear_grads()
+
+    def after(optimizer, args, kwargs):
+        for router in owners(optimizer):
+            _SKIPPED.discard(router)
+
+    _OPTIMIZER_HOOKS.extend([register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after)])

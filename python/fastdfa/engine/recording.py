@@ -52,6 +52,7 @@ class Recorder:
         self.candidates = set(candidates)
         self.fusable = fusable
         self.user_sites = set(user_sites)
+        self.site_modules = list(user_sites)  # the modules named in sites=, in the order given
         self.batch_dims = batch_dims
         self.expected: tuple[nn.Module, ...] | None = None  # once built: the order every forward follows
         self.site_checks: list[tuple[tuple[int, ...], int | None]] = []  # per site: (shape, feature axis)
@@ -60,14 +61,17 @@ class Recorder:
         # Site modules the last training forward ran inside a torch.utils.checkpoint segment, with the
         # interceptor that recomputes them as that forward ran them (cleared by every wrapper forward).
         self.pending: dict[nn.Module, object] = {}
-        self._ref = weakref.ref(self)
+        self.head_layers: set = set()  # fastdfa layers inside head=: BP in every mode
+        self.guard_error = None  # tensor -> tensor: the NaN policy at the error point in mode "fa" (the wrapper's)
 
     def checkpointed(self, module: nn.Module, replay) -> None:
         """``module`` ran inside a (non-reentrant) torch.utils.checkpoint segment of a training forward:
         torch will recompute it in the backward with no interceptor set, and the recomputation must save
         the tensors the forward saved (the input detached at the graph cut), so it runs ``replay``."""
         self.pending[module] = replay
-        RECOMPUTE_FORWARD[module] = self._ref
+        # A weak reference made here, not kept on self: the recorder pickles and deep-copies (a copied
+        # wrapper registers its own recorder for its own modules when it runs).
+        RECOMPUTE_FORWARD[module] = weakref.ref(self)
 
     def forget(self, module: nn.Module) -> None:
         """``module`` ran plainly inside a checkpointed segment (no wrapper forward): recompute it plainly."""
@@ -153,6 +157,8 @@ class FAForward:
     def layer_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if layer not in self.recorder.known:
             self.recorder.unknown_layer(layer)
+        if layer in self.recorder.head_layers:  # head=: BP in every mode
+            return layer.plain_forward(x)
         if not torch.is_grad_enabled():  # this interceptor only runs training forwards
             raise RuntimeError(NO_GRAD_INSIDE.format(self.recorder.names[layer]))
         if in_checkpoint_forward():
@@ -161,6 +167,9 @@ class FAForward:
 
     def replay(self) -> "FAForward":
         return self  # records nothing: the recomputation of a checkpointed segment runs it as it is
+
+    def at_error_point(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.recorder.guard_error(tensor)
 
     @staticmethod
     def site_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -171,9 +180,10 @@ class Recording:
     """The interceptor of one training forward: what it saw, and the graph cut."""
 
     __slots__ = ("recorder", "store", "flat", "kernels", "plan", "count", "order", "shapes", "inputs", "unfused",
-                 "grad")
+                 "grad", "finish", "done", "first_input", "step")
 
-    def __init__(self, recorder: Recorder, store, kernels=None, plan: "fused.FusedPlan | None" = None):
+    def __init__(self, recorder: Recorder, store, kernels=None, plan: "fused.FusedPlan | None" = None,
+                 finish=None):
         self.recorder = recorder
         self.store = store
         self.flat = store.flat                 # read once per forward (a buffer: nn.Module's slow lookup)
@@ -185,15 +195,20 @@ class Recording:
         self.inputs: list[torch.Tensor] = []   # every site's original input, in order
         self.unfused: dict = {}                # layer -> why it ran outside the fused route
         self.grad = torch.is_grad_enabled()    # a training forward (False: the build's no-grad forward)
+        self.finish = finish                   # (recording, tensor) -> tensor: the wrapper's output node
+        self.done = False                      # the error point has run: what follows trains by BP
+        self.first_input = None                # before the build: the first module's input (the data)
+        self.step = StepState(plan)            # what the output node's backward reads of this forward
 
     def layer_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The LAYER_FORWARD handler: a fastdfa layer's forward inside the recorded model."""
         recorder = self.recorder
-        if layer not in recorder.candidates:
+        if layer not in recorder.candidates or self.done:
             if layer not in recorder.known:
                 recorder.unknown_layer(layer)
             if self.plan is not None:
-                self.unfused[layer] = "inside a module named in sites=: BP runs inside it"
+                self.unfused[layer] = ("runs after the error point (head=, error_at=): trained by BP" if self.done
+                                       else "inside a module named in sites=: BP runs inside it")
             return layer.plain_forward(x)
         x = self.site_input(layer, x)
         plan = self.plan
@@ -201,12 +216,15 @@ class Recording:
             if layer in recorder.fusable and not x.requires_grad:
                 return fused.fused_layer_forward(plan, self.kernels, layer, x)
             self.unfused[layer] = ("named in sites=: BP runs inside it" if layer in recorder.user_sites else
+                                   fused.NOT_FUSABLE if not isinstance(layer, fused.FUSABLE) else
                                    "its input requires a gradient (a data input that needs its own "
                                    "gradient keeps the autograd route)")
         return layer.plain_forward(x)
 
     def site_input(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Check and record a site module's input; what the module computes on (``x.detach()``)."""
+        if self.done:  # after the error point (a module named in sites= inside head=): BP, as the head
+            return x
         recorder = self.recorder
         position = self.count
         self.count = position + 1
@@ -214,7 +232,9 @@ class Recording:
             if not torch.is_grad_enabled():
                 raise RuntimeError(NO_GRAD_INSIDE.format(recorder.names[module]))
             if in_checkpoint_forward():
-                recorder.checkpointed(module, self.replay())
+                # the first module's input is not detached: the recomputation must know it is the first,
+                # on the very first forward too (before the order is learned: CheckpointError otherwise)
+                recorder.checkpointed(module, self.replay(module if position == 0 else None))
         expected = recorder.expected
         if expected is None:
             return self._learn(module, x, position)
@@ -223,6 +243,7 @@ class Recording:
             raise RuntimeError(f"DFA sites ran in a different order than when the feedback was built: "
                                f"position {position} is {recorder.names[module]!r}, expected {want!r}")
         if position == 0:  # the first module executed: its input is the data, not a site
+            self.first_input = x
             return x
         shape, axis = recorder.site_checks[position - 1]
         flat = self.flat
@@ -241,13 +262,21 @@ class Recording:
                                "must run once per forward (weight sharing is not supported in mode 'dfa')")
         self.order.append(module)
         if position == 0:
+            self.first_input = x
             return x
         batch_dims = self.recorder.batch_dims
         if x.dim() < batch_dims:
             raise ValueError(f"site input of {names[module]!r} has shape {tuple(x.shape)}: "
                              f"fewer than batch_dims={batch_dims} dims")
+        shape = tuple(x.shape[batch_dims:])
+        if 0 in shape:
+            raise ValueError(f"site input of {names[module]!r} has per-sample shape {shape} on the forward that "
+                             "builds the feedback: an empty sequence or image. The feedback is sized from this "
+                             "forward's shapes: build it from a non-empty input (example_input= or a first batch "
+                             "with at least one token); with feedback_layout='per-feature' later forwards may be "
+                             "empty")
         self.inputs.append(x)
-        self.shapes.append(tuple(x.shape[batch_dims:]))
+        self.shapes.append(shape)
         return x.detach()
 
     def _refuse(self, position: int, x: torch.Tensor, shape: tuple[int, ...], axis: int | None,
@@ -277,10 +306,23 @@ class Recording:
             raise TypeError(f"site {name!r}: input dtype {x.dtype} differs from the feedback dtype "
                             f"{flat.dtype}; convert the wrapper, not only the model: dfa.to({x.dtype})")
 
-    def replay(self) -> "Replay":
-        """The interceptor that recomputes a checkpointed segment of this forward (``fastdfa.checkpoint``)."""
-        first = self.recorder.expected[0] if self.recorder.expected else (self.order[0] if self.order else None)
-        return Replay(self.recorder, first, self.kernels if self.plan is not None else None)
+    def at_error_point(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The error point ran (``engine.error_point``): the output node goes on ``tensor``; every module
+        that runs after it in this forward trains by BP."""
+        if self.done:
+            raise RuntimeError("the error point ran twice in one forward (its module is called twice): take the "
+                               "error at a module that runs once per forward")
+        self.done = True
+        return self.finish(self, tensor)
+
+    def replay(self, first: nn.Module | None = None) -> "Replay":
+        """The interceptor that recomputes a checkpointed segment of this forward (``fastdfa.checkpoint``);
+        ``first``: the first module executed, when it is the one being checkpointed now."""
+        if first is None and self.recorder.expected:
+            first = self.recorder.expected[0]
+        # Before the build the first module may not have run yet (fastdfa.checkpoint is entered before the
+        # modules in it): the replay reads it from this forward's order (modules only) when it recomputes.
+        return Replay(self.recorder, first, self.kernels if self.plan is not None else None, self.order)
 
     def check_output(self, output, batch_dims: int) -> int:
         """The output's features per batch element, after checking it is one tensor with the batch dims
@@ -288,8 +330,9 @@ class Recording:
         if self.recorder.expected is None and self.order:
             self.check_sites_ran()
         if not isinstance(output, torch.Tensor):
-            raise TypeError(f"fastdfa.DFA needs the model to return one tensor, got {type(output).__name__}; "
-                            "wrap the model so its forward returns the tensor the loss is computed on")
+            raise TypeError(f"the model returned a {type(output).__name__}, but it returned one tensor when this "
+                            "wrapper found where to take the error (its output); a model whose return type "
+                            "changes needs the error point named: fastdfa.DFA(model, error_at='module name')")
         if output.dim() < batch_dims:
             raise ValueError(f"the model output of shape {tuple(output.shape)} has fewer than batch_dims="
                              f"{batch_dims} dims")
@@ -299,6 +342,8 @@ class Recording:
                              f"output each. Pass batch_dims=1 for a per-sample output, or shape a per-token "
                              f"scalar output as [..., 1]")
         batch = output.shape[:batch_dims]
+        if batch_dims > 1 and len(set(batch)) < batch_dims:
+            self._refuse_permuted_batch_axes(batch, batch_dims)
         for x in self.inputs:
             if x.shape[:batch_dims] != batch:
                 raise ValueError(f"the model output of shape {tuple(output.shape)} and a site input of shape "
@@ -309,6 +354,21 @@ class Recording:
         for size in output.shape[batch_dims:]:
             n_out *= size
         return n_out
+
+    def _refuse_permuted_batch_axes(self, batch, batch_dims: int) -> None:
+        """The batch dims have equal sizes ([8, 8, ...]), so the shape check cannot tell a site's [batch,
+        tokens] from [tokens, batch]. A site that is a permuted view of its leading dims (strides out of
+        order: ``h.transpose(0, 1)``) would be read with its axes swapped: refuse it."""
+        for x in self.inputs:
+            lead = [(st, size) for st, size in zip(x.stride()[:batch_dims], x.shape[:batch_dims]) if size > 1]
+            if any(a[0] < b[0] for a, b in zip(lead, lead[1:])):
+                raise ValueError(
+                    f"a site input of shape {tuple(x.shape)} is a permuted view of its first batch_dims="
+                    f"{batch_dims} dims (strides {tuple(x.stride()[:batch_dims])}), and the error tensor's batch "
+                    f"dims {tuple(batch)} have equal sizes, so whether its axes are (batch, tokens) or (tokens, "
+                    "batch) cannot be checked: fastdfa would read them in the error's order. Give every site "
+                    "the error's leading-axis order (transpose back before the site module), or use "
+                    "batch_dims=1")
 
     def check_sites_ran(self) -> None:
         """Before the build: every module named in ``sites=`` ran in this forward (a site module swapped
@@ -340,15 +400,54 @@ class Recording:
 
 
 
+class StepState:
+    """What the output node's backward needs of one training forward besides the tensors: the fused plan
+    and GrAPE's estimate (set after the forward, when the dual pass has run); ``rows``: the batch rows
+    of the error tensor; ``refusal``: why the kernel backend's fused route was not taken."""
+
+    __slots__ = ("plan", "estimate", "rows", "refusal", "before")
+
+    def __init__(self, plan=None, estimate=None):
+        self.plan, self.estimate, self.rows, self.refusal = plan, estimate, 0, None
+        # head=: the head's parameters and their .grad before this step's backward (None, or a copy when
+        # accumulating): autograd accumulates the head's gradients BEFORE the output node's backward runs,
+        # so a backward the node refuses (a NaN error under "raise") puts them back as they were
+        self.before: list = []
+
+
+class GuardOnly:
+    """The interceptor of a mode "bp" training forward of a model whose error point is inside it: nothing
+    is intercepted but the error point, where the NaN policy goes (``Recorder.guard_error``)."""
+
+    __slots__ = ("recorder",)
+
+    def __init__(self, recorder: Recorder):
+        self.recorder = recorder
+
+    @staticmethod
+    def site_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def at_error_point(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.recorder.guard_error(tensor)
+
+
 class Replay:
     """Recomputes a checkpointed segment in the backward exactly as the training forward ran it: the
     same inputs detached (every site module's but the first module's), the same fused forward on a
     kernel backend, and nothing recorded (the output node already holds what it needs)."""
 
-    __slots__ = ("recorder", "first", "kernels")
+    __slots__ = ("recorder", "_first", "kernels", "order")
 
-    def __init__(self, recorder: Recorder, first: nn.Module | None, kernels):
-        self.recorder, self.first, self.kernels = recorder, first, kernels
+    def __init__(self, recorder: Recorder, first: nn.Module | None, kernels, order: list | None = None):
+        self.recorder, self._first, self.kernels, self.order = recorder, first, kernels, order
+
+    @property
+    def first(self) -> nn.Module | None:
+        """The first module executed (its input is the data: not detached)."""
+        if self._first is None and self.order:
+            self._first = self.order[0]
+        return self._first
 
     def site_input(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x if module is self.first else x.detach()

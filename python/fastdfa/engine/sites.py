@@ -9,21 +9,30 @@ error is projected to every site by ONE GEMM (``fastdfa.ops.dfa_project``).
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
 from torch import nn
 
 from ..feedback import feedback_matrix, seeded_generator
+from ..layers import init_feedback_weight
 from ..ops.dfa_project import ProjectSite
 
 
-def feature_axis(site_shape: tuple[int, ...], per_feature: bool) -> int | None:
+# 2**28 numbers: 1 GiB of float32 feedback. Past it the layout is almost surely a mistake (a per-sequence
+# error of tokens x vocabulary columns), which would otherwise fail as an out-of-memory error or a minutes-long
+# random fill; the message says which option fits.
+MAX_FEEDBACK_ELEMENTS = 2 ** 28
+
+
+def feature_axis(site_shape: tuple[int, ...], per_feature: bool, channels_first: bool = False) -> int | None:
     """The per-sample axis that per-feature feedback keeps (None: dense): the channel axis of a
-    [C, H, W] site (a conv input), the last axis of any other; a [features] site is dense either way."""
+    convolution's input (``channels_first``: [C, L], [C, H, W]) and of any [C, H, W] site, the last axis
+    of any other; a [features] site is dense either way."""
     if not per_feature or len(site_shape) < 2:
         return None
-    return 0 if len(site_shape) == 3 else len(site_shape) - 1
+    return 0 if channels_first or len(site_shape) == 3 else len(site_shape) - 1
 
 
 class Site:
@@ -84,6 +93,7 @@ class FeedbackStore(nn.Module):
         super().__init__()
         self.register_buffer("flat", None, persistent=False)
         self.fa_layers: list[nn.Module] = []  # plain list: not submodules, the model owns them
+        self.unseeded: set[int] = set()  # FA layers whose feedback_weight was on the meta device when seeded
         self.sites: list[Site] | None = None
         self.layout: list[tuple[int, int, tuple[int, ...], bool]] = []
         self.project_sites: list[ProjectSite] = []  # the projection's sites (no g' epilogue)
@@ -100,6 +110,32 @@ class FeedbackStore(nn.Module):
         # site's feedback is the same whichever process holds it. Site indices and state_dict keys stay local.
         self.seed_offset = 0
 
+    def seed_fa_feedback(self, seed: int) -> None:
+        """Seed every FA layer's ``feedback_weight`` (layer ``i`` from ``(seed, "fa", i)``) as a normal
+        tensor: one made under ``torch.inference_mode()`` (a model converted there) is replaced, since FA's
+        backward must save it. A layer still on the meta device is left in ``unseeded`` and seeded by the
+        first forward after the model is materialised (``to_empty``): its values were never initialised."""
+        self.unseeded = set()
+        with torch.inference_mode(False):
+            for i, layer in enumerate(self.fa_layers):
+                buf = layer.feedback_weight
+                if buf.is_inference():
+                    layer._buffers["feedback_weight"] = torch.empty_like(buf)
+                if layer.feedback_weight.is_meta:
+                    self.unseeded.add(i)
+                else:
+                    init_feedback_weight(layer, seed, i)
+
+    def seed_materialised(self, seed: int) -> None:
+        """Seed the FA feedback of the layers that were on the meta device and no longer are (called by
+        each wrapper forward while any is left)."""
+        with torch.inference_mode(False):
+            for i in sorted(self.unseeded):
+                layer = self.fa_layers[i]
+                if not layer.feedback_weight.is_meta:
+                    init_feedback_weight(layer, seed, i)
+                    self.unseeded.discard(i)
+
     @property
     def site_names(self) -> list[str] | None:
         return None if self.sites is None else [s.name for s in self.sites]
@@ -108,10 +144,24 @@ class FeedbackStore(nn.Module):
               seed: int, kind: str, scale: float, per_feature: bool, dtype: torch.dtype,
               device: torch.device) -> None:
         """Create one site per module (its per-sample input shape in ``shapes``), seeded per site index
-        (``seed_offset + i`` for site ``i``)."""
+        (``seed_offset + i`` for site ``i``). Outside inference mode whatever mode the first forward ran in
+        (Lightning's sanity check runs under ``torch.inference_mode()``): an inference tensor could never
+        be stepped by GrAPE, loaded into or matched afterwards."""
+        with torch.inference_mode(False):
+            self._build(modules, shapes, names, n_out, seed, kind, scale, per_feature, dtype, device)
+
+    def _build(self, modules, shapes, names, n_out, seed, kind, scale, per_feature, dtype, device) -> None:
+        axes = [feature_axis(s, per_feature, isinstance(m, nn.modules.conv._ConvNd)) for m, s in zip(modules, shapes)]
+        rows_total = sum(math.prod(s) if a is None else s[a] for s, a in zip(shapes, axes))
+        if rows_total * n_out > MAX_FEEDBACK_ELEMENTS:
+            raise ValueError(
+                f"the feedback would hold {rows_total} x {n_out} = {rows_total * n_out:,} numbers (over "
+                f"{MAX_FEEDBACK_ELEMENTS:,}): the error is {n_out} wide per batch row and the sites {rows_total} "
+                "rows. For a [batch, tokens, ...] model pass batch_dims=2 (the error per token, not per sequence); "
+                "with a large vocabulary take the error at the LM head's input (head='lm_head'); "
+                "feedback_layout='per-feature' shares one row per feature over tokens and space")
         sites, offset, blocks = [], 0, []
-        for i, (module, site_shape) in enumerate(zip(modules, shapes)):
-            axis = feature_axis(site_shape, per_feature)
+        for i, (module, site_shape, axis) in enumerate(zip(modules, shapes, axes)):
             rows = math.prod(site_shape) if axis is None else site_shape[axis]
             site = Site(self, i, names[module], module, site_shape, axis, offset, rows)
             pending = self.pending.get(str(i))
@@ -119,7 +169,7 @@ class FeedbackStore(nn.Module):
                 if tuple(pending.shape) != (rows, n_out):
                     raise ValueError(f"loaded feedback {i} has shape {tuple(pending.shape)}, but site "
                                      f"{site.name!r} needs {(rows, n_out)}")
-                blocks.append(pending.to(dtype=dtype, device=device))
+                blocks.append(pending.to(dtype=dtype, device=device).clone())
             else:
                 gen = seeded_generator(seed, "site", self.seed_offset + i)
                 # fan: the site's elements per sample at the build, per-feature sites included, so that the
@@ -148,35 +198,46 @@ class FeedbackStore(nn.Module):
         for i, layer in enumerate(self.fa_layers):
             value = layer.feedback_weight
             destination[prefix + f"fa.{i}"] = value if keep_vars else value.detach()
-        if self.sites is not None:
-            extra = {"sites": self.site_names}
+        if self.sites is not None:  # tensors only: safetensors (save_pretrained, Trainer) takes nothing else
+            destination[prefix + SITE_NAMES] = encode_names(self.site_names)
             if self.perturbations is not None:
-                extra["grape"] = self.perturbations.state_dict()
-            destination[prefix + "_extra_state"] = extra
+                state = self.perturbations.state_dict()
+                destination[prefix + GRAPE_SEED] = torch.tensor(state["seed"], dtype=torch.int64)
+                for device, value in state["states"].items():
+                    destination[prefix + GRAPE_STATE + device] = value
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
         mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        extra = mine.pop("_extra_state", None)
-        if extra is not None and self.perturbations is not None and "grape" in extra:
-            self.perturbations.load_state_dict(extra["grape"])
+        names, grape = own_metadata(mine)
+        if grape is not None and self.perturbations is not None:
+            self.perturbations.load_state_dict(grape)
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
         for i, layer in enumerate(self.fa_layers):
-            _copy_into(layer.feedback_weight, mine.pop(f"fa.{i}", None), f"{prefix}fa.{i}", "the FA feedback",
+            value = mine.pop(f"fa.{i}", None)
+            if value is not None and (assign or layer.feedback_weight.is_meta) and \
+                    value.shape == layer.feedback_weight.shape:
+                # load_state_dict(assign=True), or onto a meta model: take the tensor (a copy into meta is lost)
+                layer._buffers["feedback_weight"] = value.detach().clone()
+                self.unseeded.discard(i)
+                continue
+            _copy_into(layer.feedback_weight, value, f"{prefix}fa.{i}", "the FA feedback",
                        strict, missing_keys, error_msgs)
+            if value is not None:
+                self.unseeded.discard(i)
         site_values = {k: v for k, v in mine.items() if k.isdigit()}
         for k in mine:
             if not k.isdigit() and strict:
                 unexpected_keys.append(prefix + k)
         sites = self.sites
-        if extra is not None and sites is not None and list(extra["sites"]) != self.site_names:
-            error_msgs.append(f"{prefix}: checkpoint sites {extra['sites']} differ from this model's "
-                              f"sites {self.site_names}")
+        if names is not None and sites is not None and names != self.site_names:
+            error_msgs.append(f"{prefix}: checkpoint sites {names} differ from this model's sites {self.site_names}")
             return
         if self.flat is None or not sites:
             # Not built yet: keep the values; the build uses them (shape-checked).
             self.pending = {k: v.detach().clone() for k, v in site_values.items()}
-            if extra is not None:
-                self.pending_names = list(extra["sites"])
+            if names is not None:
+                self.pending_names = names
             return
         for site in sites:
             _copy_into(site.feedback, site_values.get(str(site.index)), f"{prefix}{site.index}",
@@ -184,6 +245,31 @@ class FeedbackStore(nn.Module):
         for k in site_values:
             if int(k) >= len(sites) and strict:
                 unexpected_keys.append(prefix + k)
+
+
+SITE_NAMES = "site_names"       # the sites' names, as UTF-8 JSON bytes in a uint8 tensor
+GRAPE_SEED = "grape.seed"       # GrAPE's perturbation stream: its seed (int64) ...
+GRAPE_STATE = "grape.state."    # ... and each device's generator state (uint8), keyed by device
+
+
+def encode_names(names: list[str]) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(names).encode()), dtype=torch.uint8)
+
+
+def decode_names(value: torch.Tensor) -> list[str]:
+    return json.loads(bytes(value.to(torch.uint8).tolist()).decode())
+
+
+def own_metadata(mine: dict) -> tuple[list[str] | None, dict | None]:
+    """Pop the store's metadata from ``mine`` (its state_dict entries without the prefix): the site names
+    and GrAPE's stream state, from the tensor keys or from an older checkpoint's ``_extra_state`` dict."""
+    extra = mine.pop("_extra_state", None)  # fastdfa <= 0.1's checkpoints: one dict
+    names = mine.pop(SITE_NAMES, None)
+    names = decode_names(names) if names is not None else (list(extra["sites"]) if extra else None)
+    seed = mine.pop(GRAPE_SEED, None)
+    states = {k[len(GRAPE_STATE):]: mine.pop(k) for k in [k for k in mine if k.startswith(GRAPE_STATE)]}
+    grape = {"seed": int(seed), "states": states} if seed is not None else (extra or {}).get("grape")
+    return names, grape
 
 
 def _copy_into(target: torch.Tensor, value, key: str, what: str, strict: bool, missing_keys, error_msgs) -> None:
@@ -198,7 +284,10 @@ def _copy_into(target: torch.Tensor, value, key: str, what: str, strict: bool, m
             target.copy_(value)
 
 
-OPTIONAL_KEYS = ("feedback._extra_state",)
+def _optional(key: str) -> bool:
+    """Keys a checkpoint may lack or hold beyond this wrapper's: the feedback store's metadata (GrAPE's
+    per-device streams differ with the devices a run used; older checkpoints carry ``_extra_state``)."""
+    return key.startswith(("feedback.grape.", "feedback._extra_state")) or key == "feedback." + SITE_NAMES
 
 
 def check_state_dict(expected: dict, given, strict: bool, built: bool) -> list[str]:
@@ -208,8 +297,10 @@ def check_state_dict(expected: dict, given, strict: bool, built: bool) -> list[s
     problems = []
     for key, value in expected.items():
         if key not in given:
-            if strict and key not in OPTIONAL_KEYS:
+            if strict and not _optional(key):
                 problems.append(f'Missing key "{key}"')
+            continue
+        if _optional(key):
             continue
         other = given[key]
         if isinstance(value, torch.Tensor):
@@ -218,14 +309,14 @@ def check_state_dict(expected: dict, given, strict: bool, built: bool) -> list[s
             elif tuple(other.shape) != tuple(value.shape):
                 problems.append(f"size mismatch for {key}: copying a tensor of shape {tuple(other.shape)} "
                                 f"from the checkpoint, the shape in this model is {tuple(value.shape)}")
-    extra = given.get("feedback._extra_state")
-    if built and isinstance(extra, dict) and "sites" in extra:
-        mine = expected.get("feedback._extra_state", {}).get("sites")
-        if mine is not None and list(extra["sites"]) != list(mine):
-            problems.append(f"the checkpoint's sites {list(extra['sites'])} differ from this model's sites {mine}")
+    if built:
+        theirs, _ = own_metadata({k[len("feedback."):]: v for k, v in given.items() if k.startswith("feedback.")})
+        mine, _ = own_metadata({k[len("feedback."):]: v for k, v in expected.items() if k.startswith("feedback.")})
+        if theirs is not None and mine is not None and theirs != mine:
+            problems.append(f"the checkpoint's sites {theirs} differ from this model's sites {mine}")
     if strict:
         for key in given:
-            pending = not built and key.startswith("feedback.") and (key[9:].isdigit() or key in OPTIONAL_KEYS)
-            if key not in expected and not pending and key not in OPTIONAL_KEYS:
+            pending = not built and key.startswith("feedback.") and key[9:].isdigit()
+            if key not in expected and not pending and not _optional(key):
                 problems.append(f'Unexpected key "{key}"')
     return problems
