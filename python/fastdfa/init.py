@@ -15,10 +15,20 @@ reconstruction error ``||F_l F_{l-1}^T - W_l||_F / ||W_l||_F`` before weight
 matching and the rank used. Convolutions are not matched: a conv weight
 ``(C_out, C_in, k, k)`` is not a product of two dense site feedbacks
 ``(C_out H W, n_out)``, ``(C_in H' W', n_out)``. The chain is matched from the
-output down to the first layer that is not a fastdfa.Linear with dense
-sites matching its weight (for a CNN: the linear head, whose first layer's
-input site is the flattened conv output, gets matched; the convs keep their
-weights and feedback).
+output down to the first layer that is not a dense fastdfa layer
+(``fastdfa.Linear``, or ``fastdfa.Conv1D`` with ``W`` its transposed weight)
+with dense sites matching its weight (for a CNN: the linear head, whose first
+layer's input site is the flattened conv output, gets matched; the convs keep
+their weights and feedback).
+
+The rule rests on the chain: ``F_l e`` is DFA's error at layer ``l``'s output
+only if the site holding ``h_l`` is the one thing computed from it (through
+elementwise ops, whose Jacobian the rule drops with ``g'``). The execution
+order is not proof of that (q, k and v projections of equal width chain by
+shape), so both FWM's plain form and ``soft_align`` in mode "dfa" check the
+data flow first (``fastdfa.metrics.check_chain``) and refuse, naming the first
+link that breaks, before anything is changed: a decoder LM, a residual MLP,
+parallel branches, a LayerNorm between two layers.
 
 A converted transformer encoder (BERT's layout) gets FWM's encoder form instead
 (``fastdfa.matching``): the chain runs along the residual stream through each
@@ -38,30 +48,74 @@ import torch
 
 from .dfa import DFA
 from .feedback import seeded_generator
-from .layers import Linear
 from .matching import (ATTENTION_FEEDBACK, FWM_METHODS, LayerMatch, encoder_blocks, encoder_layout,
                        encoder_weight_alignment, match_encoder)
 from .matching import solve_feedback as _solve
-from .metrics import _cos, chain, weight_alignment
+from .metrics import _cos, chain, check_chain, dense_matrix, describe, is_dense, weight_alignment
 
 __all__ = ["FWM_METHODS", "ATTENTION_FEEDBACK", "LayerMatch", "feedback_weight_matching", "soft_align",
            "encoder_blocks", "encoder_layout", "encoder_weight_alignment"]
 
 
+def _unmatchable(link) -> str | None:
+    """Why FWM's plain form stops below ``link``'s layer (None: it can match it): W_l := F_l F_(l-1)^T needs a
+    dense layer whose input site is dense, one row per input feature."""
+    lay = link.layer
+    if not is_dense(lay):
+        return f"{link.name!r} is a {describe(lay)}, not a dense layer (fastdfa.Linear / fastdfa.Conv1D)"
+    if link.f_in.channelwise:
+        return (f"the input site of {link.name!r} has per-feature feedback ({link.f_in.rows} rows broadcast over "
+                "its other axes); the plain chain needs dense sites")
+    if link.f_in.rows != lay.in_features:
+        return (f"the input site of {link.name!r} ({describe(lay)}) has {link.f_in.rows} feedback rows for "
+                f"{lay.in_features} input features")
+    return None
+
+
+def _check_output_layer(links) -> None:
+    """The plain form's output layer: dense, its input site dense of its input width (F_(L-1) = W_L^T)."""
+    last = links[-1]
+    what = f"{last.name!r} ({describe(last.layer)})"
+    if len(links) < 2:
+        raise ValueError(f"feedback-weight matching needs at least two layers; the model runs one fastdfa layer, "
+                         f"{what}")
+    if not is_dense(last.layer):
+        raise ValueError("feedback-weight matching needs the output layer to be a dense fastdfa layer "
+                         f"(fastdfa.Linear / fastdfa.Conv1D, F_(L-1) = W_L^T); the output layer {what} is not")
+    site = last.f_in
+    if site.channelwise or site.rows != last.layer.in_features:
+        raise ValueError(f"feedback-weight matching needs the output layer's input site to have dense feedback "
+                         f"of its input width; the site at the input of the output layer {what} has "
+                         f"{'per-feature' if site.channelwise else 'dense'} feedback of {site.rows} rows for "
+                         f"{last.layer.in_features} input features")
+
+
 @torch.no_grad()
 def feedback_weight_matching(dfa: DFA, method: str = "lstsq", rank: int | None = None, *,
-                             attention_feedback: str = "value", match_weights: bool = True) -> list[LayerMatch]:
+                             attention_feedback: str = "value", match_weights: bool = True,
+                             example_input=None) -> list[LayerMatch]:
     """FWM on the wrapped model, in place (see the module docstring); one report per layer.
 
     Run it on the BP-pretrained weights, then train in mode "dfa" (with
     weight decay, as the paper does). Needs the feedback built (one forward,
-    or ``example_input=``). Nothing is changed when it raises.
+    or ``example_input=`` to ``fastdfa.DFA``). Nothing is changed when it raises.
+
+    **The chain it assumes.** The plain form matches the top of the execution order, from the output
+    layer down to the first layer that is not a dense fastdfa layer with a dense input site of its width, and
+    ``W_l := F_l F_(l-1)^T`` is right only if those layers form a chain: each one's input computed from the
+    previous one's output alone, through elementwise ops (``fastdfa.metrics.check_chain``; a residual add,
+    attention, parallel q/k/v or gate/up branches and LayerNorm break it). It refuses, naming the first
+    link that breaks, before anything is changed. ``example_input`` (a small batch the model takes, a
+    tensor or a tuple of positional arguments) lets one forward show the data flow; without it only an
+    ``nn.Sequential`` proves it from its modules, and any other model raises asking for it.
 
     A model holding transformer encoder blocks in BERT's layout (``fastdfa.matching.encoder_blocks``:
     a converted Hugging Face BERT) gets the encoder form instead of the plain chain: the head and each
     block's attention output, FFN up and FFN down projections are matched along the residual stream,
     Q/K/V keep their weights, and ``attention_feedback`` ("value", the default, "keep" or "zero") sets
     the feedback at their input (``fastdfa.matching``; docs/design.md, "FWM on a transformer encoder").
+    Its data flow is checked too (``fastdfa.matching.check_encoder_flow``): with ``example_input``
+    against one forward; without it, the blocks must be transformers' own encoder classes.
 
     ``match_weights=False`` stops after feedback matching: the feedback is set as above and every weight
     is kept (its WA is then ``sqrt(1 - reconstruction_error**2)``, not 1).
@@ -77,26 +131,42 @@ def feedback_weight_matching(dfa: DFA, method: str = "lstsq", rank: int | None =
     links = chain(dfa)
     layout = encoder_layout(dfa)
     if layout is not None:
-        return match_encoder(dfa, layout, method, rank, attention_feedback, match_weights)
+        return match_encoder(dfa, layout, method, rank, attention_feedback, match_weights,
+                             example_input=example_input)
+    _check_output_layer(links)
     last = links[-1]
-    if (len(links) < 2 or not isinstance(last.layer, Linear) or last.f_in is None or last.f_in.channelwise
-            or last.f_in.rows != last.layer.in_features):
-        raise ValueError("feedback-weight matching needs the output layer to be a fastdfa.Linear whose input "
-                         f"site has dense feedback of its input width; the last layer here is {last.name!r} "
-                         f"({type(last.layer).__name__})")
     n_out = last.layer.out_features
+
+    # The matched chain: layers lowest .. L-1 (the first layer's input is the data: it is never matched). It
+    # stops at the first layer below the output that is not dense with a dense input site (a CNN's convs);
+    # a width that does not chain is no reason to stop: it is a sign that the order is no chain (q -> k -> v),
+    # which check_chain names.
+    lowest, stop = len(links) - 1, None   # stop: (index, why) of the layer the chain stops at
+    for i in range(len(links) - 2, 0, -1):
+        why = _unmatchable(links[i])
+        if why is not None:
+            stop = (i, why)
+            break
+        lowest = i
+    # Every matched layer's output must feed the next site alone (its output feedback is that site's F), and
+    # the output must be the last layer's. A dense first layer belongs to the chain the user sees, so a
+    # break between it and layer 1 is named too, though matching layer 1 does not rest on it.
+    first = 0 if lowest == 1 and is_dense(links[0].layer) else lowest
+    check_chain(dfa, first, example_input, who="feedback-weight matching")
+    for link in links[lowest:-1]:  # a chain, and yet the widths differ: a broadcast or a reshape between
+        if link.f_out.channelwise or link.f_out.rows != link.layer.out_features:
+            raise ValueError(f"feedback-weight matching: the site above {link.name!r} ({describe(link.layer)}), "
+                             f"{link.f_out.name!r}, has {'per-feature' if link.f_out.channelwise else 'dense'} "
+                             f"feedback of {link.f_out.rows} rows for its {link.layer.out_features} output features: "
+                             "W_l := F_l F_(l-1)^T needs one row per output feature. Nothing was changed.")
     wa_before = weight_alignment(dfa)
 
     # Feedback matching, computed first (in float64) and written only once all of it succeeded.
-    new_feedback = {id(last.f_in): last.layer.weight.double().t().clone()}
+    new_feedback = {id(last.f_in): dense_matrix(last.layer).double().t().clone()}
     solved = []  # (link, X = F_{l-1}^T, relative error, rank)
     f_above = new_feedback[id(last.f_in)]
-    for link in reversed(links[1:-1]):
-        lay = link.layer
-        if not (isinstance(lay, Linear) and link.f_in is not None and not link.f_in.channelwise
-                and link.f_in.rows == lay.in_features and link.f_out.rows == lay.out_features):
-            break
-        w = lay.weight.double().cpu()
+    for link in reversed(links[lowest:-1]):
+        w = dense_matrix(link.layer).double().cpu()
         x, r = _solve(f_above, w, method, rank)
         err = float((f_above.cpu() @ x - w).norm() / w.norm().clamp_min(1e-300))
         new_feedback[id(link.f_in)] = x.t()
@@ -108,11 +178,11 @@ def feedback_weight_matching(dfa: DFA, method: str = "lstsq", rank: int | None =
             link.f_in.feedback.copy_(new_feedback[id(link.f_in)])
     for link, x, _, _ in solved if match_weights else ():  # weight matching: W_l := F_l F_{l-1}^T
         w_new = link.f_out.feedback.double() @ link.f_in.feedback.double().t()
-        link.layer.weight.copy_(w_new)
+        dense_matrix(link.layer).copy_(w_new)  # Conv1D: through the transposed view, into its [in, out] weight
     wa_after = weight_alignment(dfa)
 
     reports, done = [], {id(link.layer): (err, r) for link, _, err, r in solved}
-    for link in links:
+    for i, link in enumerate(links):
         lay = link.layer
         if link is last:
             action, err, r, limit, note = "feedback = weight^T", 0.0, None, None, ""
@@ -125,8 +195,12 @@ def feedback_weight_matching(dfa: DFA, method: str = "lstsq", rank: int | None =
                     if limit < min(lay.out_features, lay.in_features) else "")
         else:
             action, err, r, limit = "kept", None, None, None
-            note = ("the first layer: its input is the data" if link.f_in is None else
-                    "below the matched chain (not a fastdfa.Linear with dense matching sites)")
+            if stop is not None and i == stop[0]:
+                note = f"the matched chain stops here: {stop[1]}"
+            elif stop is not None:
+                note = f"below the matched chain, which stops at {links[stop[0]].name!r}"
+            else:
+                note = "the first layer: its input is the data"
         reports.append(LayerMatch(link.name, action, err, r, limit, wa_before.get(link.name),
                                   wa_after.get(link.name), note))
     return reports
@@ -148,16 +222,24 @@ def _at_angle(reference: torch.Tensor, theta: float, generator: torch.Generator,
 
 
 @torch.no_grad()
-def soft_align(dfa: DFA, angle: float, seed: int | None = None) -> dict[str, float]:
+def soft_align(dfa: DFA, angle: float, seed: int | None = None, *, example_input=None) -> dict[str, float]:
     """IFA: set the feedback at ``angle`` degrees from the forward path; returns the cosines set.
 
     * mode "fa": every layer's ``feedback_weight`` B gets ``cos(B, W) = cos(angle)`` and
-      ``||B|| = ||W||`` (Linear and Conv2d).
+      ``||B|| = ||W||`` (Linear, Conv1D and the convolutions). No chain is assumed: each layer's B stands
+      for its own W.
     * mode "dfa": every site's feedback F_l (site at the input of layer l+1) gets
       ``cos(F_l, P_l) = cos(angle)`` and ``||F_l|| = ||P_l||`` with
       ``P_l = (W_L ... W_{l+1})^T``, the BP path of the linearised network; angle 0 on a
-      linear network gives exactly BP's gradients. Every layer above each site must be a
-      fastdfa.Linear whose widths chain (a Flatten between them is fine).
+      linear network gives exactly BP's gradients. That product is BP's path only if every layer above
+      the first site is a dense fastdfa layer (fastdfa.Linear / Conv1D) with chaining widths, and those
+      layers form a chain: each one's input computed from the previous one's output alone, through
+      elementwise ops (``fastdfa.metrics.check_chain``: a residual add, attention, parallel branches or a
+      LayerNorm break it). It refuses otherwise, naming the first layer that breaks it.
+      ``example_input`` (a small batch the model takes) lets one forward show the data flow; without it
+      only an ``nn.Sequential`` proves it from its modules.
+    * mode "grape" is aligned as mode "dfa": GrAPE trains with the same site feedback F_l, which it then
+      turns towards its Jacobian estimate, so IFA gives it a start at a chosen angle from BP's path.
 
     The orthogonal part is random, seeded by ``seed`` (default: the wrapper's seed).
     Nothing is changed when it raises.
@@ -168,31 +250,47 @@ def soft_align(dfa: DFA, angle: float, seed: int | None = None) -> dict[str, flo
         raise ValueError(f"angle must be in [0, 180] degrees, got {angle!r}")
     theta = math.radians(angle)
     seed = dfa.seed if seed is None else int(seed)
+    mode = dfa.mode
     targets = []  # (name, tensor to write, value, the reference it is aligned to)
-    if dfa.mode == "fa":
+    if mode == "fa":
         for j, layer in enumerate(dfa.feedback.fa_layers):
             w = layer.weight
             b = _at_angle(w, theta, seeded_generator(seed, "soft_align", "fa", j), float(w.double().norm()))
             targets.append((dfa.name_of(layer), layer.feedback_weight, b, w))
-    elif dfa.mode == "dfa":
+    elif mode in ("dfa", "grape"):
         links = chain(dfa)
-        for i, link in enumerate(links[1:], start=1):
-            site = link.f_in
-            path, width = None, site.rows  # path = W_L ... W_i, [n_out, site features]
-            for above in links[i:]:
-                lay = above.layer
-                if not isinstance(lay, Linear) or site.channelwise or lay.in_features != width:
-                    raise ValueError(f"soft_align in mode 'dfa' needs fastdfa.Linear layers with chaining widths "
-                                     f"from site {site.name!r} to the output; {above.name!r} "
-                                     f"({type(lay).__name__}) breaks the chain")
-                w = lay.weight.double().cpu()
-                path = w if path is None else w @ path
-                width = lay.out_features
-            p = path.t()
+        who = f"soft_align in mode {mode!r}"
+        for link in links[1:]:  # the layers above the first site, bottom up
+            lay, site = link.layer, link.f_in
+            why = None
+            if not is_dense(lay):
+                why = "not a dense layer"
+            elif site.channelwise or site.rows != lay.in_features:
+                why = (f"its input site {site.name!r} has {'per-feature' if site.channelwise else 'dense'} "
+                       f"feedback of {site.rows} rows for {lay.in_features} input features")
+            if why is not None:
+                raise ValueError(f"{who} needs dense fastdfa layers (fastdfa.Linear / Conv1D) with chaining widths "
+                                 f"from the first site to the output; {link.name!r} ({describe(lay)}) breaks the "
+                                 f"chain: {why}")
+        # The chain from the first dense layer, as feedback_weight_matching checks it (the product above the
+        # first site does not rest on the link into it, but the same model gets the same answer from both).
+        check_chain(dfa, 0 if is_dense(links[0].layer) else 1, example_input, who=who)
+        for below, link in zip(links[1:], links[2:]):  # a chain, and yet the widths differ: a broadcast between
+            if below.layer.out_features != link.layer.in_features:
+                raise ValueError(f"{who}: the {link.layer.in_features} input features of {link.name!r} "
+                                 f"({describe(link.layer)}) do not chain with the {below.layer.out_features} outputs "
+                                 f"of {below.name!r} ({describe(below.layer)}); P_l = (W_L ... W_(l+1))^T needs "
+                                 "them to. Nothing was changed.")
+        path = None  # W_L ... W_i, [n_out, features of the site at layer i's input]
+        for link in reversed(links[1:]):
+            w = dense_matrix(link.layer).double().cpu()
+            path = w if path is None else path @ w
+            p, site = path.t(), link.f_in
             f = _at_angle(p, theta, seeded_generator(seed, "soft_align", "site", site.index), float(p.norm()))
             targets.append((site.name, site.feedback, f, p))
+        targets.reverse()  # from input to output, as dfa.sites
     else:
-        raise ValueError("soft_align aligns the feedback of mode 'fa' or 'dfa'; dfa.mode is 'bp'")
+        raise ValueError(f"soft_align aligns the feedback of mode 'fa', 'dfa' or 'grape'; dfa.mode is {mode!r}")
     out = {}
     for name, tensor, value, reference in targets:
         tensor.copy_(value)

@@ -39,6 +39,12 @@ inputs; a tensor read by several sites gets the sum of their projections). Top d
 
 Weight alignment of a matched layer is ``cos(W, G F_in^T)`` with ``G`` its output feedback as above
 (``encoder_weight_alignment``); it is 1 right after weight matching.
+
+**What is checked before anything is written.** Module names prove nothing about the data flow, so
+``encoder_layout`` refuses decoder blocks (transformers' ``is_decoder``, cross-attention: the derivation
+assumes one error per sequence broadcast to every token, ``batch_dims=1``), and ``check_encoder_flow``
+verifies the flow above: with ``example_input`` against one forward (``fastdfa.metrics.trace_flow``),
+without it by requiring transformers' own block classes, whose forward is known.
 """
 
 from __future__ import annotations
@@ -50,9 +56,10 @@ from torch import nn
 
 from .dfa import DFA, Site
 from .layers import Linear
+from .metrics import DATA, LOOKUP, OUTPUT, describe, link_problem, trace_flow
 
 __all__ = ["FWM_METHODS", "ATTENTION_FEEDBACK", "LayerMatch", "solve_feedback", "EncoderBlock", "encoder_blocks",
-           "EncoderLayout", "encoder_layout", "encoder_weight_alignment", "match_encoder"]
+           "EncoderLayout", "encoder_layout", "check_encoder_flow", "encoder_weight_alignment", "match_encoder"]
 
 FWM_METHODS = ("lstsq", "svd")
 ATTENTION_FEEDBACK = ("keep", "zero", "value")
@@ -122,6 +129,7 @@ class EncoderBlock:
     attn_out: nn.Module   # attention.output.dense: Wo, input ctx
     ffn_up: nn.Module     # intermediate.dense: Wi, input x1
     ffn_down: nn.Module   # output.dense: Wd, input u
+    module: nn.Module | None = None  # the block itself
 
     @property
     def attention(self) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -155,11 +163,13 @@ def encoder_blocks(model: nn.Module) -> list[EncoderBlock]:
         layers = {key: _get(module, path) for key, path in _BLOCK_PATHS.items()}
         if any(v is None for v in layers.values()) or any(_get(module, p) is None for p in _LAYER_NORMS):
             continue
-        plain = [f"{name}.{_BLOCK_PATHS[k]}" for k, v in layers.items() if not isinstance(v, Linear)]
+        plain = [(f"{name}.{_BLOCK_PATHS[k]}", v) for k, v in layers.items() if not isinstance(v, Linear)]
         if plain:
-            raise ValueError(f"encoder block {name!r} has dense layers that are not fastdfa.Linear ({plain[0]}, ...): "
-                             "convert the model first (fastdfa.convert(model)), then wrap it")
-        blocks.append(EncoderBlock(name, **layers))
+            raise ValueError(f"encoder block {name!r} has dense layers that are not fastdfa.Linear: "
+                             f"{plain[0][0]!r} is a {describe(plain[0][1])}"
+                             f"{f' (and {len(plain) - 1} more)' if len(plain) > 1 else ''}; convert the model "
+                             "first (fastdfa.convert(model)), then wrap it")
+        blocks.append(EncoderBlock(name, **layers, module=module))
     return blocks
 
 
@@ -177,17 +187,44 @@ class EncoderLayout:
         return None if s is None else s.feedback
 
 
+def _decoder_refusal(block: EncoderBlock) -> str | None:
+    """Why ``block``, though in BERT's layout, is not an encoder block (None: it is one, as far as its module
+    tells): a decoder's causal self-attention or cross-attention (transformers' ``is_decoder``,
+    ``crossattention``)."""
+    module = block.module
+    if module is None:
+        return None
+    cross = _get(module, "crossattention") is not None or bool(getattr(module, "add_cross_attention", False))
+    if getattr(module, "is_decoder", False) or cross:
+        what = "cross-attention" if cross else "causal self-attention"
+        return (f"block {block.name!r} ({type(module).__name__}) is a decoder block (is_decoder="
+                f"{bool(getattr(module, 'is_decoder', False))}, {what}); the encoder form of feedback-weight matching "
+                "is derived for encoder blocks whose one error per sequence reaches every token (docs/design.md, "
+                "'FWM on a transformer encoder'), and a decoder has no plain-chain form either")
+    return None
+
+
 def encoder_layout(dfa: DFA) -> EncoderLayout | None:
-    """The wrapped model's encoder layout, None if it has no encoder block; raises (naming the fix) if it
-    has blocks but the wrapper does not run them as the encoder form of FWM needs: every dense layer of
-    the blocks and head a site (no ``sites=``), feedback rows equal to the input features (per-feature
-    over tokens, ``feedback_layout="per-feature"``), blocks then the head in the execution order."""
+    """The wrapped model's encoder layout, None if it has no encoder block; raises (naming the layer and the
+    fix) if it has blocks but is not an encoder as the encoder form of FWM needs, or the wrapper does not
+    run it so: no decoder block (``is_decoder``, cross-attention), one error per sequence
+    (``batch_dims=1``), every dense layer of the blocks and head a site (no ``sites=``), feedback rows equal
+    to the input features (per-feature over tokens, ``feedback_layout="per-feature"``), blocks then the head
+    of fastdfa.Linear layers in the execution order. The data flow itself is ``check_encoder_flow``'s."""
     blocks = encoder_blocks(dfa.model)
     if not blocks:
         return None
     if not dfa.built:
         raise RuntimeError("the feedback is not built yet: run one forward of the wrapper first, or pass "
                            "example_input= to fastdfa.DFA")
+    for block in blocks:
+        why = _decoder_refusal(block)
+        if why is not None:
+            raise ValueError(why)
+    if dfa.batch_dims != 1:
+        raise ValueError(f"the encoder form of feedback-weight matching needs one error per sequence (batch_dims=1, "
+                         "e.g. a sequence classifier: every token of sample n receives F e_n); this wrapper has "
+                         f"batch_dims={dfa.batch_dims}, an error per token, which attention mixes across tokens")
     order = list(dfa.execution_order)
     position = {id(m): i for i, m in enumerate(order)}
     site = {id(s.module): s for s in dfa.sites}
@@ -200,26 +237,106 @@ def encoder_layout(dfa: DFA) -> EncoderLayout | None:
     blocks.sort(key=lambda b: position[id(b.attn_out)])
     in_blocks = {id(m) for b in blocks for m in b.layers}
     last = max(position[id(m)] for m in blocks[-1].layers if id(m) in position)
-    stray = [dfa.name_of(m) for m in order[:last + 1] if id(m) not in in_blocks]
+    stray = [m for m in order[:last + 1] if id(m) not in in_blocks]
     head = list(order[last + 1:])
     if stray:
-        raise ValueError(f"layers {stray} run among the encoder blocks but belong to none; the encoder form of "
-                         "feedback-weight matching handles blocks followed by a dense head")
-    if not head or not all(isinstance(m, Linear) for m in head):
+        more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
+        raise ValueError(f"{dfa.name_of(stray[0])!r} ({describe(stray[0])}){more} runs among the encoder blocks but "
+                         "belongs to none (e.g. a decoder's cross-attention); the encoder form of feedback-weight "
+                         "matching handles blocks followed by a dense head")
+    if not head:
         raise ValueError("the encoder form of feedback-weight matching needs a head of fastdfa.Linear layers after "
-                         f"the last block (e.g. pooler and classifier); got {[type(m).__name__ for m in head]}")
+                         f"the last block (e.g. pooler and classifier); nothing runs after {blocks[-1].name!r}")
+    for layer in head:
+        if not isinstance(layer, Linear):
+            raise ValueError("the encoder form of feedback-weight matching needs a head of fastdfa.Linear layers "
+                             f"after the last block (e.g. pooler and classifier); {dfa.name_of(layer)!r} is a "
+                             f"{describe(layer)}")
     for prev, layer in zip(head, head[1:]):
         if prev.out_features != layer.in_features:
-            raise ValueError(f"head layers {dfa.name_of(prev)!r} -> {dfa.name_of(layer)!r} do not chain "
-                             f"({prev.out_features} != {layer.in_features})")
-    for block in blocks:
-        for layer in block.layers + tuple(head):
-            s = site.get(id(layer))
-            if s is not None and s.rows != layer.in_features:
-                raise ValueError(f"site {s.name!r} has {s.rows} feedback rows for {layer.in_features} input features: "
-                                 "the encoder form needs one row per feature, broadcast over tokens; wrap with "
-                                 "feedback_layout='per-feature'")
+            raise ValueError(f"head layers {dfa.name_of(prev)!r} ({describe(prev)}) -> {dfa.name_of(layer)!r} "
+                             f"({describe(layer)}) do not chain ({prev.out_features} != {layer.in_features})")
+    for layer in [m for b in blocks for m in b.layers] + head:
+        s = site.get(id(layer))
+        if s is not None and s.rows != layer.in_features:
+            raise ValueError(f"site {s.name!r} (the input of {describe(layer)}) has {s.rows} feedback rows for "
+                             f"{layer.in_features} input features: the encoder form needs one row per feature, "
+                             "broadcast over tokens; wrap with feedback_layout='per-feature'")
     return EncoderLayout(blocks, head, site)
+
+
+def check_encoder_flow(dfa: DFA, layout: EncoderLayout, example_input=None) -> None:
+    """Raise ``ValueError``, naming the first layer that breaks it, unless the model computes what the encoder
+    form assumes (the module docstring), with ``S_b`` the residual stream entering block ``b`` (the data and the
+    outputs of every earlier block's Wo and Wd):
+
+        Q, K, V of block b read S_b;   Wo reads the outputs of Q, K, V alone (attention);
+        Wi reads S_b and Wo's output;  Wd reads Wi's output alone, through elementwise ops (a chain link);
+        the head's first layer reads S_B (after the last block); the head and the output are a chain.
+
+    With ``example_input`` one forward decides (``fastdfa.metrics.trace_flow``; a pre-LN block has the same
+    data flow, and LayerNorm is the identity of the derivation, so it is accepted). Without it, the names
+    alone prove nothing, so every block must be one of transformers' own classes (BERT and its relatives),
+    whose forward is known; a hand-written block in BERT's layout needs ``example_input=``. Changes
+    nothing."""
+    name = dfa.name_of
+    if example_input is None:
+        for block in layout.blocks:
+            kind = type(block.module)
+            if block.module is not None and not kind.__module__.startswith("transformers."):
+                raise ValueError(f"the encoder form of feedback-weight matching cannot tell from the modules alone "
+                                 f"that block {block.name!r} ({kind.__name__}) computes BERT's encoder block: only "
+                                 "transformers' own classes have a known forward. Pass example_input= (a small batch "
+                                 "the model takes) so that one forward shows the data flow. Nothing was changed.")
+        return
+    flow = trace_flow(dfa, example_input)
+
+    def refuse(layer, why):
+        raise ValueError(f"the encoder form of feedback-weight matching needs BERT's data flow, and "
+                         f"{name(layer)!r} ({describe(layer)}) breaks it: {why} (docs/design.md, 'FWM on a "
+                         "transformer encoder'). Nothing was changed.")
+
+    def reads_of(layer):
+        r = flow.inputs.get(id(layer))
+        if r is None:
+            refuse(layer, "it did not run on the example input")
+        return r
+
+    def outs(modules) -> str:
+        return ", ".join(f"{name(m)!r}'s output" for m in modules)
+
+    def expect(layer, outputs, data: bool, what: str):
+        """``layer``'s input must read exactly the ``outputs`` (and the data, if ``data``)."""
+        r = reads_of(layer)
+        extra = [m for m in r.outputs if m not in outputs]
+        missing = [m for m in outputs if m not in r.outputs]
+        odd = sorted(d for d in r.data if d not in (DATA, LOOKUP) or not data)  # e.g. a shared fastdfa weight
+        parts = ([f"it also reads {outs(extra)}"] if extra else []) + \
+                ([f"it does not read {outs(missing)}"] if missing else []) + \
+                ([f"it reads {', '.join(odd)}"] if odd else []) + \
+                (["it does not read the data"] if data and not r.data else [])
+        if parts:
+            refuse(layer, f"its input should be {what}, but {'; '.join(parts)}")
+
+    stream: list[nn.Module] = []  # the module outputs added to the residual stream so far (the data besides)
+    for block in layout.blocks:
+        for a in block.attention:
+            expect(a, stream, True, "the residual stream entering its block")
+        expect(block.attn_out, list(block.attention), False, "attention over its block's q, k, v outputs alone")
+        expect(block.ffn_up, stream + [block.attn_out], True, "the residual stream plus the attention output")
+        why = link_problem(dfa, block.ffn_up, block.ffn_down, reads_of(block.ffn_down))
+        if why is not None:
+            refuse(block.ffn_down, why)
+        stream += [block.attn_out, block.ffn_down]
+    expect(layout.head[0], stream, True, "the residual stream leaving the last block")
+    for lower, upper in zip(layout.head, layout.head[1:]):
+        why = link_problem(dfa, lower, upper, reads_of(upper))
+        if why is not None:
+            refuse(upper, why)
+    if flow.output is not None:
+        why = link_problem(dfa, layout.head[-1], OUTPUT, flow.output)
+        if why is not None:
+            refuse(layout.head[-1], why)
 
 
 def _output_feedback(layout: EncoderLayout, fb) -> dict[int, torch.Tensor | None]:
@@ -263,12 +380,15 @@ def encoder_weight_alignment(dfa: DFA, layout: EncoderLayout | None = None) -> d
 
 @torch.no_grad()
 def match_encoder(dfa: DFA, layout: EncoderLayout, method: str, rank: int | None,
-                  attention_feedback: str = "value", match_weights: bool = True) -> list[LayerMatch]:
+                  attention_feedback: str = "value", match_weights: bool = True, *,
+                  example_input=None) -> list[LayerMatch]:
     """FWM's encoder form (module docstring), in place; one report per layer in execution order.
-    Everything is solved in float64 first and written only once all of it succeeded.
+    The data flow is checked first (``check_encoder_flow``, with ``example_input`` if given); everything is
+    solved in float64 and written only once all of it succeeded.
     ``match_weights=False``: feedback matching only, every weight kept."""
     if attention_feedback not in ATTENTION_FEEDBACK:
         raise ValueError(f"attention_feedback must be one of {ATTENTION_FEEDBACK}, got {attention_feedback!r}")
+    check_encoder_flow(dfa, layout, example_input)
     n_out = layout.head[-1].out_features
     wa_before = encoder_weight_alignment(dfa, layout)
     feedback: dict[int, torch.Tensor] = {}   # id(layer) -> new input feedback (float64, CPU)
