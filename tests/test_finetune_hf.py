@@ -185,9 +185,9 @@ def test_finetune_command_on_a_tiny_bert(tiny_model_dir, reviews_cache, tmp_path
     assert fwm["config"]["max_len"] == 12 and fwm["config"]["weight_decay"] == 0.01
     assert fwm["dataset"] == "reviews[64 train]" and len(fwm["epochs"]) == 1
     actions = {r["layer"]: r["action"] for r in fwm["prepared"]}
-    assert actions["hf.classifier"] == "feedback = weight^T" and actions["hf.bert.pooler.dense"] == "weights matched"
-    assert actions["hf.bert.encoder.layer.1.output.dense"] == "weights matched"
-    assert actions["hf.bert.encoder.layer.1.attention.self.query"] == "kept"
+    assert actions["classifier"] == "feedback = weight^T" and actions["bert.pooler.dense"] == "weights matched"
+    assert actions["bert.encoder.layer.1.output.dense"] == "weights matched"
+    assert actions["bert.encoder.layer.1.attention.self.query"] == "kept"
     # WA 1 right after FWM, measured with the encoder form's output feedback
     assert all(v == pytest.approx(1, abs=1e-5) for v in fwm["initial_alignment"]["weight"].values())
     assert set(fwm["epochs"][0]["alignment"]) == {"weight", "gradient"}
@@ -233,7 +233,7 @@ def test_the_real_minilm_converts_matches_and_steps():
     model_dir = data_mod.minilm_dir()
     tokenizer = finetune_hf.load_tokenizer(model_dir)
     model = finetune_hf.load_classifier(model_dir, 2, seed=0)
-    dfa = fastdfa.DFA(model, feedback_layout="per-feature")
+    dfa = fastdfa.prepare(model, feedback_layout="per-feature")
     enc = tokenizer(["Great tea, will buy again.", "Stale and bland."], padding=True, return_tensors="pt")
     x = (enc["input_ids"], enc["attention_mask"])
     dfa.build(x)
@@ -241,8 +241,8 @@ def test_the_real_minilm_converts_matches_and_steps():
     assert sum(r.action == "weights matched" for r in report) == 6 * 3 + 1  # Wo, Wi, Wd per block + pooler
     assert all(r.rank == 2 for r in report if r.action == "weights matched")
     opt = torch.optim.AdamW(dfa.parameters(), lr=5e-5, weight_decay=0.0)
-    before = model.hf.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
-    torch.nn.functional.cross_entropy(dfa(*x), torch.tensor([0, 1])).backward()
+    before = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    dfa(*x, labels=torch.tensor([0, 1])).loss.backward()  # HF's own loss
     opt.step()
-    assert not torch.equal(model.hf.bert.encoder.layer[0].attention.self.query.weight, before)
+    assert not torch.equal(model.bert.encoder.layer[0].attention.self.query.weight, before)
     assert all(torch.isfinite(p).all() for p in model.parameters())

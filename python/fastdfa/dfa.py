@@ -147,12 +147,18 @@ class DFA(PretrainedMixin, WrapperViews, WrapperOptions, nn.Module):
             return self.model(*args, **kwargs)
         point = self._point
         inside = point is not None and point.kind != error_point.RETURN
-        if mode == "fa" or inside:  # FA's layers, or the NaN policy at an error point inside the model
-            token = recorder.begin(self._fa_forward if mode == "fa" else GuardOnly(recorder))
+        if mode == "fa":
+            token = recorder.begin(self._fa_forward)
             try:
                 output = self.model(*args, **kwargs)
             finally:
                 recorder.end(token)
+        elif inside:  # mode "bp": only the error point is intercepted (the NaN policy), not the layers
+            recorder.active = GuardOnly(recorder)
+            try:
+                output = self.model(*args, **kwargs)
+            finally:
+                recorder.active = None
         else:
             output = self.model(*args, **kwargs)
         if self._config.nonfinite == "ignore" or inside or not isinstance(output, torch.Tensor):

@@ -63,6 +63,7 @@ from torch import nn
 
 from .activations import CAPTURE
 from .dfa import DFA, Site
+from .engine.error_point import error_tensor
 from .grape import rule_mode
 from .layers import FASTDFA_LAYERS, Conv1D, Linear
 from .plots import plot_alignment_records
@@ -142,7 +143,7 @@ def _deltas(dfa: DFA, mode: str, x, target, loss_fn) -> dict[int, torch.Tensor]:
     dfa.mode = mode
     with _capture_preactivations() as captured:
         output = dfa(*x) if isinstance(x, tuple) else dfa(x)
-    loss = loss_fn(output, target)
+    loss = loss_fn(error_tensor(output), target)  # a ModelOutput: its logits
     tensors = [a for _, a in captured]
     grads = torch.autograd.grad(loss, tensors, allow_unused=True)
     return {id(m): g for (m, _), g in zip(captured, grads)}

@@ -107,6 +107,11 @@ class DFAPipeline:
                              f"every stage), got {self.mode!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("error_at", "head"):
+            if options.get(name) is not None:
+                raise ValueError(f"DFAPipeline takes the error at the model's output (its last stage computes e from "
+                                 f"loss_fn and sends it to every stage); {name}= is not supported by the pipeline. "
+                                 "Split the model so that its output is the tensor the error is taken at")
         if "example_input" in options:
             raise TypeError("DFAPipeline builds each stage's feedback at its first step; example_input= does not "
                             "apply")

