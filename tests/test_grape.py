@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fastdfa
+from torch import nn
 from fastdfa import grape
 from fastdfa.lab.cli import main
 from fastdfa.models import make_cnn, make_mlp
@@ -483,3 +484,22 @@ def test_grape_keeps_feedback_scale():
     for site, norm in zip(dfa.sites, before):
         torch.testing.assert_close(site.feedback.norm(dim=0), norm, rtol=1e-10, atol=0)
         assert (norm > 2.0).all()  # about 3 per column: the scale is kept, not reset to 1
+
+
+def test_grape_under_head_measures_the_jacobian_at_the_heads_input():
+    """head=: the dual pass reads the tangent at the error point (the head's input z), so each site's
+    T_l is J_{z, site l} P_l, checked against torch.func.jvp of the layers between the site and z."""
+    torch.manual_seed(0)
+    dt = torch.float64
+    model = nn.Sequential(fastdfa.Linear(6, 5, dtype=dt), nn.Tanh(), fastdfa.Linear(5, 4, dtype=dt), nn.Tanh(),
+                          fastdfa.Linear(4, 3, dtype=dt), nn.Tanh(), nn.Linear(3, 2, dtype=dt))
+    dfa = fastdfa.DFA(model, mode="grape", head="6")
+    x = torch.randn(7, 6, dtype=dt)
+    dfa(x)  # build: sites at the inputs of "2" and "4"; e is the 3-wide input of the head
+    assert dfa.out_features == 3 and [s.name for s in dfa.sites] == ["2", "4"]
+    est = dfa.jacobian_estimate((x,), {}, 7)
+    h1 = torch.tanh(model[0](x))
+    for k, (start, p) in enumerate(zip((2, 4), est.perturbations)):
+        h = h1 if start == 2 else torch.tanh(model[2](h1))
+        _, tangent = torch.func.jvp(lambda v: model[start:6](v), (h,), (p.reshape(h.shape),))
+        torch.testing.assert_close(est.tangents[k], tangent, rtol=1e-12, atol=1e-12)

@@ -301,3 +301,20 @@ def test_fusion_report_names_the_claim_that_failed():
     _step(dfa, torch.randn(4, 6, device=DEVICE))
     report = dfa.fusion_report()
     assert "inside a module named in sites=" in report["1.0"] and "inside" in report["1.1"]
+
+
+@pytest.mark.parametrize("point", [dict(head="3"), dict(error_at="2")])
+def test_error_point_inside_the_model_on_the_triton_backend_equals_torch(point):
+    """head= / error_at= on the fused route: the same gradients as the torch backend; the layers before the
+    error point fuse, the head runs by BP (fusion_report says so)."""
+    def make():
+        return nn.Sequential(fastdfa.Linear(13, 24, activation="relu"), fastdfa.Linear(24, 17, activation="tanh"),
+                             fastdfa.Linear(17, 9, activation="relu"), fastdfa.Linear(9, 5))
+    x, t = torch.randn(21, 13, device=DEVICE), torch.randint(0, 5, (21,), device=DEVICE)
+    counts = _grads_both_backends(make, x, t, **point)
+    assert counts.get("dfa_project") == 1
+    dfa = fastdfa.DFA(make().to(DEVICE), backend="triton", **point)
+    F.cross_entropy(dfa(x), t).backward()
+    report = dfa.fusion_report()
+    assert "after the error point" in report["3"] and dfa.out_features == 9
+    assert report["1"] == report["2"] == "fused"

@@ -204,6 +204,8 @@ class DFA(PretrainedMixin, WrapperViews, WrapperOptions, nn.Module):
         elif not rec.done:
             raise RuntimeError(f"the error is taken at {point.describe()}, but that module did not run in this "
                                "forward; every training forward must run it")
+        if rec.plan is not None:  # the layers that ran after the error point (BP) say so in fusion_report
+            rec.plan.reasons.update(rec.unfused)
         step = rec.step
         if rec.grad and self._config.mode == "grape" and self.feedback.sites and step.rows:  # an empty batch
             step.estimate = self.jacobian_estimate(args, kwargs, step.rows)
