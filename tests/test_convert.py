@@ -18,6 +18,12 @@ def _snapshot(model):
             {n: t.detach().clone() for n, t in model.state_dict().items()})
 
 
+def _conv_options(model):
+    """Every constructor option of each conv in ``model.convs`` (what convert must carry over)."""
+    return [(c.stride, c.padding, c.dilation, c.groups, c.padding_mode, c.kernel_size,
+             c._reversed_padding_repeated_twice) for c in model.convs]
+
+
 def _check_kept(model, snapshot):
     keys, params, values = snapshot
     assert list(model.state_dict()) == keys
@@ -108,14 +114,12 @@ def test_cnn_every_conv2d_option_bit_identical():
     model = _Branches(CONV_OPTIONS)
     x = torch.randn(2, 4, 9, 9, dtype=DT)
     ref = model(x)
-    options = [(c.stride, c.padding, c.dilation, c.groups, c.padding_mode, c.kernel_size,
-                c._reversed_padding_repeated_twice) for c in model.convs]
+    options = _conv_options(model)
     snap = _snapshot(model)
     fastdfa.convert(model)
     _check_kept(model, snap)
     assert _plain(model) == []
-    assert [(c.stride, c.padding, c.dilation, c.groups, c.padding_mode, c.kernel_size,
-             c._reversed_padding_repeated_twice) for c in model.convs] == options
+    assert _conv_options(model) == options
     assert [c.bias is None for c in model.convs] == [not o["bias"] for o in CONV_OPTIONS]
     calls = _count_calls(model)
     out = model(x)

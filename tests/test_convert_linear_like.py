@@ -31,19 +31,7 @@ def registry(monkeypatch):
 
 
 # ----------------------------------------------------------------- helpers
-def _snapshot(model):
-    return (list(model.state_dict()), {n: p for n, p in model.named_parameters(remove_duplicate=False)},
-            {n: t.detach().clone() for n, t in model.state_dict().items()})
-
-
-def _check_kept(model, snapshot):
-    """The same state_dict keys and values, and the very same Parameter objects under every name."""
-    keys, params, values = snapshot
-    assert list(model.state_dict()) == keys
-    now = dict(model.named_parameters(remove_duplicate=False))
-    assert now.keys() == params.keys()
-    assert all(now[n] is params[n] for n in params)
-    assert all(torch.equal(t, values[n]) for n, t in model.state_dict().items())
+from test_convert import _check_kept, _conv_options, _snapshot  # noqa: E402  (one definition each)
 
 
 def _structure(model):
@@ -292,14 +280,12 @@ def test_conv1d_every_option_bit_identical_after_convert():
     model = _Branches()
     x = torch.randn(2, 4, 13, dtype=DT)
     ref = model(x)
-    options = [(c.stride, c.padding, c.dilation, c.groups, c.padding_mode, c.kernel_size,
-                c._reversed_padding_repeated_twice) for c in model.convs]
+    options = _conv_options(model)
     snap = _snapshot(model)
     fastdfa.convert(model)
     _check_kept(model, snap)
     assert all(type(c) is Conv1d for c in model.convs)
-    assert [(c.stride, c.padding, c.dilation, c.groups, c.padding_mode, c.kernel_size,
-             c._reversed_padding_repeated_twice) for c in model.convs] == options
+    assert _conv_options(model) == options
     out = model(x)
     assert all(torch.equal(a, b) for a, b in zip(out, ref))
     assert all(torch.equal(c.fa_forward(x), r) for c, r in zip(model.convs, ref))  # explicit padding too

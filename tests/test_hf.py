@@ -126,8 +126,10 @@ def test_gpt2_default_takes_the_error_at_the_logits_every_conv1d_a_site():
 
 
 # ------------------------------------------------------------------ head=: the error at the head's input
-@pytest.mark.parametrize("family", ["gpt2", "bert"])
+@pytest.mark.parametrize("family", ["gpt2", "bert", "bert-per-feature"])
 def test_head_trains_by_bp_and_the_blocks_by_dfa_with_the_head_input_error(family):
+    per_feature = family.endswith("per-feature")
+    family = family.split("-")[0]
     if family == "gpt2":
         model, head, layer_name, site_name = tiny_gpt2(tie_word_embeddings=False), "lm_head", \
             "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"
@@ -141,6 +143,8 @@ def test_head_trains_by_bp_and_the_blocks_by_dfa_with_the_head_input_error(famil
     z = seen[head][0]
     e, head_grad = torch.autograd.grad(ref_out.loss, (z, dict(ref.named_modules())[head].weight))
 
+    if per_feature:
+        options["feedback_layout"] = "per-feature"
     dfa = fastdfa.prepare(model, head=head, seed=2, **options)
     assert not isinstance(dict(dfa.model.named_modules())[head], fastdfa.layers.FASTDFA_LAYERS)  # not converted
     out = dfa(**inputs)
@@ -150,7 +154,11 @@ def test_head_trains_by_bp_and_the_blocks_by_dfa_with_the_head_input_error(famil
                                atol=1e-12)  # the head: exact BP
     site = _site(dfa, site_name)
     n_e = z.shape[-1]
-    delta = (e.reshape(-1, n_e) @ site.feedback.t()).reshape(B, T, -1)
+    if per_feature:  # one row per feature, the sample's error broadcast over its tokens
+        assert site.channelwise
+        delta = (e.reshape(-1, n_e) @ site.feedback.t())[:, None, :].expand(B, T, -1)
+    else:
+        delta = (e.reshape(-1, n_e) @ site.feedback.t()).reshape(B, T, -1)
     layer = dict(dfa.model.named_modules())[layer_name]
     act = dfa.model.transformer.h[1].mlp.act if family == "gpt2" else \
         dfa.model.bert.encoder.layer[1].intermediate.intermediate_act_fn

@@ -325,3 +325,14 @@ def test_fa_follows_autocast_after_a_float32_build(layer):
     dfa(x).sum().backward()  # the same FA step in float32: bfloat16 rounding apart, the same dX
     cos = F.cosine_similarity(got.flatten(), x.grad.flatten(), dim=0)
     assert cos > 0.999, float(cos)
+
+
+def test_a_trainable_layer_after_error_at_is_refused_head_is_the_way_to_say_bp():
+    model = nn.Sequential(fastdfa.Linear(6, 5, dtype=DT), nn.ReLU(), fastdfa.Linear(5, 4, dtype=DT), nn.ReLU(),
+                          fastdfa.Linear(4, 3, dtype=DT))
+    x, t = torch.randn(4, 6, dtype=DT), torch.randint(0, 3, (4,))
+    with pytest.raises(RuntimeError, match="'4' runs after the error point.*head="):
+        fastdfa.DFA(model, error_at="2")(x)
+    assert all(p.grad is None for p in model.parameters())
+    F.cross_entropy(fastdfa.DFA(model, head="4")(x), t).backward()  # the explicit form trains
+    assert model[4].weight.grad is not None

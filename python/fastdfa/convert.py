@@ -24,7 +24,7 @@ from torch import nn
 
 from .layers import FASTDFA_LAYERS, Conv1D, Conv1d, Conv2d, Linear, init_feedback_weight
 
-__all__ = ["convert", "register_conversion"]
+__all__ = ["convert", "convertible", "register_conversion"]
 
 # The containers of an nn.Module's __dict__ (torch's Module.__init__) that the replacement gets as its own
 # copies: the same Parameters, buffers and children in a new dict / set. Every other entry is taken over as
@@ -120,6 +120,12 @@ def _converters() -> dict[type, Callable[[nn.Module], nn.Module]]:
     return table
 
 
+def convertible(module: nn.Module) -> bool:
+    """Whether ``convert`` converts ``module`` (its exact type is registered, Hugging Face's Conv1D
+    included), or it already is a fastdfa layer (converting it again is a no-op)."""
+    return type(module) in _converters() or isinstance(module, FASTDFA_LAYERS)
+
+
 def convert(module: nn.Module, *, skip=()) -> nn.Module:
     """Replace every ``torch.nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and Hugging Face ``Conv1D`` in
     ``module`` by ``fastdfa.Linear`` / ``Conv1d`` / ``Conv2d`` / ``Conv1D`` (and every module of a
@@ -185,7 +191,7 @@ def convert(module: nn.Module, *, skip=()) -> nn.Module:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert() takes an nn.Module, got {type(module).__name__}")
-    names, types = _split_skip(skip)
+    names, types = split_names_and_types(skip)
     skipped = _skipped_modules(module, names, types)
     converters = _converters()
 
@@ -216,13 +222,16 @@ def convert(module: nn.Module, *, skip=()) -> nn.Module:
     return new[id(module)] if id(module) in new else module
 
 
-def _split_skip(skip) -> tuple[list[str], tuple[type, ...]]:
-    entries = (skip,) if isinstance(skip, (str, type)) else skip
+def split_names_and_types(spec, option: str = "skip") -> tuple[list[str], tuple[type, ...]]:
+    """``spec`` (a module name, an ``nn.Module`` subclass, or an iterable of them) as (names, types); a
+    ``TypeError`` naming ``option`` for anything else. ``convert``'s ``skip`` and ``fastdfa.prepare``'s
+    ``targets`` / ``exclude`` lists read their entries through it."""
+    entries = (spec,) if isinstance(spec, (str, type)) else spec
     try:
         entries = list(entries)
     except TypeError:
-        raise TypeError(f"skip must be module names (str) and/or nn.Module subclasses, got "
-                        f"{type(skip).__name__}") from None
+        raise TypeError(f"{option} must be module names (str) and/or nn.Module subclasses, got "
+                        f"{type(spec).__name__}") from None
     names, types = [], []
     for entry in entries:
         if isinstance(entry, str):
@@ -232,7 +241,7 @@ def _split_skip(skip) -> tuple[list[str], tuple[type, ...]]:
         else:
             what = f"the class {entry.__name__}, not an nn.Module subclass" if isinstance(entry, type) \
                 else f"{entry!r} ({type(entry).__name__})"
-            raise TypeError(f"skip entries must be module names (str) or nn.Module subclasses; got {what}")
+            raise TypeError(f"{option} entries must be module names (str) or nn.Module subclasses; got {what}")
     return names, tuple(types)
 
 

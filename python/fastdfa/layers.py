@@ -134,6 +134,19 @@ def _in_dtype_of(grad_out: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.
     return tuple(t if t.dtype == grad_out.dtype else t.to(grad_out.dtype) for t in tensors)
 
 
+def _bilinear_jvp(product, x, weight, x_t, weight_t, bias_t, out_shape) -> torch.Tensor:
+    """The tangent of ``y = product(x, W) + b``, bilinear in (x, W): ``dy = product(dx, W) + product(x, dW)
+    + db`` (absent tangents are zero), of shape ``out_shape``."""
+    out = x.new_zeros(out_shape)
+    if x_t is not None:
+        out = out + product(x_t, weight)
+    if weight_t is not None:
+        out = out + product(x, weight_t)
+    if bias_t is not None:
+        out = out + bias_t
+    return out
+
+
 class _FALinearFn(torch.autograd.Function):
     """y = x W^T + b; backward uses B (feedback_weight) for dX, exact dW, db."""
 
@@ -155,14 +168,7 @@ class _FALinearFn(torch.autograd.Function):
         """Forward-mode AD (torch.func.jvp, GrAPE's dual pass): the forward is plain linear, so
         dy = dx W^T + x dW^T + db; B plays no part in it."""
         x, weight = ctx.fwd
-        out = torch.zeros((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
-        if x_t is not None:
-            out = out + F.linear(x_t, weight)
-        if weight_t is not None:
-            out = out + F.linear(x, weight_t)
-        if bias_t is not None:
-            out = out + bias_t
-        return out
+        return _bilinear_jvp(F.linear, x, weight, x_t, weight_t, bias_t, (*x.shape[:-1], weight.shape[0]))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -199,14 +205,7 @@ class _FAConv1DFn(torch.autograd.Function):
     def jvp(ctx, x_t, weight_t, bias_t, _feedback_t):
         """Forward-mode AD: y is bilinear in (x, W) plus b, so dy = dx W + x dW + db; B plays no part."""
         x, weight = ctx.fwd
-        out = x.new_zeros((x.shape[0], weight.shape[1]))
-        if x_t is not None:
-            out = out + x_t @ weight
-        if weight_t is not None:
-            out = out + x @ weight_t
-        if bias_t is not None:
-            out = out + bias_t
-        return out
+        return _bilinear_jvp(torch.matmul, x, weight, x_t, weight_t, bias_t, (x.shape[0], weight.shape[1]))
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -24,17 +24,10 @@ import re
 
 from torch import nn
 
-from .convert import _converters, convert
-from .layers import FASTDFA_LAYERS
+from .convert import convert, convertible, split_names_and_types
 
 
 ALL_LINEAR = "all-linear"
-
-
-def convertible(module: nn.Module) -> bool:
-    """Whether ``fastdfa.convert`` converts ``module`` (its exact type is registered), or it already is a
-    fastdfa layer (converted before: targeting it again is a no-op, as converting twice is)."""
-    return type(module) in _converters() or isinstance(module, FASTDFA_LAYERS)
 
 
 def _matcher(spec, option: str):
@@ -42,6 +35,8 @@ def _matcher(spec, option: str):
     name was given (exact names must exist and be convertible)."""
     if callable(spec) and not isinstance(spec, type):
         return (lambda name, module: bool(spec(module, name))), ()
+    if isinstance(spec, type):
+        spec = [spec]
     if isinstance(spec, str):
         try:
             pattern = re.compile(spec)
@@ -49,20 +44,7 @@ def _matcher(spec, option: str):
             raise ValueError(f"{option}={spec!r} is not a valid regular expression ({err}); give a list of "
                              f"module names for exact names") from None
         return (lambda name, module: pattern.fullmatch(name) is not None), ()
-    try:
-        entries = list(spec)
-    except TypeError:
-        raise TypeError(f"{option} must be 'all-linear', a regex string, a list of module names / suffixes or a "
-                        f"callable (module, name) -> bool; got {type(spec).__name__}") from None
-    names, types = [], []
-    for entry in entries:
-        if isinstance(entry, str):
-            names.append(entry)
-        elif isinstance(entry, type) and issubclass(entry, nn.Module):
-            types.append(entry)
-        else:
-            raise TypeError(f"{option} entries must be module names (str) or nn.Module subclasses, got {entry!r}")
-    types = tuple(types)
+    names, types = split_names_and_types(spec, option)
 
     def match(name: str, module: nn.Module) -> bool:
         return (any(name == n or name.endswith("." + n) for n in names)

@@ -44,9 +44,9 @@ class ErrorPoint:
     def attach(self, recorder) -> None:
         """Register the hook on the module (once): it routes the tensor to ``recorder.active``."""
         if self.kind == OUTPUT:
-            self.handle = self.module.register_forward_hook(_OutputHook(recorder))
+            self.handle = self.module.register_forward_hook(_ErrorHook(recorder).output)
         elif self.kind == INPUT:
-            self.handle = self.module.register_forward_pre_hook(_InputHook(recorder), with_kwargs=True)
+            self.handle = self.module.register_forward_pre_hook(_ErrorHook(recorder).input, with_kwargs=True)
 
     def detach(self) -> None:
         if self.handle is not None:
@@ -134,15 +134,17 @@ class OutputTracker:
         return ErrorPoint(OUTPUT, name, module)
 
 
-class _OutputHook:
-    """Forward hook of an OUTPUT point (a class, not a closure: the wrapper pickles)."""
+class _ErrorHook:
+    """The hooks of an error point (a class, not closures: the wrapper pickles). Each hands the tensor to
+    the interceptor of the forward running now, or does nothing outside a wrapper forward."""
 
     __slots__ = ("recorder",)
 
     def __init__(self, recorder):
         self.recorder = recorder
 
-    def __call__(self, module, args, output):
+    def output(self, module, args, output):
+        """Forward hook of an OUTPUT point: the module's return value."""
         active = self.recorder.active
         if active is None:
             return None
@@ -151,16 +153,8 @@ class _OutputHook:
                             f"{type(output).__name__}; the error is taken at a module that returns one tensor")
         return active.at_error_point(output)
 
-
-class _InputHook:
-    """Forward pre-hook of an INPUT point (``head=``): the module's first tensor argument."""
-
-    __slots__ = ("recorder",)
-
-    def __init__(self, recorder):
-        self.recorder = recorder
-
-    def __call__(self, module, args, kwargs):
+    def input(self, module, args, kwargs):
+        """Forward pre-hook of an INPUT point (``head=``): the module's first tensor argument."""
         active = self.recorder.active
         if active is None:
             return None

@@ -206,6 +206,12 @@ class Recording:
         if layer not in recorder.candidates or self.done:
             if layer not in recorder.known:
                 recorder.unknown_layer(layer)
+            if self.done and self.grad and layer not in recorder.head_layers and \
+                    any(p.requires_grad for p in layer.parameters()):
+                raise RuntimeError(f"fastdfa layer {recorder.names[layer]!r} runs after the error point (error_at=): "
+                                   "it would train by exact BP, silently. Take the error after it (error_at= a later "
+                                   "module), or name the BP-trained part as head='module' (its input is then the "
+                                   "error point)")
             if self.plan is not None:
                 self.unfused[layer] = ("runs after the error point (head=, error_at=): trained by BP" if self.done
                                        else "inside a module named in sites=: BP runs inside it")
