@@ -113,9 +113,7 @@ class DFA(PretrainedMixin, WrapperViews, WrapperOptions, nn.Module):
 
     def _set_point(self, point) -> None:
         self._point = point
-        point.attach(self._recorder)
-        if point.kind == error_point.INPUT:  # head=: its fastdfa layers train by BP in every mode
-            self._recorder.head_layers = {m for m in point.module.modules() if isinstance(m, FASTDFA_LAYERS)}
+        self._recorder.attach(point, FASTDFA_LAYERS)
 
     def _guard_error(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self._config.nonfinite == "ignore" else ErrorGuard.apply(self._router, tensor)
@@ -253,9 +251,7 @@ class DFA(PretrainedMixin, WrapperViews, WrapperOptions, nn.Module):
             self._fusion = (None, plan.reasons)
         elif rec.kernels.fuses_layers:
             self._fusion = (rec.step.refusal or "no fastdfa layer outside the sites= modules", {})
-        if self._point.kind == error_point.INPUT:
-            rec.step.before = [(p, None if p.grad is None else p.grad.clone())
-                               for p in self._point.module.parameters() if p.requires_grad]
+        rec.step.keep_grads_of(self._point)
         return OutputNode.apply(self._router, rec.step, tensor, *rec.inputs, *params)
 
     def jacobian_estimate(self, args: tuple, kwargs: dict, n: int) -> grape_pass.GrapeEstimate:
@@ -282,23 +278,26 @@ class DFA(PretrainedMixin, WrapperViews, WrapperOptions, nn.Module):
             raise RuntimeError(f"no fastdfa layer or site module ran before the error point ({self.error_point}): "
                                "nothing trains with DFA. Convert the model's linear layers (fastdfa.prepare(model) "
                                "or fastdfa.convert(model)) or name blocks with sites=[...]")
-        params = [p for p in self.model.parameters() if p.is_floating_point()]
+        first = next((p for p in self.model.parameters() if p.is_floating_point()), output)
         config = self._config
         self.feedback.build(rec.order[1:], rec.shapes, self.module_names, n_out, seed=config.seed,
                             kind=config.feedback, scale=config.feedback_scale,
-                            per_feature=config.feedback_layout == "per-feature",
-                            dtype=params[0].dtype if params else output.dtype, device=output.device)
+                            per_feature=config.feedback_layout == "per-feature", dtype=first.dtype, device=output.device)
         self._recorder.freeze(rec.order, self.feedback.sites)
 
     def _resolve_backend(self, args, kwargs=None) -> KernelBackend:
         """Pick the backend on the first DFA forward, from where the model lives (before any state)."""
         if self.kernels is None:
-            tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
-            device = _device_of(self.model, tensors[0].device if tensors else torch.device("cpu"))
-            kernels = backend_for(self._config.backend, device)
-            _check_dtype(kernels, self.model)
-            self.kernels = kernels
+            self.kernels = _resolve(self._config.backend, self.model, (*args, *(kwargs or {}).values()))
         return self.kernels
+
+
+def _resolve(backend: str | None, model: nn.Module, inputs: tuple) -> KernelBackend:
+    """The backend ``backend`` names for where ``model`` lives (else its first tensor input), dtype-checked."""
+    tensors = [a for a in inputs if isinstance(a, torch.Tensor)]
+    kernels = backend_for(backend, _device_of(model, tensors[0].device if tensors else torch.device("cpu")))
+    _check_dtype(kernels, model)
+    return kernels
 
 
 def _refuse_uncovered(rec: Recording, point, model: nn.Module) -> None:

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..layers import LAYER_FORWARD, RECOMPUTE_FORWARD, in_checkpoint_forward, in_checkpoint_recompute
 from . import fused
+from .error_point import INPUT
 
 
 NO_GRAD_INSIDE = (
@@ -63,6 +64,13 @@ class Recorder:
         self.pending: dict[nn.Module, object] = {}
         self.head_layers: set = set()  # fastdfa layers inside head=: BP in every mode
         self.guard_error = None  # tensor -> tensor: the NaN policy at the error point in mode "fa" (the wrapper's)
+
+    def attach(self, point, layer_types: tuple) -> None:
+        """Route ``point``'s hook (``engine.error_point``) to this recorder; under ``head=`` the head's
+        fastdfa layers train by BP in every mode."""
+        point.attach(self)
+        if point.kind == INPUT:
+            self.head_layers = {m for m in point.module.modules() if isinstance(m, layer_types)}
 
     def checkpointed(self, module: nn.Module, replay) -> None:
         """``module`` ran inside a (non-reentrant) torch.utils.checkpoint segment of a training forward:
@@ -419,6 +427,12 @@ class StepState:
         # accumulating): autograd accumulates the head's gradients BEFORE the output node's backward runs,
         # so a backward the node refuses (a NaN error under "raise") puts them back as they were
         self.before: list = []
+
+    def keep_grads_of(self, point) -> None:
+        """Under ``head=`` (an INPUT point): keep the head's parameters' ``.grad`` as they are now."""
+        if point.kind == INPUT:
+            self.before = [(p, None if p.grad is None else p.grad.clone())
+                           for p in point.module.parameters() if p.requires_grad]
 
 
 class GuardOnly:
