@@ -29,6 +29,8 @@ The options (docs/design.md section 2 has the reasons behind each):
     error_at        where e is taken: None (the model's tensor output, or the module that returns a
                     ModelOutput's ``logits``) or a module name: e = dLoss/d(output of that module)
     head            a module name: it and everything after it train by BP; e = dLoss/d(its input)
+    error_rank      None (the full error) or k: each site receives F_l (P e), P a fixed seeded [k, n_e]
+                    random projection (rank-k feedback: n_e k + k R multiply-adds per row instead of n_e R)
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ class DFAConfig:
     jvp: str = "per-site"
     error_at: str | None = None
     head: str | None = None
+    error_rank: int | None = None
 
     def __post_init__(self):
         _choice("mode", self.mode, MODES)
@@ -141,6 +144,8 @@ class DFAConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"{name} must be a module name (as in model.named_modules()) or None, got {value!r}")
+        if self.error_rank is not None:
+            _int_at_least("error_rank", self.error_rank, 1, " (None: the full error)")
         if self.error_at is not None and self.head is not None:
             raise ValueError(f"give error_at= or head=, not both (error_at={self.error_at!r}, head={self.head!r}): "
                              "head=NAME already takes the error at the input of NAME")
@@ -207,5 +212,6 @@ class WrapperOptions:
     jvp = _read("jvp")
     error_at = _read("error_at", "The module whose output the error is taken at (None: the model's output).")
     head = _read("head", "The module trained by BP, with everything after it; the error is taken at its input.")
+    error_rank = _read("error_rank", "k: the error is compressed to P e (P fixed, [k, n_e]) before the feedback.")
 
     streams = _read("streams", "The cuda backend's stream pool size (``streams``, else FASTDFA_STREAMS, else 4).")

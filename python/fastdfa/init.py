@@ -122,6 +122,7 @@ def feedback_weight_matching(dfa: DFA, method: str = "lstsq", rank: int | None =
     """
     if not isinstance(dfa, DFA):
         raise TypeError(f"feedback_weight_matching needs a fastdfa.DFA, got {type(dfa).__name__}")
+    _refuse_error_rank(dfa, "feedback_weight_matching")
     if method not in FWM_METHODS:
         raise ValueError(f"method must be one of {FWM_METHODS}, got {method!r}")
     if rank is not None and (not isinstance(rank, int) or rank < 1):
@@ -206,6 +207,14 @@ def feedback_weight_matching(dfa: DFA, method: str = "lstsq", rank: int | None =
     return reports
 
 
+def _refuse_error_rank(dfa: DFA, what: str) -> None:
+    """FWM and IFA set F_l from the forward weights in the error's own coordinates; with error_rank=k the
+    feedback lives in P e's k coordinates, which they do not derive yet."""
+    if dfa.dfa_config.error_rank is not None:
+        raise ValueError(f"{what} sets the feedback in the error's own coordinates; this wrapper has error_rank="
+                         f"{dfa.dfa_config.error_rank} (feedback on P e). Wrap the model without error_rank for it")
+
+
 def _at_angle(reference: torch.Tensor, theta: float, generator: torch.Generator, norm: float) -> torch.Tensor:
     """A tensor of ``reference``'s shape with Frobenius cosine cos(theta) to it and norm ``norm``;
     its orthogonal part is random (from ``generator``)."""
@@ -246,6 +255,7 @@ def soft_align(dfa: DFA, angle: float, seed: int | None = None, *, example_input
     """
     if not isinstance(dfa, DFA):
         raise TypeError(f"soft_align needs a fastdfa.DFA, got {type(dfa).__name__}")
+    _refuse_error_rank(dfa, "soft_align")
     if not (isinstance(angle, (int, float)) and math.isfinite(angle) and 0 <= angle <= 180):
         raise ValueError(f"angle must be in [0, 180] degrees, got {angle!r}")
     theta = math.radians(angle)

@@ -335,6 +335,7 @@ def align_feedback(kernels, store, est: GrapeEstimate, lr: float) -> torch.Tenso
     """ONE alignment step on every site's feedback (``align_step`` of the wrapper's backend, in place);
     returns each site's mean column cosine before the step."""
     flat = store.flat
-    sites = [kernels.AlignSite(s.offset, s.rows, p.to(flat.dtype), t.to(flat.dtype))
+    # error_rank=k: F_l learns (P J_l)^T, the Jacobian seen through P, so the tangents T_l go through P too
+    sites = [kernels.AlignSite(s.offset, s.rows, p.to(flat.dtype), store.compress(t.to(flat.dtype)))
              for s, p, t in zip(store.sites, est.perturbations, est.tangents)]
     return kernels.align_step(flat, sites, lr)

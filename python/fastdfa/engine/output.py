@@ -161,7 +161,7 @@ class ErrorRouter:
         sites = store.sites
         if not sites:
             return error, [], []
-        projected = kernels.dfa_project(e, flat, store.project_sites)  # [N, R]: ONE GEMM, all sites
+        projected = kernels.dfa_project(store.compress(e), flat, store.project_sites)  # [N, R]: ONE GEMM
         if store.flat_sites and len(batch_shape) == 1:
             # [N, features] sites (an MLP's): each site's gradient is a column block of the projection, a view
             grads = projected.split(store.split_sizes, dim=1)

@@ -92,6 +92,8 @@ class FeedbackStore(nn.Module):
     def __init__(self):
         super().__init__()
         self.register_buffer("flat", None, persistent=False)
+        # error_rank=k: P [k, n_out], fixed and seeded; sites get F_l (P e) (``error_projection``)
+        self.register_buffer("error_projection", None, persistent=False)
         self.fa_layers: list[nn.Module] = []  # plain list: not submodules, the model owns them
         self.unseeded: set[int] = set()  # FA layers whose feedback_weight was on the meta device when seeded
         self.sites: list[Site] | None = None
@@ -109,6 +111,12 @@ class FeedbackStore(nn.Module):
         # (fastdfa.distributed) that holds sites k, k+1, ... of the model sets k before the build, so a
         # site's feedback is the same whichever process holds it. Site indices and state_dict keys stay local.
         self.seed_offset = 0
+
+    def compress(self, e: torch.Tensor) -> torch.Tensor:
+        """What the sites' feedback multiplies: ``e`` ``[N, n_out]``, or ``e P^T`` ``[N, k]`` under
+        ``error_rank=k`` (one small GEMM before the projection: the chain stays ``(e P^T) F_all^T``)."""
+        p = self.error_projection
+        return e if p is None else e @ (p if p.dtype == e.dtype else p.to(e.dtype)).t()
 
     def seed_fa_feedback(self, seed: int) -> None:
         """Seed every FA layer's ``feedback_weight`` (layer ``i`` from ``(seed, "fa", i)``) as a normal
@@ -142,47 +150,51 @@ class FeedbackStore(nn.Module):
 
     def build(self, modules: list[nn.Module], shapes: list[tuple[int, ...]], names: dict, n_out: int, *,
               seed: int, kind: str, scale: float, per_feature: bool, dtype: torch.dtype,
-              device: torch.device) -> None:
+              device: torch.device, rank: int | None = None) -> None:
         """Create one site per module (its per-sample input shape in ``shapes``), seeded per site index
         (``seed_offset + i`` for site ``i``). Outside inference mode whatever mode the first forward ran in
         (Lightning's sanity check runs under ``torch.inference_mode()``): an inference tensor could never
         be stepped by GrAPE, loaded into or matched afterwards."""
         with torch.inference_mode(False):
-            self._build(modules, shapes, names, n_out, seed, kind, scale, per_feature, dtype, device)
+            self._build(modules, shapes, names, n_out, seed, kind, scale, per_feature, dtype, device, rank)
 
-    def _build(self, modules, shapes, names, n_out, seed, kind, scale, per_feature, dtype, device) -> None:
+    def _build(self, modules, shapes, names, n_out, seed, kind, scale, per_feature, dtype, device, rank) -> None:
+        width = n_out if rank is None else rank  # the feedback's columns: e's width, or P e's
         axes = [feature_axis(s, per_feature, isinstance(m, nn.modules.conv._ConvNd)) for m, s in zip(modules, shapes)]
         rows_total = sum(math.prod(s) if a is None else s[a] for s, a in zip(shapes, axes))
-        if rows_total * n_out > MAX_FEEDBACK_ELEMENTS:
+        if rows_total * width > MAX_FEEDBACK_ELEMENTS:
             raise ValueError(
-                f"the feedback would hold {rows_total} x {n_out} = {rows_total * n_out:,} numbers (over "
+                f"the feedback would hold {rows_total} x {width} = {rows_total * width:,} numbers (over "
                 f"{MAX_FEEDBACK_ELEMENTS:,}): the error is {n_out} wide per batch row and the sites {rows_total} "
                 "rows. For a [batch, tokens, ...] model pass batch_dims=2 (the error per token, not per sequence); "
                 "with a large vocabulary take the error at the LM head's input (head='lm_head'); "
-                "feedback_layout='per-feature' shares one row per feature over tokens and space")
+                "feedback_layout='per-feature' shares one row per feature over tokens and space; error_rank=k "
+                "compresses the error to k columns")
         sites, offset, blocks = [], 0, []
         for i, (module, site_shape, axis) in enumerate(zip(modules, shapes, axes)):
             rows = math.prod(site_shape) if axis is None else site_shape[axis]
             site = Site(self, i, names[module], module, site_shape, axis, offset, rows)
             pending = self.pending.get(str(i))
             if pending is not None:
-                if tuple(pending.shape) != (rows, n_out):
+                if tuple(pending.shape) != (rows, width):
                     raise ValueError(f"loaded feedback {i} has shape {tuple(pending.shape)}, but site "
-                                     f"{site.name!r} needs {(rows, n_out)}")
+                                     f"{site.name!r} needs {(rows, width)}")
                 blocks.append(pending.to(dtype=dtype, device=device).clone())
             else:
                 gen = seeded_generator(seed, "site", self.seed_offset + i)
                 # fan: the site's elements per sample at the build, per-feature sites included, so that the
                 # per-sample norm of the broadcast error is about ||e|| at the build's size (channel-wise conv
                 # feedback has always been scaled so)
-                blocks.append(feedback_matrix((rows, n_out), math.prod(site_shape), kind, gen, scale,
+                blocks.append(feedback_matrix((rows, width), math.prod(site_shape), kind, gen, scale,
                                               dtype=dtype, device=device))
             sites.append(site)
             offset += rows
         site_names = [s.name for s in sites]
         if self.pending_names is not None and self.pending_names != site_names:
             raise ValueError(f"the loaded checkpoint has sites {self.pending_names}, this model has {site_names}")
-        self.flat = torch.cat(blocks) if blocks else torch.empty(0, n_out, dtype=dtype, device=device)
+        self.flat = torch.cat(blocks) if blocks else torch.empty(0, width, dtype=dtype, device=device)
+        self.error_projection = None if rank is None else error_projection(seed, rank, n_out, dtype, device,
+                                                                           self.pending.get(PROJECTION))
         self.pending, self.pending_names = {}, None
         self.sites = sites
         self.layout = [(s.offset, s.rows, s.shape, s.feature_axis) for s in sites]
@@ -198,6 +210,8 @@ class FeedbackStore(nn.Module):
         for i, layer in enumerate(self.fa_layers):
             value = layer.feedback_weight
             destination[prefix + f"fa.{i}"] = value if keep_vars else value.detach()
+        if self.error_projection is not None:
+            destination[prefix + PROJECTION] = self.error_projection if keep_vars else self.error_projection.detach()
         if self.sites is not None:  # tensors only: safetensors (save_pretrained, Trainer) takes nothing else
             destination[prefix + SITE_NAMES] = encode_names(self.site_names)
             if self.perturbations is not None:
@@ -225,6 +239,12 @@ class FeedbackStore(nn.Module):
                        strict, missing_keys, error_msgs)
             if value is not None:
                 self.unseeded.discard(i)
+        projection = mine.pop(PROJECTION, None)
+        if projection is not None and self.error_projection is not None:
+            _copy_into(self.error_projection, projection, prefix + PROJECTION, "the error projection P", strict,
+                       missing_keys, error_msgs)
+        elif projection is not None and self.flat is None:
+            self.pending[PROJECTION] = projection.detach().clone()  # used by the build
         site_values = {k: v for k, v in mine.items() if k.isdigit()}
         for k in mine:
             if not k.isdigit() and strict:
@@ -235,7 +255,8 @@ class FeedbackStore(nn.Module):
             return
         if self.flat is None or not sites:
             # Not built yet: keep the values; the build uses them (shape-checked).
-            self.pending = {k: v.detach().clone() for k, v in site_values.items()}
+            self.pending = {**{k: v.detach().clone() for k, v in site_values.items()},
+                            **({PROJECTION: self.pending[PROJECTION]} if PROJECTION in self.pending else {})}
             if names is not None:
                 self.pending_names = names
             return
@@ -248,6 +269,21 @@ class FeedbackStore(nn.Module):
 
 
 SITE_NAMES = "site_names"       # the sites' names, as UTF-8 JSON bytes in a uint8 tensor
+PROJECTION = "error_projection" # error_rank=k: P, [k, n_out]
+
+
+def error_projection(seed: int, rank: int, n_out: int, dtype, device, loaded=None) -> torch.Tensor:
+    """P ``[rank, n_out]`` with N(0, 1/rank) entries from ``(seed, "error_rank")``: E[P^T P] = I, so the rank-k
+    feedback ``F (P e)`` of an F that learned ``(P J)^T`` approximates ``J^T e`` (docs/design.md); the same P
+    in every process of a pipeline (it depends on the seed alone). ``loaded``: a checkpoint's P, which wins."""
+    if loaded is not None:
+        if tuple(loaded.shape) != (rank, n_out):
+            raise ValueError(f"the loaded error projection has shape {tuple(loaded.shape)}, but error_rank={rank} "
+                             f"with a {n_out}-wide error needs {(rank, n_out)}")
+        return loaded.to(dtype=dtype, device=device).clone()
+    gen = seeded_generator(seed, "error_rank")
+    return (torch.randn((rank, n_out), generator=gen, dtype=torch.float64) / math.sqrt(rank)).to(dtype=dtype,
+                                                                                                   device=device)
 GRAPE_SEED = "grape.seed"       # GrAPE's perturbation stream: its seed (int64) ...
 GRAPE_STATE = "grape.state."    # ... and each device's generator state (uint8), keyed by device
 
@@ -316,7 +352,7 @@ def check_state_dict(expected: dict, given, strict: bool, built: bool) -> list[s
             problems.append(f"the checkpoint's sites {theirs} differ from this model's sites {mine}")
     if strict:
         for key in given:
-            pending = not built and key.startswith("feedback.") and key[9:].isdigit()
+            pending = not built and key.startswith("feedback.") and (key[9:].isdigit() or key[9:] == PROJECTION)
             if key not in expected and not pending and not _optional(key):
                 problems.append(f'Unexpected key "{key}"')
     return problems
