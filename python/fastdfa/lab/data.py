@@ -10,17 +10,20 @@
   ``t10k-labels-idx1-ubyte``), each gzipped (``.gz``) or not.
 * ``austen``: character-level text, Jane Austen's six novels (``load_austen``;
   Debian's ``r-cran-janeaustenr``, set up once with ``python -m fastdfa data austen``).
+* ``austen-bpe``: the same novels as byte-level BPE tokens, a 16,384-token vocabulary trained on the
+  five training novels (``load_austen_bpe``; built once with ``python -m fastdfa data austen-bpe``).
 
 Images become float32 tensors ``[N, 1, H, W]`` scaled to [0, 1] and then
 standardised with the training set's mean and standard deviation. Text
-becomes ``TextDataset``: int64 ``[N, T]`` input windows and their next-character
-targets ``[N, T]``.
+becomes ``TextDataset``: int64 ``[N, T]`` input windows and their next-token
+(character or BPE token) targets ``[N, T]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -61,15 +64,26 @@ class Dataset:
 
 @dataclass
 class TextDataset(Dataset):
-    """Next-character prediction: ``x_*`` are int64 token ids ``[N, T]``, ``y_*`` the same windows shifted
-    by one character (``y[:, t]`` is the character after ``x[:, t]``); ``n_classes`` is the vocabulary
-    size. ``vocab[i]`` is the character of id ``i``; id 0 is ``UNK`` (characters of the test text that
-    the training texts lack)."""
+    """Next-token prediction: ``x_*`` are int64 token ids ``[N, T]``, ``y_*`` the same windows shifted
+    by one token (``y[:, t]`` is the token after ``x[:, t]``); ``n_classes`` is the vocabulary size.
+    Character level (``austen``): a token is a character, ``vocab[i]`` the character of id ``i``, id 0 is
+    ``UNK`` (characters of the test text that the training texts lack). Byte-level BPE (``austen-bpe``):
+    ``vocab[i]`` is token ``i``'s text (its bytes as UTF-8, a split character shown as U+FFFD), there is
+    no UNK, and ``tokenizer`` is the tokenizer.json that encodes and decodes exactly.
+
+    ``split_tokens`` / ``split_chars`` (``"train"``, ``"test"``): how many target tokens the windows of
+    each split hold and how many characters of the text those tokens spell, so that a mean next-token
+    cross-entropy turns into bits per character (``bits_per_character``); for characters the two are
+    equal."""
 
     vocab: tuple[str, ...] = ()
     train_texts: tuple[str, ...] = ()  # the training documents' names
     test_texts: tuple[str, ...] = ()   # the held-out documents' names
-    chars: dict = dataclasses.field(default_factory=dict)  # document name -> its number of characters
+    chars: dict = dataclasses.field(default_factory=dict)   # document name -> its number of characters
+    tokens: dict = dataclasses.field(default_factory=dict)  # document name -> its number of tokens
+    split_tokens: dict = dataclasses.field(default_factory=dict)  # split -> target tokens of its windows
+    split_chars: dict = dataclasses.field(default_factory=dict)   # split -> characters those targets spell
+    tokenizer: str | None = None  # byte-level BPE: the path of its tokenizer.json
 
     @property
     def context(self) -> int:
@@ -78,6 +92,29 @@ class TextDataset(Dataset):
     @property
     def is_text(self) -> bool:
         return True
+
+    @property
+    def chars_per_token(self) -> float:
+        """Characters per target token of the test windows (1.0 at character level)."""
+        return self.split_chars["test"] / self.split_tokens["test"]
+
+    def bits_per_character(self, nats: float, split: str = "test") -> float:
+        """``nats``, a mean next-token cross-entropy over ``split``'s windows (``evaluate_lm``), as bits per
+        character of the text those windows predict (``bits_per_character(nats, tokens, characters)``).
+        The test windows are kept whole by ``subsample_train``, so their counts stay exact."""
+        return bits_per_character(nats, self.split_tokens[split], self.split_chars[split])
+
+
+def bits_per_character(nats: float, tokens: int, characters: int) -> float:
+    """A mean cross-entropy of ``nats`` per token, over ``tokens`` tokens that spell ``characters``
+    characters, in bits per character: ``nats * tokens / characters / ln 2``. The total information is
+    ``nats * tokens``; spread over the characters and turned from nats to bits, it compares models whatever
+    their vocabulary (a character LM: tokens == characters, so bits per token; the BPE on Persuasion: 4.05
+    characters per token, so a per-token loss of 4.05 nats is 1.44 bits per character)."""
+    if tokens < 1 or characters < 1:
+        raise ValueError(f"bits per character needs a positive number of tokens and characters, got "
+                         f"{tokens} tokens and {characters} characters")
+    return nats * tokens / characters / math.log(2)
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -193,9 +230,12 @@ def select_classes(data: Dataset, classes: list[int]) -> Dataset:
 def load_dataset(spec: str, context: int = 64) -> Dataset:
     """``digits``, ``fashion-mnist``, or a directory of IDX files; ``SPEC:CLASSES`` (``digits:0-4``)
     keeps only those classes, relabelled 0..k-1. ``austen``: character windows of ``context``
-    characters from Jane Austen's novels, "Persuasion" held out (``load_austen``)."""
+    characters from Jane Austen's novels, "Persuasion" held out (``load_austen``); ``austen-bpe``: windows
+    of ``context`` byte-level BPE tokens of the same split (``load_austen_bpe``)."""
     if spec == "austen":
         return load_austen(context)
+    if spec == "austen-bpe":
+        return load_austen_bpe(context)
     if ":" in spec and not Path(spec).is_dir():
         base, _, classes = spec.rpartition(":")
         if classes and all(ch.isdigit() or ch in ",-" for ch in classes):
@@ -206,8 +246,8 @@ def load_dataset(spec: str, context: int = 64) -> Dataset:
         return load_fashion_mnist()
     if Path(spec).is_dir():
         return load_idx_dir(spec)
-    raise ValueError(f"unknown dataset {spec!r}: use 'digits', 'fashion-mnist', 'austen' or a directory of IDX "
-                     "files, optionally with :CLASSES (digits:0-4)")
+    raise ValueError(f"unknown dataset {spec!r}: use 'digits', 'fashion-mnist', 'austen', 'austen-bpe' or a "
+                     "directory of IDX files, optionally with :CLASSES (digits:0-4)")
 
 
 def subsample_train(data: Dataset, n: int, seed: int = 0) -> Dataset:
@@ -450,10 +490,17 @@ def char_windows(text: str, vocab: tuple[str, ...], context: int) -> tuple[torch
     hit = pos < len(chars)
     hit[hit] = chars[pos[hit]] == codes[hit]
     ids = np.where(hit, pos + 1, 0).astype(np.int64)
+    return token_windows(ids, context, "characters")
+
+
+def token_windows(ids, context: int, unit: str = "tokens") -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-overlapping int64 windows of the id sequence ``ids`` (``T = context``): ``x[i] = ids[i*T:(i+1)*T]``,
+    ``y[i] = ids[i*T+1:(i+1)*T+1]``; the targets are ``ids[1:n*T+1]``, a tail of fewer than T dropped.
+    ``unit`` names the ids in the error for a sequence shorter than T + 1."""
+    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
     n = (len(ids) - 1) // context
     if n < 1:
-        raise ValueError(f"a text of {len(text)} characters is shorter than context {context} + 1")
-    ids = torch.from_numpy(ids)
+        raise ValueError(f"a text of {len(ids)} {unit} is shorter than context {context} + 1")
     return ids[:n * context].view(n, context), ids[1:n * context + 1].view(n, context)
 
 
@@ -482,8 +529,305 @@ def load_austen(context: int = 64, root: str | os.PathLike | None = None, test: 
     vocab = build_vocab([train_text])
     x_train, y_train = char_windows(train_text, vocab, context)
     x_test, y_test = char_windows(texts[test], vocab, context)
+    chars = {n: len(t) for n, t in texts.items()}
+    # one token per character: the target counts of both kinds are the windows' sizes
+    split = {"train": y_train.numel(), "test": y_test.numel()}
     return TextDataset("austen", x_train, y_train, x_test, y_test, len(vocab), vocab=vocab,
-                       train_texts=train_names, test_texts=(test,), chars={n: len(t) for n, t in texts.items()})
+                       train_texts=train_names, test_texts=(test,), chars=chars, tokens=dict(chars),
+                       split_tokens=split, split_chars=dict(split))
+
+
+# ----------------------------------------------------------------------------- Jane Austen (byte-level BPE)
+#
+# The character LM's split (five novels train, Persuasion test) in subword tokens. A byte-level BPE, GPT-2's
+# scheme: the text's UTF-8 bytes, each written as one printable character (``_byte_level_table``), are cut
+# into words by GPT-2's regular expression, and the most frequent adjacent pair is merged into a new token
+# until the vocabulary is full; trained with Hugging Face's tokenizers (Rust, PyPI's ``tokenizers``, which
+# transformers depends on) on the five training novels only, so Persuasion is tokenised as unseen text.
+# All 256 bytes are base tokens, so any text encodes without UNK and decode(encode(text)) == text.
+#
+# 16,384 = 2**14 tokens (256 bytes + 16,128 merges): the five training novels (3.56M characters, 836,659
+# tokens) give 4.25 characters per token and Persuasion (466,854 characters, 115,401 tokens) 4.05, its words
+# being split by merges learnt on other novels; a window of 64 tokens sees about 260 characters where the
+# character LM sees 64, and the ids fit in uint16. Merges need a pair seen at least twice
+# (``BPE_MIN_FREQUENCY``): a pair seen once is one spelling, not a pattern; the training novels still
+# fill all 16,384. The trainer breaks ties between equally frequent pairs by the pair itself, not by
+# thread timing, so the same corpus and tokenizers version give the same tokenizer.json byte for byte
+# (trained twice, and with 1 and 2 threads: the same SHA-256).
+#
+# Cache, beside the novels: ``<data dir>/austen/bpe-16384/`` holds tokenizer.json, train.npy and test.npy
+# (the ids in uint16: the 836,659 training tokens take 1.7 MB, not 6.7 MB as int64) and meta.json, written
+# last (a cache without it is unfinished), with the counts per novel, the settings and a SHA-256 of the
+# corpus: a changed corpus or setting is rebuilt, not reused.
+
+AUSTEN_BPE_VOCAB = 16_384
+BPE_MIN_FREQUENCY = 2
+BPE_NAME = "austen-bpe"
+_BPE_META = "meta.json"
+
+
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise ImportError("byte-level BPE needs PyPI's tokenizers (a dependency of transformers): "
+                          "pip install tokenizers") from None
+    return tokenizers
+
+
+def _bpe_vocab(vocab_size: int | None) -> int:
+    """``vocab_size``, or ``AUSTEN_BPE_VOCAB`` (looked up at the call) when None; at least 257 (256 bytes
+    and one merge)."""
+    vocab_size = AUSTEN_BPE_VOCAB if vocab_size is None else vocab_size
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
+        raise ValueError(f"a byte-level BPE vocabulary holds the 256 bytes and at least one merge: vocab_size "
+                         f"must be an int >= 257, got {vocab_size!r}")
+    return vocab_size
+
+
+def train_bpe(texts, vocab_size: int | None = None, min_frequency: int = BPE_MIN_FREQUENCY):
+    """A byte-level BPE (``tokenizers.Tokenizer``) of at most ``vocab_size`` tokens (default
+    ``AUSTEN_BPE_VOCAB``) learnt from ``texts``, an iterable of strings, each one document. Fewer tokens
+    when the texts run out of pairs seen ``min_frequency`` times. No special tokens and no normaliser, so
+    ``tokenizer.decode(tokenizer.encode(text).ids) == text`` for any text."""
+    vocab_size = _bpe_vocab(vocab_size)
+    tk = _tokenizers()
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tokenizer = tk.Tokenizer(models.BPE())
+    # add_prefix_space=False: a leading space would be added on encoding and kept on decoding
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tokenizer.train_from_iterator(list(texts), trainer=trainer)
+    return tokenizer
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's ``bytes_to_unicode`` inverted: the printable character byte-level BPE writes for each byte ->
+    the byte. Bytes that print as themselves (``!``-``~``, ``¡``-``¬``, ``®``-``ÿ``: 188 of them) keep their
+    code point; the other 68 (controls, space, soft hyphen) take 256, 257, ... in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def bpe_token_bytes(tokenizer) -> list[bytes]:
+    """Each token's bytes, by id (``vocab[i]`` of a BPE TextDataset is ``bytes[i]`` as UTF-8)."""
+    table = _byte_level_table()
+    return [bytes(table[c] for c in tokenizer.id_to_token(i)) for i in range(tokenizer.get_vocab_size())]
+
+
+def bpe_char_starts(tokenizer) -> np.ndarray:
+    """int64 ``[vocab]``: how many characters each token starts, i.e. its bytes that are not UTF-8
+    continuation bytes (``0b10xxxxxx``). Summed over the ids of a text it is the text's length in
+    characters; a character whose bytes fall into two tokens ("£" is C2 A3) counts once, for the token that
+    holds its first byte."""
+    return np.array([sum((b & 0xC0) != 0x80 for b in raw) for raw in bpe_token_bytes(tokenizer)], dtype=np.int64)
+
+
+def _bpe_id_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def encode_bpe(tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Each text's ids (uint16 up to 65,536 tokens, else uint32), the texts encoded in parallel."""
+    dtype = _bpe_id_dtype(tokenizer.get_vocab_size())
+    return [np.asarray(e.ids, dtype=dtype) for e in tokenizer.encode_batch(list(texts))]
+
+
+def _corpus_sha256(texts: dict[str, str], test: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256(f"test={test}\n".encode())
+    for name, text in texts.items():
+        raw = text.encode("utf-8")
+        h.update(f"{name} {len(raw)}\n".encode())
+        h.update(raw)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then rename: a cache file is whole or absent."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    tmp.replace(path)
+
+
+def build_bpe_cache(texts: dict[str, str], out_dir: str | os.PathLike, test: str = AUSTEN_TEST,
+                    vocab_size: int | None = None, min_frequency: int = BPE_MIN_FREQUENCY, log=print) -> dict:
+    """Train a byte-level BPE on the documents of ``texts`` (name -> text, in order) other than ``test`` and
+    write ``out_dir``: tokenizer.json, train.npy (the training documents' ids, concatenated in order),
+    test.npy (``test``'s ids) and meta.json (written last). Returns the meta record."""
+    import json
+    import time
+
+    if test not in texts:
+        raise ValueError(f"the held-out document must be one of {sorted(texts)}, got {test!r}")
+    vocab_size = _bpe_vocab(vocab_size)
+    train_names = [n for n in texts if n != test]
+    if not train_names:
+        raise ValueError(f"no training documents: {sorted(texts)} holds only the held-out {test!r}")
+    start = time.perf_counter()
+    tokenizer = train_bpe([texts[n] for n in train_names], vocab_size, min_frequency)
+    trained = time.perf_counter()
+    ids = dict(zip(texts, encode_bpe(tokenizer, list(texts.values()))))
+    encoded = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / _BPE_META).unlink(missing_ok=True)  # the cache is unfinished until meta.json is back
+    _write_atomic(out_dir / "tokenizer.json", lambda f: f.write(tokenizer.to_str().encode("utf-8")))
+    for split, names in (("train", train_names), ("test", [test])):
+        joined = np.concatenate([ids[n] for n in names])
+        _write_atomic(out_dir / f"{split}.npy", lambda f, joined=joined: np.save(f, joined))
+    meta = {"vocab_size": tokenizer.get_vocab_size(), "vocab_size_asked": vocab_size, "min_frequency": min_frequency,
+            "tokenizers": _tokenizers().__version__, "train": train_names, "test": test,
+            "chars": {n: len(t) for n, t in texts.items()}, "tokens": {n: len(i) for n, i in ids.items()},
+            "corpus_sha256": _corpus_sha256(texts, test)}  # no timings: the same corpus gives the same files
+    _write_atomic(out_dir / _BPE_META, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode("utf-8")))
+    chars = sum(meta["chars"][n] for n in train_names)
+    log(f"trained a byte-level BPE of {meta['vocab_size']:,} tokens on {len(train_names)} training documents "
+        f"({chars:,} characters) in {trained - start:.1f} s, encoded all {len(texts)} in {encoded - trained:.1f} s, "
+        f"into {out_dir}")
+    return meta
+
+
+def _read_bpe_meta(directory: Path) -> dict | None:
+    import json
+
+    path = Path(directory) / _BPE_META
+    files = ("tokenizer.json", "train.npy", "test.npy")
+    if not path.is_file() or not all((Path(directory) / f).is_file() for f in files):
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def austen_bpe_dir(root: str | os.PathLike | None = None, vocab_size: int | None = None,
+                   test: str = AUSTEN_TEST) -> Path:
+    """``<data dir>/austen/bpe-<vocab>``, beside the novels (``bpe-<vocab>-test-<novel>`` for another held-out
+    novel than Persuasion)."""
+    suffix = "" if test == AUSTEN_TEST else f"-test-{test}"
+    return austen_cache_dir(root) / f"bpe-{_bpe_vocab(vocab_size)}{suffix}"
+
+
+def _bpe_stale(meta: dict | None, texts: dict[str, str], test: str, vocab_size: int) -> str | None:
+    """Why the cache ``meta`` describes is not the one these settings make (None: it is)."""
+    if meta is None:
+        return "it is not built"
+    if meta.get("vocab_size_asked") != vocab_size or meta.get("min_frequency") != BPE_MIN_FREQUENCY:
+        return (f"it was built for {meta.get('vocab_size_asked')} tokens with min_frequency "
+                f"{meta.get('min_frequency')}, not {vocab_size} and {BPE_MIN_FREQUENCY}")
+    if meta.get("test") != test or meta.get("corpus_sha256") != _corpus_sha256(texts, test):
+        return "it was built from another corpus (the novels' text changed)"
+    return None
+
+
+def _bpe_command(root) -> str:
+    return "python -m fastdfa data austen-bpe" + ("" if root is None else f" --dir {root}")
+
+
+def prepare_austen_bpe(root: str | os.PathLike | None = None, download: bool = True, log=print,
+                       vocab_size: int | None = None, test: str = AUSTEN_TEST) -> Path:
+    """``python -m fastdfa data austen-bpe`` (idempotent): set the novels up (``prepare_austen``), then
+    train the tokenizer on the training novels and encode all six into ``austen_bpe_dir(root)``
+    (``build_bpe_cache``), unless a cache of the same corpus and settings is there. Returns that directory."""
+    if test not in AUSTEN_NOVELS:
+        raise ValueError(f"the held-out novel must be one of {sorted(AUSTEN_NOVELS)}, got {test!r}")
+    vocab_size = _bpe_vocab(vocab_size)
+    prepare_austen(root, download=download, log=log)
+    texts = austen_texts(root)
+    out = austen_bpe_dir(root, vocab_size, test)
+    why = _bpe_stale(_read_bpe_meta(out), texts, test, vocab_size)
+    if why is None:
+        log(f"Jane Austen BPE tokens already in {out}")
+        return out
+    if why != "it is not built":
+        log(f"rebuilding {out}: {why}")
+    build_bpe_cache(texts, out, test=test, vocab_size=vocab_size, log=log)
+    return out
+
+
+def load_bpe_cache(directory: str | os.PathLike, context: int = 64, name: str = BPE_NAME) -> TextDataset:
+    """The windows of ``context`` tokens of a cache ``build_bpe_cache`` wrote (``token_windows``: targets
+    shifted by one token), with the split's target tokens and the characters they spell
+    (``TextDataset.split_tokens`` / ``split_chars``). A cache whose files disagree is refused."""
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise ValueError(f"context must be a positive int, got {context!r}")
+    directory = Path(directory)
+    meta = _read_bpe_meta(directory)
+    if meta is None:
+        raise FileNotFoundError(f"{directory} holds no BPE cache (tokenizer.json, train.npy, test.npy, meta.json)")
+    tokenizer = _tokenizers().Tokenizer.from_file(str(directory / "tokenizer.json"))
+    starts = bpe_char_starts(tokenizer)
+    names = {"train": tuple(meta["train"]), "test": (meta["test"],)}
+    ids, windows, split_tokens, split_chars = {}, {}, {}, {}
+    for split in ("train", "test"):
+        ids[split] = np.load(directory / f"{split}.npy").astype(np.int64)
+        tokens = sum(meta["tokens"][n] for n in names[split])
+        chars = sum(meta["chars"][n] for n in names[split])
+        if len(ids[split]) != tokens or (len(ids[split]) and ids[split].max() >= len(starts)) \
+                or int(starts[ids[split]].sum()) != chars:
+            raise ValueError(f"{directory}: {split}.npy does not hold the {tokens:,} tokens of {chars:,} characters "
+                             f"meta.json records for tokenizer.json; delete the folder and run "
+                             f"`python -m fastdfa data austen-bpe` again")
+        windows[split] = token_windows(ids[split], context, "tokens")
+        targets = windows[split][1].numpy()
+        split_tokens[split], split_chars[split] = int(targets.size), int(starts[targets].sum())
+    vocab = tuple(raw.decode("utf-8", errors="replace") for raw in bpe_token_bytes(tokenizer))
+    (x_train, y_train), (x_test, y_test) = windows["train"], windows["test"]
+    return TextDataset(name, x_train, y_train, x_test, y_test, tokenizer.get_vocab_size(), vocab=vocab,
+                       train_texts=names["train"], test_texts=names["test"], chars=dict(meta["chars"]),
+                       tokens=dict(meta["tokens"]), split_tokens=split_tokens, split_chars=split_chars,
+                       tokenizer=str(directory / "tokenizer.json"))
+
+
+def load_austen_bpe(context: int = 64, root: str | os.PathLike | None = None, vocab_size: int | None = None,
+                    test: str = AUSTEN_TEST) -> TextDataset:
+    """Jane Austen in byte-level BPE tokens (``--data austen-bpe``): windows of ``context`` tokens of the
+    five training novels (concatenated in order of publication) and of ``test`` (default "Persuasion"),
+    targets shifted by one token, from the cache ``python -m fastdfa data austen-bpe`` builds; without
+    it (or with one from another corpus) a FileNotFoundError says to run that command."""
+    if test not in AUSTEN_NOVELS:
+        raise ValueError(f"the held-out novel must be one of {sorted(AUSTEN_NOVELS)}, got {test!r}")
+    directory = austen_bpe_dir(root, vocab_size, test)
+    meta = _read_bpe_meta(directory)
+    if meta is None:
+        raise FileNotFoundError(f"the Jane Austen BPE tokens are not built: no cache in {directory}. Build them "
+                                f"once (this sets the novels up first if needed and takes a few seconds; "
+                                f"{DATA_ENV} moves the data dir):\n  {_bpe_command(root)}")
+    if _austen_cached(root):  # the novels are there: check the tokens were made from them
+        texts = {n: (austen_cache_dir(root) / f"{n}.txt").read_text(encoding="utf-8") for n in AUSTEN_NOVELS}
+        why = _bpe_stale(meta, texts, test, _bpe_vocab(vocab_size))
+        if why is not None:
+            raise FileNotFoundError(f"the Jane Austen BPE tokens in {directory} are out of date: {why}. Rebuild "
+                                    f"them:\n  {_bpe_command(root)}")
+    return load_bpe_cache(directory, context, BPE_NAME)
+
+
+def austen_bpe_summary(data: TextDataset, directory: str | os.PathLike) -> str:
+    """The lines ``python -m fastdfa data austen-bpe`` prints: characters, tokens and characters per token
+    of each novel and split, the vocabulary and the windows."""
+    lines = []
+    for name in (*data.train_texts, *data.test_texts):
+        role = "test" if name in data.test_texts else "train"
+        chars, tokens = data.chars[name], data.tokens[name]
+        lines.append(f"  {AUSTEN_NOVELS.get(name, name):<24}{chars:>10,} characters{tokens:>9,} tokens "
+                     f"{chars / tokens:5.2f} characters/token  ({role})")
+    for split, names in (("train", data.train_texts), ("test", data.test_texts)):
+        chars, tokens = sum(data.chars[n] for n in names), sum(data.tokens[n] for n in names)
+        lines.append(f"  {split + ' (' + str(len(names)) + ' novel' + 's' * (len(names) != 1) + ')':<24}"
+                     f"{chars:>10,} characters{tokens:>9,} tokens {chars / tokens:5.2f} characters/token")
+    lines.append(f"  vocabulary {data.n_classes:,} (byte-level BPE trained on the training novels) in {directory}; "
+                 f"{len(data.x_train):,} train / {len(data.x_test):,} test windows of {data.context} tokens")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- text classification

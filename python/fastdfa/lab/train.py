@@ -210,13 +210,21 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
+EVAL_LOGITS = 2 ** 24  # logits per evaluation batch (64 MiB of float32): 512 windows of 64 characters x 82,
+# but a 16,384-token vocabulary would make the same 512 windows a 2.1 GB logits tensor (4.3 GB in float64)
+
+
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> tuple[float, float]:
     """``(mean cross-entropy in nats, next-token accuracy)`` over every target token of ``y`` ``[N, T]``
-    (summed in float64). ``exp`` of the first is the perplexity; divided by ln 2, bits per token."""
+    (summed in float64). ``exp`` of the first is the perplexity; divided by ln 2, bits per token. The batch
+    is cut so that it holds at most ``EVAL_LOGITS`` logits."""
     was_training = model.training
     model.eval()
     total, correct = 0.0, 0
+    if len(x):
+        vocab = model(x[:1]).shape[-1]
+        batch_size = max(1, min(batch_size, EVAL_LOGITS // max(1, y[:1].numel() * vocab)))
     for i in range(0, len(x), batch_size):
         logits, target = model(x[i:i + batch_size]), y[i:i + batch_size]
         total += float(F.cross_entropy(logits.flatten(0, -2).double(), target.flatten(), reduction="sum"))
@@ -385,7 +393,7 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
         if log is not None:
             extra = ""
             if test_loss is not None:
-                extra = f"  test ppl {math.exp(test_loss):.3f}  bpc {test_loss / math.log(2):.4f}"
+                extra = f"  test ppl {math.exp(test_loss):.3f}  bpc {data.bits_per_character(test_loss):.4f}"
             if alignment is not None:
                 extra += (f"  WA {alignment_summary(alignment['weight']):.3f}"
                          f"  GA {alignment_summary(alignment['gradient']):.3f}")
@@ -395,7 +403,8 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
     result.test_accuracy = result.epochs[-1].test_accuracy
     if config.is_lm:
         result.test_perplexity = math.exp(result.epochs[-1].test_loss)
-        result.bits_per_character = result.epochs[-1].test_loss / math.log(2)
+        # per character, not per token: for subword data (austen-bpe) tokens x nats / characters / ln 2
+        result.bits_per_character = data.bits_per_character(result.epochs[-1].test_loss)
     result.skipped_steps = dfa.skipped_steps
     result.model, result.optimizer = dfa, opt  # for side-by-side timing after training
     return result

@@ -1,0 +1,106 @@
+"""Whole training steps of a GPT-2-shaped LM with a real vocabulary: BP and the DFA variants, interleaved,
+beside each one's FLOP floor (issue "A language model with a real vocabulary", item 4's timing half).
+
+The model: transformers' ``GPT2LMHeadModel`` from a ``GPT2Config`` (4 blocks, n_embd 256, 4 heads, context
+128, vocabulary 16,384, random init, dropout 0), batch 8 x 128 tokens, AdamW, float32, HF's own ``labels=``
+loss. DFA variants: where the error is taken (``logits``: the LM head's output, 16,384 wide; ``head``: its
+input, 256 wide, the head trained by BP) x the error's rank (``full`` or ``error_rank`` 32 / 128) x where
+the sites are (``blocks``: ``sites=`` the four blocks, Conv1D unconverted; ``linear``: every Conv1D
+converted by ``fastdfa.prepare``). Pruned: the logits' full 16,384-wide error at every linear layer
+(7,168 site rows x 16,384 = 117 M multiply-adds per token for the projection alone, four times BP's whole
+step): clearly dominated. BP is the same model run plainly, same initial weights. A step is zero_grad,
+forward, loss, backward, optimizer step; the methods alternate round after round (``interleaved_step_ms``).
+
+FLOP floor: the step's floating-point operations counted by ``FlopCounterMode``, over BP's.
+
+    python -m pytest bench/test_lm_gpt2_step.py -q -p no:cacheprovider --fastdfa-record bench/results/lm-gpt2-step-cpu.json
+"""
+
+import copy
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import fastdfa
+from fastdfa.lab.steptime import interleaved_step_ms
+
+transformers = pytest.importorskip("transformers")
+
+THREADS, ROUNDS = 2, 8
+FULL = dict(vocab=16384, d_model=256, layers=4, heads=4, context=128, batch=8)
+SMOKE = dict(vocab=97, d_model=16, layers=2, heads=2, context=8, batch=2)  # --benchmark-disable: plumbing only
+VARIANTS = [(point, rank, sites) for point in ("logits", "head") for rank in (None, 32, 128)
+            for sites in ("blocks", "linear") if not (point == "logits" and rank is None and sites == "linear")]
+
+
+def variant_name(point: str, rank, sites: str) -> str:
+    return f"dfa-{point}-{'full' if rank is None else f'r{rank}'}-{sites}"
+
+
+def build(size: dict, point: str | None, rank, sites: str | None, mode: str = "dfa"):
+    """BP's plain model (``point`` None) or one DFA variant, all from the same initial weights."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=size["layers"], n_embd=size["d_model"], n_head=size["heads"],
+                                     vocab_size=size["vocab"], n_positions=size["context"], resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    if point is None:
+        return model
+    options = dict(mode=mode, batch_dims=2, seed=0, error_rank=rank, backend="torch")
+    if point == "head":
+        options["head"] = "lm_head"
+    if sites == "linear":
+        return fastdfa.prepare(model, **options)
+    if point == "logits":  # the blocks as sites and lm_head as the output layer (its input a site)
+        fastdfa.convert(model, skip=[n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"])
+    return fastdfa.DFA(model, sites=list(model.transformer.h), **options)
+
+
+def steps_for(size: dict, variants, grape: tuple | None = None):
+    x = torch.randint(0, size["vocab"], (size["batch"], size["context"]))
+    nets = {"bp": build(size, None, None, None)}
+    for point, rank, sites in variants:
+        nets[variant_name(point, rank, sites)] = build(size, point, rank, sites)
+    if grape is not None:
+        nets["grape-" + variant_name(*grape)[4:]] = build(size, *grape, mode="grape")
+
+    def step_of(net, lr):
+        opt = torch.optim.AdamW(net.parameters(), lr=lr)
+
+        def step(_round=None):
+            opt.zero_grad(set_to_none=True)
+            net(input_ids=x, labels=x).loss.backward()
+            opt.step()
+        return step
+
+    return {name: step_of(net, 1e-3 if name == "bp" else 3e-4) for name, net in nets.items()}
+
+
+def step_flops(steps) -> dict[str, int]:
+    out = {}
+    for name, step in steps.items():
+        step()  # the first step builds the feedback
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        out[name] = counter.get_total_flops()
+    return out
+
+
+def test_lm_gpt2_step_interleaved(request, record_interleaved, record_flops):
+    disabled = request.config.getoption("benchmark_disable")
+    size = SMOKE if disabled else FULL
+    group = "lm-gpt2-{layers}x{d_model}-v{vocab}-t{context}-b{batch}".format(**size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        steps = steps_for(size, VARIANTS, grape=("head", None, "linear"))
+        flops = step_flops(steps)
+        timing = interleaved_step_ms(steps, rounds=1 if disabled else ROUNDS, warmup=0 if disabled else 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(timing) == set(flops) and len(timing) == len(VARIANTS) + 2
+    if not disabled:
+        record_interleaved(group, timing)
+        record_flops(group, flops)
