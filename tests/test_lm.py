@@ -214,3 +214,24 @@ def test_triton_backend_equals_torch_on_the_lm(kind, mode):
     for a, b in zip(grads["triton"], grads["torch"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(feedback["triton"], feedback["torch"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", [["--sites", "layers", "--error-point", "head", "--error-rank", "4"],
+                                     ["--sites", "blocks", "--error-point", "logits"]])
+def test_train_gpt2_command_through_prepare(tiny_corpus, tmp_path, variant):
+    """--model gpt2: transformers' GPT2LMHeadModel through fastdfa.prepare (every Conv1D a site, or the blocks),
+    the error at the logits or at the LM head's input, optionally compressed; at CI size in under a minute."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "gpt2.json"
+    start = time.perf_counter()
+    assert main(["train", "--data", "austen", "--model", "gpt2", "--method", "dfa", *variant, "--train-samples", "64",
+                 "--epochs", "1", "--batch-size", "32", "--d-model", "16", "--heads", "2", "--layers", "1",
+                 "--context", "32", "--threads", "1", "--no-progress", "--json", str(out)]) == 0
+    assert time.perf_counter() - start < 60
+    result = json.loads(out.read_text())
+    config = result["config"]
+    assert config["model"] == "gpt2" and config["error_point"] == variant[3]
+    assert config["error_rank"] == (4 if "--error-rank" in variant else None)
+    assert result["test_perplexity"] > 1 and math.isfinite(result["test_perplexity"])
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "gpt2", "--error-point", "middle"])

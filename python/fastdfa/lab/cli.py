@@ -25,6 +25,7 @@ from .finetune import FINETUNE_METHODS, finetune_runs, pretrain, summary
 from .finetune_hf import HF_MODELS, add_hf_arguments, finetune_pretrained, resolve_defaults
 from .plots import plot_alignment
 from .steptime import interleaved_step_ms
+from .train import ERROR_POINTS as TRAIN_ERROR_POINTS
 from .train import METHODS, TrainConfig, build, make_step, train
 
 DATASETS = ("digits", "fashion-mnist", "austen", BPE_NAME)  # what --data takes besides a directory (load_dataset)
@@ -133,13 +134,20 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-samples", type=POSITIVE_INT, default=None, metavar="N",
                    help="train on a seeded random N of the training set: images, or text windows of --context "
                         "characters (the test set stays whole; default: all of it)")
-    p.add_argument("--model", choices=MODELS, default="mlp",
-                   help="mlp, cnn (two conv blocks), resnet8 or resnet20 (CIFAR ResNets with BatchNorm), or "
-                        "transformer (a GPT-style causal character LM for --data austen)")
-    lm = p.add_argument_group("transformer LM (--model transformer)")
+    p.add_argument("--model", choices=(*MODELS, "gpt2"), default="mlp",
+                   help="mlp, cnn (two conv blocks), resnet8 or resnet20 (CIFAR ResNets with BatchNorm), "
+                        "transformer (a GPT-style causal character LM for --data austen), or gpt2 (transformers' "
+                        "GPT2LMHeadModel of --layers x --d-model, through fastdfa.prepare; for --data austen-bpe)")
+    lm = p.add_argument_group("transformer LM (--model transformer or gpt2)")
     lm.add_argument("--sites", choices=TRANSFORMER_SITES, default="blocks",
                     help="DFA sites: blocks (DFA between blocks, BP inside each) or layers (DFA at every attention "
-                         "and MLP sub-layer); the head (final LayerNorm + LM head) is the last site")
+                         "and MLP sub-layer; gpt2: every Conv1D); the head (final LayerNorm + LM head) is the last site")
+    lm.add_argument("--error-point", choices=TRAIN_ERROR_POINTS, default="logits",
+                    help="gpt2: take the error at the LM head's output (logits, vocabulary wide) or at its input "
+                         "(head: d-model wide, the head trained by BP)")
+    lm.add_argument("--error-rank", type=POSITIVE_INT, default=None, metavar="K",
+                    help="compress the error to K columns with a fixed random projection before the feedback "
+                         "(default: the full error)")
     lm.add_argument("--context", type=POSITIVE_INT, default=64, help="characters per window")
     lm.add_argument("--d-model", type=POSITIVE_INT, default=128, help="model width")
     lm.add_argument("--heads", type=POSITIVE_INT, default=4, help="attention heads")
@@ -207,7 +215,8 @@ def _config(args: argparse.Namespace, method: str) -> TrainConfig:
                        calibrate_every_steps=args.calibrate_every_steps, calibrate_below=args.calibrate_below,
                        check_every=args.check_every, calibrate_scale=args.calibrate_scale,
                        cuda_graph=args.cuda_graph, sites=args.sites, context=args.context, d_model=args.d_model,
-                       heads=args.heads, layers=args.layers)
+                       heads=args.heads, layers=args.layers, error_point=args.error_point,
+                       error_rank=args.error_rank)
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -278,8 +287,9 @@ def _load(args: argparse.Namespace):
     if args.train_samples is not None:
         data = subsample_train(data, args.train_samples)
     if data.is_text:
+        unit = "tokens" if getattr(data, "tokenizer", None) is not None else "characters"
         print(f"data: {data.name}, {len(data.x_train)} train / {len(data.x_test)} test windows of {data.context} "
-              f"characters (test: {', '.join(data.test_texts)}), vocabulary {data.n_classes}; model {args.model} "
+              f"{unit} (test: {', '.join(data.test_texts)}), vocabulary {data.n_classes}; model {args.model} "
               f"d_model {args.d_model}, {args.layers} layers, {args.heads} heads, sites {args.sites}; "
               f"device {args.device}; threads {torch.get_num_threads()}")
     else:
@@ -316,7 +326,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(config, data, progress=args.progress)
     if result.test_perplexity is not None:
         print(f"{args.method}: final test perplexity {result.test_perplexity:.4f} "
-              f"({result.bits_per_character:.4f} bits per character, next-character accuracy "
+              f"({result.bits_per_character:.4f} bits per character, next-token accuracy "
               f"{result.test_accuracy:.4f}), median step {result.step_ms_median:.2f} ms")
     else:
         print(f"{args.method}: final test accuracy {result.test_accuracy:.4f}, "

@@ -14,11 +14,13 @@ from torch import nn
 
 from ..config import MODES, DFAConfig
 from ..dfa import DFA
+from ..engine.error_point import error_tensor
 from ..feedback import seeded_generator
 from ..grape import CALIBRATE_SCALES, calibration_step
 from ..graphs import CapturedStep
 from ..metrics import alignment_summary, gradient_alignment, weight_alignment
 from ..models import TRANSFORMER_SITES, make_model, make_transformer_lm
+from ..targets import convert_targets
 from .data import Dataset
 
 METHODS = MODES  # every mode of fastdfa.DFA is a training method
@@ -27,8 +29,26 @@ METHODS = MODES  # every mode of fastdfa.DFA is a training method
 # training loss rose after epoch 3 and test accuracy swung between 0.80 and
 # 0.85; at 3e-4 it fell steadily (0.853 after 5 epochs).
 DEFAULT_LR = {"bp": 1e-3, "fa": 3e-4, "dfa": 3e-4, "grape": 3e-4}
-LM_MODELS = ("transformer",)  # models trained on text, with per-token outputs (batch_dims=2)
-LM_FIELDS = ("sites", "context", "d_model", "heads", "layers")  # TrainConfig fields of the LM only
+LM_MODELS = ("transformer", "gpt2")  # models trained on text, with per-token outputs (batch_dims=2)
+LM_FIELDS = ("sites", "context", "d_model", "heads", "layers", "error_point")  # TrainConfig fields of the LM only
+ERROR_POINTS = ("logits", "head")  # gpt2: the error at the LM head's output, or at its input (the head by BP)
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits of a model's output: the tensor itself, or a Hugging Face ``ModelOutput``'s ``logits``."""
+    return output if isinstance(output, torch.Tensor) else error_tensor(output)
+
+
+def make_gpt2_lm(vocab: int, context: int, d_model: int, heads: int, layers: int) -> nn.Module:
+    """transformers' ``GPT2LMHeadModel`` from a ``GPT2Config`` of these sizes (random init, dropout 0.1 as
+    GPT-2's), the LM head tied to the input embedding as GPT-2's is."""
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("--model gpt2 needs Hugging Face transformers: pip install -r requirements-test.txt") from None
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=vocab, n_positions=context, n_embd=d_model, n_head=heads, n_layer=layers,
+        bos_token_id=0, eos_token_id=0))
 
 
 def token_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -70,6 +90,8 @@ class TrainConfig:
     d_model: int = 128
     heads: int = 4
     layers: int = 2
+    error_point: str = "logits"      # gpt2: "logits" (the LM head's output) or "head" (its input; the head by BP)
+    error_rank: int | None = None    # k: the error compressed by a fixed P [k, n_e] (fastdfa.DFAConfig.error_rank)
 
     @property
     def effective_lr(self) -> float:
@@ -89,7 +111,9 @@ class TrainConfig:
         The LM's outputs are per token: ``batch_dims=2``, each token's error projected to that token."""
         return DFAConfig(mode=self.method, seed=self.seed, feedback=self.feedback, conv_feedback=self.conv_feedback,
                          feedback_layout=self.feedback_layout, batch_dims=2 if self.is_lm else 1,
-                         backend=self.backend, feedback_lr=self.feedback_lr, perturb=self.perturb, jvp=self.jvp)
+                         backend=self.backend, feedback_lr=self.feedback_lr, perturb=self.perturb, jvp=self.jvp,
+                         head="lm_head" if self.model == "gpt2" and self.error_point == "head" else None,
+                         error_rank=self.error_rank)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -120,6 +144,11 @@ class TrainConfig:
             raise ValueError(f"calibration re-anchors fa, dfa or grape with BP steps; method is {self.method!r}")
         if self.sites not in TRANSFORMER_SITES:
             raise ValueError(f"sites must be one of {TRANSFORMER_SITES}, got {self.sites!r}")
+        if self.error_point not in ERROR_POINTS:
+            raise ValueError(f"error_point (--error-point) must be one of {ERROR_POINTS}, got {self.error_point!r}")
+        if self.error_point != "logits" and self.model != "gpt2":
+            raise ValueError(f"--error-point {self.error_point} takes the error at the LM head's input of --model "
+                             f"gpt2; --model {self.model} takes it at its logits")
         if self.is_lm:
             for name in ("context", "d_model", "heads", "layers"):
                 if getattr(self, name) < 1:
@@ -223,10 +252,10 @@ def evaluate_lm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: 
     model.eval()
     total, correct = 0.0, 0
     if len(x):
-        vocab = model(x[:1]).shape[-1]
+        vocab = logits_of(model(x[:1])).shape[-1]
         batch_size = max(1, min(batch_size, EVAL_LOGITS // max(1, y[:1].numel() * vocab)))
     for i in range(0, len(x), batch_size):
-        logits, target = model(x[i:i + batch_size]), y[i:i + batch_size]
+        logits, target = logits_of(model(x[i:i + batch_size])), y[i:i + batch_size]
         total += float(F.cross_entropy(logits.flatten(0, -2).double(), target.flatten(), reduction="sum"))
         correct += int((logits.argmax(-1) == target).sum())
     model.train(was_training)
@@ -244,11 +273,15 @@ def build(config: TrainConfig, data: Dataset, model: nn.Module | None = None) ->
                          f"not on {data.name}")
     sites = None
     if model is None:
-        if config.is_lm:
+        if config.model == "gpt2":
+            model = make_gpt2_lm(data.n_classes, data.context, config.d_model, config.heads, config.layers)
+        elif config.is_lm:
             model = make_transformer_lm(data.n_classes, data.context, config.d_model, config.heads, config.layers)
         else:
             model = make_model(config.model, data.input_shape, data.n_classes, config.hidden, config.activation)
-    if config.is_lm:
+    if config.model == "gpt2":
+        sites = _gpt2_sites(model, config)
+    elif config.is_lm:
         sites = model.sites(config.sites)
     # On the device before wrapping: an explicitly requested backend is checked against it.
     model = model.to(config.device)
@@ -264,11 +297,23 @@ def build(config: TrainConfig, data: Dataset, model: nn.Module | None = None) ->
     return dfa, opt
 
 
+def _gpt2_sites(model: nn.Module, config: TrainConfig):
+    """gpt2's DFA sites: "blocks" names the blocks (their Conv1D left alone), "layers" converts every Conv1D
+    (each a site); the LM head is converted (the output layer) unless the error is taken at its input."""
+    head = config.error_point == "head"
+    if config.sites == "layers":
+        convert_targets(model, "all-linear", head="lm_head" if head else None)
+        return None
+    if not head:
+        convert_targets(model, ["lm_head"])
+    return list(model.transformer.h)
+
+
 def train_step(dfa: DFA, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                loss_fn=F.cross_entropy) -> torch.Tensor:
     """zero_grad, forward, loss (cross-entropy), backward, optimizer step; returns the loss."""
     opt.zero_grad(set_to_none=True)
-    loss = loss_fn(dfa(x), y)
+    loss = loss_fn(logits_of(dfa(x)), y)
     loss.backward()
     opt.step()
     return loss
