@@ -171,8 +171,8 @@ class StageGrape:
             if module.boundary is not None:
                 primal, tangent = fwAD.unpack_dual(module.boundary.sent)
                 module.boundary.sent = None
-            else:
-                primal, tangent = fwAD.unpack_dual(out)
+            else:  # the last stage: the output tangent at the error point (head= / error_at=: inside it)
+                primal, tangent = fwAD.unpack_dual(out if inj.error is None else inj.error)
             tangent = torch.zeros_like(primal) if tangent is None else tangent
         self._pending[m] = inj
         if module.boundary is not None:

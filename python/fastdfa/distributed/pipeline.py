@@ -26,12 +26,13 @@ from torch import nn
 
 from ..config import MODES
 from ..dfa import DFA
+from ..engine.error_point import INPUT, OUTPUT, find_module
 from ..layers import FASTDFA_LAYERS, init_feedback_weight
 from .agreement import Fault, agree, raise_if_failed
 from .grape import StageGrape
 from .schedules import SCHEDULES
-from .split import StageModule, plan_stages
-from .stage import StageRunner
+from .split import StageModule, modules_of, plan_stages
+from .stage import ErrorTap, StageRunner
 from .wire import Wire
 
 PIPELINE_MODES = ("dfa", "grape")
@@ -58,6 +59,9 @@ class DFAPipeline:
         device: where the stage runs (default: where its parameters are); the stage's modules are moved there.
         timeout: the longest any wait for another rank lasts (default 5 minutes), then ``PipelineTimeout``.
         sites, batch_dims, feedback, ...: the other ``fastdfa.DFA`` options, for every stage.
+        head, error_at: where the error is taken, as ``fastdfa.DFA``: a module of the last stage, whose wrapper
+            alone gets it; the last stage then sends every stage ``e = dL/dz / M`` at that point ``z``
+            (``stage.ErrorTap``; docs/pipeline.md "Where the error is taken").
     """
 
     def __init__(self, model: nn.Module, split_points, *, micro_batches: int, seed: int = 0, mode: str = "dfa",
@@ -71,6 +75,7 @@ class DFAPipeline:
         self.stage = dist.get_rank(self.group)
         self.micro_batches, self.seed, self.mode, self.schedule = micro_batches, seed, mode, schedule
         self.timeout = _timeout(timeout)
+        self._point_names = (dfa_options.get("error_at"), dfa_options.get("head"))
         fault = Fault(self.stage, dist.get_rank())
         built = None
         try:
@@ -78,7 +83,7 @@ class DFAPipeline:
         except (ValueError, TypeError, RuntimeError) as exc:
             fault.local(exc)
         self._handshake(fault, list(split_points) if not isinstance(split_points, str) else split_points)
-        self.module, self.wrapper, self.plan = built
+        self.module, self.wrapper, self.plan, tap = built
         ranks = [dist.get_global_rank(self.group, s) for s in range(self.num_stages)]
         self.device = _device_of(self.module, device)
         ddp = None
@@ -96,7 +101,7 @@ class DFAPipeline:
         wire = Wire(self.group, backward, self.stage, ranks, self.device, self.timeout)
         self.runner = StageRunner(self.module, self.wrapper, wire, self.stage, self.num_stages, micro_batches,
                                   schedule, self.wrapper.dfa_config.batch_dims, self.device, ddp, data_parallel_group,
-                                  grape)
+                                  grape, tap)
 
     def _build(self, model, split_points, sites, device, options):
         if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) or self.micro_batches < 1:
@@ -107,11 +112,6 @@ class DFAPipeline:
                              f"every stage), got {self.mode!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        for name in ("error_at", "head"):
-            if options.get(name) is not None:
-                raise ValueError(f"DFAPipeline takes the error at the model's output (its last stage computes e from "
-                                 f"loss_fn and sends it to every stage); {name}= is not supported by the pipeline. "
-                                 "Split the model so that its output is the tensor the error is taken at")
         if "example_input" in options:
             raise TypeError("DFAPipeline builds each stage's feedback at its first step; example_input= does not "
                             "apply")
@@ -121,22 +121,31 @@ class DFAPipeline:
             raise ValueError(f"the pipeline has {plan.num_stages} stages (split_points={split_points}), but the "
                              f"process group has {world} ranks: start one process per stage (e.g. torchrun "
                              f"--nproc-per-node {plan.num_stages}), or pass group= a group of {plan.num_stages} ranks")
-        r = self.stage
+        point = _error_point(model, plan, options.get("error_at"), options.get("head"))
+        r, last = self.stage, plan.num_stages - 1
         module = StageModule(plan.steps[r], plan.boundary_names[r])
         if device is not None:
             module.to(device)
         stage_sites = plan.sites[r] + ([module.boundary] if module.boundary is not None else [])
+        options = {k: v for k, v in options.items() if k not in ("error_at", "head")}
+        tap = None
+        if point is not None and r == last:  # only the last stage takes the error inside its modules
+            option, target = point
+            name = next(n for n, m in module.named_modules() if m is target)  # its name in the StageModule
+            options[option] = name
         # mode "dfa" in every stage: GrAPE's dual pass and alignment span the stages (fastdfa.distributed.grape)
         wrapper = DFA(module, mode="dfa", seed=self.seed, sites=stage_sites, **options)
+        if point is not None and r == last:  # after the wrapper's own hook: it sees the output node's tensor
+            tap = ErrorTap(point[1], INPUT if point[0] == "head" else OUTPUT, name)
         wrapper.feedback.seed_offset = plan.first_site[r]
         layer_index = {m: i for i, m in enumerate(m for m in model.modules() if isinstance(m, FASTDFA_LAYERS))}
         for layer in wrapper.feedback.fa_layers:  # FA's feedback as a whole-model wrapper seeds it
             init_feedback_weight(layer, self.seed, layer_index[layer])
-        return module, wrapper, plan
+        return module, wrapper, plan, tap
 
     def _handshake(self, fault: Fault, split_points) -> None:
         """Every rank checks that all built the same pipeline; a failure on any rank raises on every rank."""
-        mine = (repr(split_points), self.micro_batches, self.seed, self.mode, self.schedule)
+        mine = (repr(split_points), self.micro_batches, self.seed, self.mode, self.schedule, self._point_names)
         seen = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(seen, (mine, fault.origin, fault.text), group=self.group)
         reports = sorted((o, t) for _, o, t in seen if o is not None)
@@ -144,7 +153,7 @@ class DFAPipeline:
             raise_if_failed(_fault_of(*reports[0]))
         if any(s[0] != mine for s in seen):
             raise ValueError("the ranks created DFAPipeline with different arguments "
-                             "(split_points, micro_batches, seed, mode, schedule): "
+                             "(split_points, micro_batches, seed, mode, schedule, (error_at, head)): "
                              + "; ".join(f"rank {i}: {s[0]}" for i, s in enumerate(seen)))
 
     # ------------------------------------------------------------------ API
@@ -186,6 +195,40 @@ class DFAPipeline:
         return (f"DFAPipeline(stage {self.stage} of {self.num_stages}, micro_batches={self.micro_batches}, "
                 f"schedule={self.schedule!r}, mode={self.mode!r}, first_site={self.first_site}, "
                 f"device={self.device})")
+
+
+def _error_point(model: nn.Module, plan, error_at, head):
+    """``(option, module)`` of ``head=`` / ``error_at=`` (None without either), after checking that the
+    module lies in the last stage; raises ``ValueError`` naming the stage that holds it."""
+    if error_at is not None and head is not None:
+        raise ValueError(f"give error_at= or head=, not both (error_at={error_at!r}, head={head!r}): head=NAME "
+                         "already takes the error at the input of NAME")
+    option, name = ("head", head) if head is not None else ("error_at", error_at)
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise TypeError(f"{option}= must be a module name (a str), got {type(name).__name__}")
+    target = find_module(model, name, option)
+    parts = set(target.modules())
+    holders = [s for s, steps in enumerate(plan.steps) if parts & modules_of(steps)]
+    last = plan.num_stages - 1
+    if holders != [last]:
+        where = f"stage {holders[0]}" if len(holders) == 1 else f"stages {', '.join(map(str, holders))}"
+        raise ValueError(f"{option}={name!r} is in {where} of the {plan.num_stages}-stage pipeline, but the error "
+                         f"is taken in its last stage (stage {last}) and sent to every stage from there: {option}= "
+                         f"must name a module that runs in the last stage. Split before {name!r} (every split "
+                         f"point before it), or name a later module")
+    if target not in modules_of(plan.steps[last]):
+        raise ValueError(f"{option}={name!r} is an nn.Sequential that the split opened into its children (the "
+                         f"pipeline runs them one by one, not {name!r} itself): name one of its children, or split "
+                         f"outside it")
+    first = plan.boundary_modules[last - 1] if last > 0 else None
+    if option == "head" and first is not None and first in parts:
+        raise ValueError(f"head={name!r} begins the last stage (split point {plan.boundary_names[last - 1]!r}): its "
+                         "input is the stage boundary, a DFA site of the stage before, where under head= the error "
+                         "is taken and BP's gradient flows into the modules before it. Split at a DFA module before "
+                         f"{name!r}")
+    return option, target
 
 
 def _fault_of(origin: int, text: str) -> Fault:

@@ -139,7 +139,7 @@ def plan_stages(model: nn.Module, split_points, sites) -> StagePlan:
     user_sites = list(sites or [])
     first_site, stage_sites, count = [], [], 0
     for chunk in stage_steps:
-        inside = _modules_of(chunk)
+        inside = modules_of(chunk)
         first_site.append(count)
         count += sum(1 for m in candidates if m in inside)
         stage_sites.append([m for m in user_sites if m in inside])
@@ -147,7 +147,7 @@ def plan_stages(model: nn.Module, split_points, sites) -> StagePlan:
     return StagePlan(stage_steps, first_site, stage_sites, boundary, [named[n] if n else None for n in boundary])
 
 
-def _modules_of(steps: list[Step]) -> set:
+def modules_of(steps: list[Step]) -> set:
     return {m for s in steps for _, member in s.members for m in member.modules()}
 
 

@@ -10,6 +10,9 @@ dim 0) stage ``r`` of ``S``:
   micro-batch, so that the step's loss is the mean over micro-batches, as
   torch's schedules with ``scale_grads``), sends it to every other stage, and
   runs its own backward;
+* under ``head=`` / ``error_at=`` the last stage runs its backward first, from
+  ``dL_m/dy_m / M`` (BP through the head), and sends the error its output node
+  received at the error point ``z``, ``e_m = dL_m/dz_m / M`` (``ErrorTap``);
 * backward: ``autograd.backward(output_m, e_m)`` through the stage's DFA
   output node: ONE GEMM projects ``e_m`` onto every site of the stage
   (``delta_l = (F_l e_m) * g'(a_l)``, ``dW_l += delta_l^T h_{l-1}``, summed over
@@ -24,7 +27,7 @@ and tangent (forward) and the output tangents (from the last stage,
 
 The first step first runs a *setup* pass: one no-grad, eval-mode forward of
 micro-batch 0 through every stage, which fixes the shapes and dtypes of the
-activations and of ``e`` (the model output); every later message is checked
+activations and of ``e`` (the model output, or ``z``); every later message is checked
 against them. Receives are posted in the order their messages are sent
 (NCCL matches point-to-point messages by order alone).
 """
@@ -34,6 +37,7 @@ from __future__ import annotations
 import torch
 from torch.nn.parallel.distributed import _find_tensors
 
+from ..engine.error_point import INPUT
 from .agreement import Fault, agree
 from .schedules import stage_order
 from .wire import Wire
@@ -45,8 +49,10 @@ class StageRunner:
     mode "grape"."""
 
     def __init__(self, module, wrapper, wire: Wire, stage: int, num_stages: int, micro_batches: int,
-                 schedule: str, batch_dims: int, device: torch.device, ddp=None, data_group=None, grape=None):
+                 schedule: str, batch_dims: int, device: torch.device, ddp=None, data_group=None, grape=None,
+                 tap=None):
         self.module, self.wrapper, self.wire = module, wrapper, wire
+        self.tap = tap  # the last stage's ErrorTap under head= / error_at= (None: e is taken at the output)
         self.stage, self.num_stages, self.micro_batches = stage, num_stages, micro_batches
         self.schedule, self.batch_dims, self.device = schedule, batch_dims, device
         self.ddp, self.data_group, self.grape = ddp, data_group, grape
@@ -86,6 +92,8 @@ class StageRunner:
             out = self._forward(inp, fault)
             if r == last:
                 e, loss = self._output_error(out, targets[m] if targets else None, loss_fn, fault)
+                if self.tap is not None:  # the error point is inside: backward first, then send what it projected
+                    e = self.tap.error_of(self, m, out, e, fault)
                 for s in range(last):
                     self.wire.send(s, e, fault.origin, *self.spec["e"])
                 loss_sum += loss
@@ -93,7 +101,7 @@ class StageRunner:
                 self._dual_pass(m, inp if r == 0 else self._take(dual, fault), fault)
             if r < last:
                 outputs[m] = out
-            else:
+            elif self.tap is None:
                 self._backward(m, out, e, None, fault)
         if self.grape is not None:
             self.grape.end_step(fault, self.wrapper.skipped_steps != skipped)
@@ -145,6 +153,9 @@ class StageRunner:
             except Exception as exc:  # noqa: BLE001 - every failure must reach every rank
                 fault.local(exc)
         spec = ((1,), torch.float32) if out is None else (tuple(out.shape), out.dtype)
+        e_spec = spec  # e: the model output's shape, or under head= / error_at= the error point's
+        if r == last and self.tap is not None and out is not None:
+            e_spec = self.tap.spec
         if r < last:
             wire.send_announced(r + 1, out, fault.origin, *spec)
             self.spec["out"] = spec
@@ -154,8 +165,8 @@ class StageRunner:
             self.spec["e"] = (head.shape, head.dtype)
         else:
             for s in range(last):
-                wire.send_header(s, fault.origin, *spec)
-            self.spec["e"] = spec
+                wire.send_header(s, fault.origin, *e_spec)
+            self.spec["e"], self.spec["y"] = e_spec, spec
         wire.flush()
         boundary = self.module.boundary
         if boundary is not None and not fault:
@@ -173,11 +184,16 @@ class StageRunner:
     def _probe(self, x: torch.Tensor) -> torch.Tensor:
         """The stage's modules on ``x`` without a graph, in eval mode (no running statistics move)."""
         training = [(m, m.training) for m in self.module.modules()]
+        tap = self.tap
         try:
             self.module.eval()
+            if tap is not None:
+                tap.spec, tap.probing = None, True
             with torch.no_grad():
                 out = self.module.run_steps(x)
         finally:
+            if tap is not None:
+                tap.probing = False
             for m, t in training:
                 m.training = t
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
@@ -187,6 +203,8 @@ class StageRunner:
         if out.dim() < self.batch_dims:
             raise ValueError(f"stage {self.stage} returned shape {tuple(out.shape)}, with fewer dims than "
                              f"batch_dims={self.batch_dims}")
+        if tap is not None:
+            tap.check_probed(self.batch_dims)
         return out
 
     # ----------------------------------------------------------------- compute
@@ -232,7 +250,7 @@ class StageRunner:
         if fault:
             return None, 0.0
         try:
-            check_spec(y, self.spec["e"], "the model output")
+            check_spec(y, self.spec["y"], "the model output")
             leaf = y.detach().requires_grad_(True)
             loss = loss_fn(leaf, target)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -259,6 +277,76 @@ class StageRunner:
                 self.grape.collect(m, tangents)
         except Exception as exc:  # noqa: BLE001
             fault.local(exc)
+
+
+class ErrorTap:
+    """The last stage's view of the error point under ``head=`` / ``error_at=``: a hook on that module,
+    registered after its ``fastdfa.DFA``'s own, so it sees the tensor the wrapper's output node returned.
+    In the setup pass (``probing``) it notes that tensor's shape and dtype, the shape of the ``e`` every
+    stage receives; in a training forward it puts a gradient hook on it, which keeps (while ``armed``: the
+    stage's backward) the error the output node's backward receives and projects, ``dL/dz``."""
+
+    def __init__(self, module, kind: str, name: str):
+        self.kind, self.name = kind, name
+        self.spec: tuple | None = None
+        self.grad: torch.Tensor | None = None
+        self.probing = self.armed = False
+        if kind == INPUT:
+            self.handle = module.register_forward_pre_hook(self._input, with_kwargs=True)
+        else:
+            self.handle = module.register_forward_hook(self._output)
+
+    def error_of(self, runner: StageRunner, m: int, out, e, fault: Fault):
+        """The last stage's backward of micro-batch ``m`` from ``e = dL/dy / M``, which trains what runs after
+        the error point by BP and projects the error there onto the stage's sites; returns that error,
+        ``dL/dz / M`` at the error point ``z``, for the other stages (None after a failure)."""
+        self.grad, self.armed = None, True
+        try:
+            runner._backward(m, out, e, None, fault)
+        finally:
+            self.armed = False
+        grad, self.grad = self.grad, None
+        if fault:
+            return None
+        try:
+            if grad is None:
+                raise RuntimeError(f"the backward of the last stage gave no gradient at {self.describe()}: the "
+                                   "model output does not depend on the tensor there")
+            check_spec(grad, runner.spec["e"], f"the error at {self.describe()}")
+        except Exception as exc:  # noqa: BLE001
+            fault.local(exc)
+            return None
+        return grad
+
+    def describe(self) -> str:
+        return f"the input of head={self.name!r}" if self.kind == INPUT else f"the output of error_at={self.name!r}"
+
+    def _see(self, t) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        if self.probing:
+            self.spec = (tuple(t.shape), t.dtype)
+        elif torch.is_grad_enabled() and t.requires_grad:
+            t.register_hook(self._keep)
+
+    def _keep(self, grad: torch.Tensor) -> None:
+        if self.armed:
+            self.grad = grad
+
+    def _input(self, module, args, kwargs):
+        self._see(args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None))
+
+    def _output(self, module, args, output):
+        self._see(output)
+
+    def check_probed(self, batch_dims: int) -> None:
+        if self.spec is None:
+            raise RuntimeError(f"{self.describe()} did not run in the last stage's forward (or is not a tensor): "
+                               "every forward must run it")
+        shape, dtype = self.spec
+        if len(shape) < batch_dims or not dtype.is_floating_point:
+            raise ValueError(f"{self.describe()} is a tensor of shape {shape} ({dtype}): the error point must be "
+                             f"a floating-point tensor with the batch_dims={batch_dims} batch dims")
 
 
 def micro_batches(runner: StageRunner, x, target, loss_fn, fault: Fault):
