@@ -31,7 +31,8 @@ def cuda_extension_decision():
     try:
         import torch
     except ImportError:
-        return False, "torch is not installed (install torch first, then pip install --no-build-isolation -e .)", sources
+        return (False, "torch is not installed (install torch first, then pip install --no-build-isolation -e .)",
+                sources)
     if os.environ.get("FASTDFA_FORCE_CUDA") == "1":
         return True, "FASTDFA_FORCE_CUDA=1", sources
     if torch.version.cuda is None:

@@ -56,6 +56,19 @@ KERNEL_TESTS = ("tests/test_dfa_project.py", "tests/test_dfa_wgrad.py", "tests/t
                 "tests/test_graphs.py", "tests/test_csrc*.py")
 DRY_KERNEL_TESTS = ("tests/test_dfa_project.py", "tests/test_graphs.py")  # run in the dry run (all are collected)
 
+def portable(value):
+    """``value`` (text, or JSON made of it) as a record keeps it: no absolute path of this machine's checkout
+    (``/.../bench/results/x.json`` -> ``bench/results/x.json``, ``-I/.../csrc`` -> ``-Icsrc``) or temp dir
+    (``<tmp>/...``); tests/test_records.py checks the records under bench/results."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    if isinstance(value, str):
+        return value.replace(ROOT + os.sep, "").replace(tempfile.gettempdir() + os.sep, "<tmp>/")
+    return value
+
+
 PROBE = r"""
 import json, subprocess
 out = {}
@@ -160,7 +173,7 @@ class Check:
         line = f"[gpu-check +{self.elapsed():6.1f}s] {text}"
         print(line, flush=True)
         for f in self.logs:
-            f.write(line + "\n")
+            f.write(portable(line) + "\n")
             f.flush()
 
     def env(self, **extra) -> dict:
@@ -199,7 +212,7 @@ class Check:
             tail.append(line)
             print(line, flush=True)
             for f in self.logs:
-                f.write(line + "\n")
+                f.write(portable(line) + "\n")
         for f in self.logs:
             f.flush()
         rc = proc.wait()
@@ -216,13 +229,17 @@ class Check:
                     shutil.copy(p, self.out)
 
     def stamp(self, path: str, data: dict) -> dict:
-        """A record written by a child gets the commit FASTDFA_COMMIT named, when set: the device tool's copy
-        of the tree may carry no .git, or a stale one (seen: the checkout's base commit, "+dirty")."""
+        """A record written by a child gets its paths made portable, and the commit FASTDFA_COMMIT named, when
+        set: the device tool's copy of the tree may carry no .git, or a stale one (seen: the checkout's base
+        commit, "+dirty")."""
+        written = json.dumps(data)
         if self.machine.get("commit_source") == "FASTDFA_COMMIT" and data.get("commit") != self.machine["commit"]:
             data["commit_read_by_git"] = data.get("commit")
             data["commit"] = self.machine["commit"]
             if isinstance(data.get("machine"), dict):
                 data["machine"].update(commit=self.machine["commit"], commit_source="FASTDFA_COMMIT")
+        data = portable(data)
+        if json.dumps(data) != written:
             with open(path, "w") as f:
                 json.dump(data, f, indent=1)
                 f.write("\n")
@@ -231,7 +248,7 @@ class Check:
     def write_json(self, name: str, data: dict) -> str:
         path = os.path.join(self.results, name)
         with open(path, "w") as f:
-            json.dump(data, f, indent=1)
+            json.dump(portable(data), f, indent=1)
             f.write("\n")
         return path
 
@@ -431,7 +448,7 @@ class Check:
             self.summary["ok"] = all(s["status"] == "ok" for s in self.summary["stages"]
                                      if s["status"] != "not selected")
             with open(summary_path, "w") as f:
-                json.dump(self.summary, f, indent=1)
+                json.dump(portable(self.summary), f, indent=1)
                 f.write("\n")
             self.keep(summary_path)
         self.log(f"done in {self.elapsed():.1f} s: " + ", ".join(f"{s['stage']} {s['status']}"

@@ -13,10 +13,10 @@ forward, loss, backward, optimizer step; the methods alternate round after round
 
 FLOP floor: the step's floating-point operations counted by ``FlopCounterMode``, over BP's.
 
-    python -m pytest bench/test_lm_gpt2_step.py -q -p no:cacheprovider --fastdfa-record bench/results/lm-gpt2-step-cpu.json
+    python -m pytest bench/test_lm_gpt2_step.py -q -p no:cacheprovider \\
+        --fastdfa-record bench/results/lm-gpt2-step-cpu.json
 """
 
-import copy
 
 import pytest
 import torch

@@ -106,7 +106,8 @@ def main(argv=None):
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {"machine": machine_info(), "command": "python examples/grape_calibration.py " + " ".join(
             sys.argv[1:] if argv is None else argv), "data": data.name, "model": args.model, "hidden": base.hidden,
-            "activation": args.activation, "epochs": args.epochs, "jvp": args.jvp, "seeds": seeds, "summary": results, "runs": runs}
+            "activation": args.activation, "epochs": args.epochs, "jvp": args.jvp, "seeds": seeds, "summary": results,
+            "runs": runs}
         args.json.write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {args.json}")
 

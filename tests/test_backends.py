@@ -44,3 +44,13 @@ def test_unknown_backend():
 def test_auto_picks_torch_on_a_gpu_too():
     """"auto" is the fastest measured eager DFA on a GPU: the torch backend (bench/results/gpu-check-targets.json)."""
     assert backends.resolve_backend("auto", torch.device("cuda")) == "torch"
+
+
+def test_the_backend_names_and_ops_have_one_source():
+    """The names come from config.py (the CLI's and DFAConfig's choices); the ops are the contract's."""
+    from fastdfa import config
+    from fastdfa.backends.base import KernelBackend
+
+    assert backends.BACKENDS is config.BACKENDS
+    assert config.BACKEND_CHOICES == ("auto",) + config.BACKENDS
+    assert set(backends.KERNEL_OPS) == KernelBackend.__abstractmethods__

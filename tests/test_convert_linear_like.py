@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 import fastdfa
-from fastdfa import convert as convert_fn
 from fastdfa.convert import register_conversion
 from fastdfa.layers import FASTDFA_LAYERS, Conv1D, Conv1d
 
@@ -126,7 +125,7 @@ def test_skip_with_conv1d_by_name_and_by_type():
 
 
 def test_a_hugging_face_conv1d_itself_returns_a_new_layer():
-    transformers = _hf()
+    _hf()
     from transformers.pytorch_utils import Conv1D as HFConv1D
     torch.manual_seed(0)
     old = HFConv1D(5, 3).to(DT)
@@ -142,7 +141,7 @@ def test_a_hugging_face_conv1d_itself_returns_a_new_layer():
 
 
 def test_a_meta_conv1d_model_converts_without_allocating():
-    transformers = _hf()
+    _hf()
     from transformers.pytorch_utils import Conv1D as HFConv1D
     with torch.device("meta"):
         model = nn.Sequential(HFConv1D(4096, 1024), nn.Conv1d(64, 64, 3))

@@ -215,7 +215,8 @@ def test_the_engine_s_stream_count_reaches_the_fan_out(emulated_cuda_backend, mo
         monkeypatch.setenv("FASTDFA_STREAMS", env)
     sizes = []
     real = streams_module.fan_out
-    monkeypatch.setattr(streams_module, "fan_out", lambda tasks, size, **kw: sizes.append(size) or real(tasks, size, **kw))
+    monkeypatch.setattr(streams_module, "fan_out",
+                        lambda tasks, size, **kw: sizes.append(size) or real(tasks, size, **kw))
     torch.manual_seed(0)
     dfa = fastdfa.DFA(make_mlp(10, (12, 9), 4, "relu"), seed=2, backend="cuda", streams=streams)
     F.cross_entropy(dfa(torch.randn(7, 10)), torch.randint(0, 4, (7,))).backward()

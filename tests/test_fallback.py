@@ -100,7 +100,8 @@ def test_a_named_backend_raises_the_kernel_error(auto_prefers_triton, monkeypatc
     dfa = fastdfa.DFA(make_mlp(20, (16,), 5, "relu").to(DEVICE), seed=3, backend="triton")
     assert not isinstance(dfa._resolve_backend((torch.zeros(1, 20, device=DEVICE),)), FallbackBackend)
     with pytest.raises(RuntimeError, match="ptxas fatal"):
-        F.cross_entropy(dfa(torch.randn(4, 20, device=DEVICE)), torch.zeros(4, dtype=torch.long, device=DEVICE)).backward()
+        F.cross_entropy(dfa(torch.randn(4, 20, device=DEVICE)),
+                        torch.zeros(4, dtype=torch.long, device=DEVICE)).backward()
 
 
 class _Refusing(KernelBackend):

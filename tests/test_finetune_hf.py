@@ -3,6 +3,7 @@ the data loaders on small stand-ins of the packages, the batching, a tiny random
 standing in for all-MiniLM-L6-v2 through the whole finetune command, and (when it is installed) the real MiniLM."""
 
 import json
+import os
 import zipfile
 
 import pytest
@@ -183,6 +184,9 @@ def test_finetune_command_on_a_tiny_bert(tiny_model_dir, reviews_cache, tmp_path
     assert set(result["step_timing"]) == {"bp", "dfa", "fwm"} and result["step_timing"]["bp"]["ratio_to_bp"] == 1
     fwm = result["runs"]["fwm"][0]
     assert fwm["config"]["max_len"] == 12 and fwm["config"]["weight_decay"] == 0.01
+    # the record names the model directory without this machine's absolute path (tests/test_records.py)
+    assert result["model"] == fwm["config"]["model_dir"] == data_mod.record_path(tiny_model_dir)
+    assert not os.path.isabs(result["model"])
     assert fwm["dataset"] == "reviews[64 train]" and len(fwm["epochs"]) == 1
     actions = {r["layer"]: r["action"] for r in fwm["prepared"]}
     assert actions["classifier"] == "feedback = weight^T" and actions["bert.pooler.dense"] == "weights matched"

@@ -229,7 +229,8 @@ def test_calibrate_rule_scale_takes_bp_direction_at_the_rule_gradient_norm():
 
 
 def test_bad_grape_arguments():
-    for kwargs, match in [({"perturb": "space"}, "perturb"), ({"jvp": "all"}, "jvp"), ({"feedback_lr": 0}, "feedback_lr")]:
+    for kwargs, match in [({"perturb": "space"}, "perturb"), ({"jvp": "all"}, "jvp"),
+                          ({"feedback_lr": 0}, "feedback_lr")]:
         with pytest.raises(ValueError, match=match):
             fastdfa.DFA(_mlp(), mode="grape", **kwargs)
 
@@ -288,7 +289,8 @@ def test_per_epoch_calibration_leaves_the_data_order_alone(monkeypatch):
 
     data = load_dataset("digits")
     seen, real = [], train_module.train_step
-    monkeypatch.setattr(train_module, "train_step", lambda dfa, opt, x, y, *loss: seen.append(y.clone()) or real(dfa, opt, x, y, *loss))
+    monkeypatch.setattr(train_module, "train_step",
+                        lambda dfa, opt, x, y, *loss: seen.append(y.clone()) or real(dfa, opt, x, y, *loss))
     orders = {}
     for every in (0, 1):
         seen.clear()

@@ -94,8 +94,8 @@ def test_bert_default_takes_the_error_at_the_classifier_output_with_hfs_labels_l
     site = _site(dfa, "bert.encoder.layer.1.output.dense")  # the input of output.dense = gelu(intermediate)
     delta = (e @ site.feedback.t()).reshape(B, T, -1)
     layer = dfa.model.bert.encoder.layer[1].intermediate.dense
-    want = _expected_layer_grad(layer, seen[names[1]][0], dfa.model.bert.encoder.layer[1].intermediate.intermediate_act_fn,
-                                delta)
+    act = dfa.model.bert.encoder.layer[1].intermediate.intermediate_act_fn
+    want = _expected_layer_grad(layer, seen[names[1]][0], act, delta)
     torch.testing.assert_close(layer.weight.grad, want, rtol=1e-10, atol=1e-12)
     bp_grad = torch.autograd.grad(ref(input_ids=ids, labels=labels).loss,
                                   ref.bert.encoder.layer[1].intermediate.dense.weight)[0]

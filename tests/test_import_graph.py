@@ -132,7 +132,8 @@ def _reachable(module: str) -> set[str]:
 BELOW = {
     "fastdfa.layers": {"fastdfa.activations", "fastdfa.feedback"},
     "fastdfa.ops": {"fastdfa.activations"},
-    "fastdfa.backends": {"fastdfa.activations", "fastdfa.ops", "fastdfa.triton_kernels", "fastdfa.backends"},
+    "fastdfa.backends": {"fastdfa.activations", "fastdfa.config", "fastdfa.ops", "fastdfa.triton_kernels",
+                         "fastdfa.backends"},
     "fastdfa.engine": {"fastdfa.activations", "fastdfa.config", "fastdfa.feedback", "fastdfa.layers", "fastdfa.ops",
                        "fastdfa.triton_kernels", "fastdfa.engine"},
     # a front like dfa: the wrapper and the engine below it, the models it knows how to split
@@ -141,6 +142,8 @@ BELOW = {
                             "fastdfa.triton_kernels", "fastdfa.distributed",
                             # the wrapper's from_pretrained re-converts a saved model
                             "fastdfa.pretrained", "fastdfa.targets", "fastdfa.convert", "fastdfa.views"},
+    # the options and their choices: a leaf, so that every part may take its choices from it
+    "fastdfa.config": set(),
     # what prepare / from_pretrained use to pick the modules to convert; never the wrapper
     "fastdfa.targets": {"fastdfa.convert", "fastdfa.layers", "fastdfa.activations", "fastdfa.feedback"},
     "fastdfa.pretrained": {"fastdfa.config", "fastdfa.targets", "fastdfa.convert", "fastdfa.layers",

@@ -12,7 +12,8 @@ with plain torch ops (docs/design.md sections 1-2):
 
 The oracle reads only ``dfa.sites[i].feedback``, ``layer.feedback_weight`` and ``dfa.execution_order``;
 the library's engine computes nothing in it. Float64 models must match to 1e-9 of the gradient's
-magnitude (or, for a gradient that is a cancellation, be within float64's own rounding noise). Float32 ones must be within the tolerance derived from the reference itself, tests/tolerance.py's
+magnitude (or, for a gradient that is a cancellation, be within float64's own rounding noise). Float32 ones
+must be within the tolerance derived from the reference itself, tests/tolerance.py's
 rule (at most twice the float64 distance of the formula computed by PyTorch in float32, plus one ulp),
 with PyTorch's float32 distance taken as the largest over 18 valid float32 computations of the formula
 (``assert_float32_close`` says why one is not enough). The triton backend (float32, the interpreter on a
@@ -65,6 +66,8 @@ def _budget(ci_examples: int) -> settings:
 
 # ------------------------------------------------------------------------------------ architectures
 FUSED = (None, "relu", "tanh", "sigmoid", "gelu")
+TRITON_ON_CPU_ONLY = ("the Triton interpreter on CPU tensors; compiled Triton on a GPU is covered by the kernel "
+                      "and engine tests")
 _SQRT2 = math.sqrt(2.0)
 
 
@@ -524,7 +527,7 @@ def check_triton_against_torch(arch, mode, loss, batch, opts, data_seed):
     triton backend within that rule with the torch backend's result as one more float32 computation."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
-        pytest.skip("the Triton interpreter on CPU tensors; compiled Triton on a GPU is covered by the kernel and engine tests")
+        pytest.skip(TRITON_ON_CPU_ONLY)
     dtype = torch.float32
     ref_dfa, x, target, y_ref, grads_ref = run_library(arch, dtype, mode, loss, batch, opts, data_seed)
     dfa, _, _, y, grads = run_library(arch, dtype, mode, loss, batch, opts, data_seed, backend="triton")
@@ -566,7 +569,7 @@ def test_triton_fused_tanh_is_accurate_near_zero():
     """The smallest reproduction: y = tanh(w2 * (w1 * x)), both Linears fused on triton, weights 1."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
-        pytest.skip("the Triton interpreter on CPU tensors; compiled Triton on a GPU is covered by the kernel and engine tests")
+        pytest.skip(TRITON_ON_CPU_ONLY)
     model = nn.Sequential(fastdfa.Linear(1, 1, bias=False), fastdfa.Linear(1, 1, bias=False, activation="tanh"))
     with torch.no_grad():
         for layer in model:
@@ -596,7 +599,7 @@ def test_forward_leaves_the_weights_and_a_second_step_doubles_the_gradients(arch
     if backend == "triton":
         pytest.importorskip("triton")
         if torch.cuda.is_available():
-            pytest.skip("the Triton interpreter on CPU tensors; compiled Triton on a GPU is covered by the kernel and engine tests")
+            pytest.skip(TRITON_ON_CPU_ONLY)
         dtype = torch.float32
     model = build_model(arch, dtype, data_seed)
     x, target = make_batch(arch, loss, batch, dtype, data_seed)

@@ -87,7 +87,8 @@ def _grads_both_backends(make_model, x, target, loss_fn=F.cross_entropy, steps=1
 @pytest.mark.parametrize("wgrad", ["grouped", "per-layer"])
 def test_fused_mlp_step_equals_torch_and_launches_the_kernels(activation, wgrad):
     def make():
-        return nn.Sequential(fastdfa.Linear(13, 24, activation=activation), fastdfa.Linear(24, 17, activation=activation),
+        return nn.Sequential(fastdfa.Linear(13, 24, activation=activation),
+                             fastdfa.Linear(24, 17, activation=activation),
                              fastdfa.Linear(17, 30, activation=activation), fastdfa.Linear(30, 5))
     x, t = torch.randn(21, 13, device=DEVICE), torch.randint(0, 5, (21,), device=DEVICE)
     counts = _grads_both_backends(make, x, t, wgrad=wgrad, fused=["0", "1", "2", "3"])

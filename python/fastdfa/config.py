@@ -50,7 +50,8 @@ FEEDBACK_LAYOUTS = ("dense", "per-feature")
 # backward, which stalls the CPU's launch queue on a GPU; "ignore" checks nothing (BP's behaviour).
 NONFINITE = ("raise", "skip", "ignore")
 WGRAD = ("grouped", "per-layer")
-BACKEND_CHOICES = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("torch", "triton", "cuda")  # the backend names (fastdfa.backends dispatches on them)
+BACKEND_CHOICES = ("auto",) + BACKENDS
 PERTURB = ("activation", "weight", "auto")
 JVP = ("per-site", "shared")
 STREAMS_ENV = "FASTDFA_STREAMS"

@@ -282,8 +282,8 @@ class DFA(PretrainedMixin, WrapperViews, WrapperOptions, nn.Module):
         config = self._config
         self.feedback.build(rec.order[1:], rec.shapes, self.module_names, n_out, seed=config.seed,
                             kind=config.feedback, scale=config.feedback_scale,
-                            per_feature=config.feedback_layout == "per-feature", dtype=first.dtype, device=output.device,
-                            rank=config.error_rank)
+                            per_feature=config.feedback_layout == "per-feature", dtype=first.dtype,
+                            device=output.device, rank=config.error_rank)
         self._recorder.freeze(rec.order, self.feedback.sites)
 
     def _resolve_backend(self, args, kwargs=None) -> KernelBackend:

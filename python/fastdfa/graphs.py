@@ -181,7 +181,8 @@ class CapturedStep:
 
     def _hyperparameters(self) -> tuple:
         """What a replay bakes in as Python values: optimizer scalars, DFA mode and feedback_lr, train flags."""
-        groups = tuple(tuple(sorted((k, v) for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool))))
+        groups = tuple(tuple(sorted((k, v) for k, v in g.items()
+                                    if k != "params" and isinstance(v, (int, float, bool))))
                        for g in self.optimizer.param_groups)
         dfa = tuple((getattr(self.module, a, None) for a in ("mode", "feedback_lr", "nonfinite")))
         return groups, dfa, tuple(m.training for m in self.module.modules())

@@ -9,7 +9,7 @@ import subprocess
 import torch
 
 from . import __version__
-from .backends import BACKENDS, OPS, module_version, backend_status
+from .backends import BACKENDS, KERNEL_OPS, backend_status, module_version
 
 
 def source_commit() -> str | None:
@@ -65,5 +65,5 @@ def info_text() -> str:
     for name in BACKENDS:
         status = backend_status(name)
         lines.append(f"  {name:<7} {'available' if status.available else 'unavailable':<12} {status.reason}")
-        lines.append(f"  {'':<7} ops: {', '.join(sorted(OPS[name])) or 'none'}")
+        lines.append(f"  {'':<7} ops: {', '.join(KERNEL_OPS)}")
     return "\n".join(lines)

@@ -28,7 +28,6 @@ import inspect
 import json
 import os
 
-import torch
 from torch import nn
 
 from .config import DFAConfig

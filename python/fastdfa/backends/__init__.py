@@ -28,18 +28,18 @@ from dataclasses import dataclass
 
 import torch
 
+# The backend names live with every other option's choices in config.py; BACKENDS is re-exported here.
+from ..config import BACKEND_CHOICES
+from ..config import BACKENDS as BACKENDS
 from .base import KernelBackend
 from .torch_ops import TorchBackend
 
-BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "FASTDFA_BACKEND"
 
-# Ops each backend implements. The torch reference implements them all; a
-# kernel backend registers its ops here when its kernels exist, and a backend
-# with no registered op is reported unavailable with that reason. Each triton
-# op is the module of the same name in triton_kernels/ (fastdfa.triton_kernels).
+# The ops of the KernelBackend contract (base.py), which every backend implements in full (an
+# abstract method left out makes the backend impossible to instantiate). Each triton op is the
+# module of the same name in triton_kernels/ (fastdfa.triton_kernels).
 KERNEL_OPS = ("dfa_project", "dfa_wgrad", "jvp_linear", "align_step")
-OPS: dict[str, set[str]] = {"torch": set(KERNEL_OPS), "triton": set(KERNEL_OPS), "cuda": set(KERNEL_OPS)}
 
 
 # What "auto" picks, per device type: the first available backend in the list. Torch everywhere, GPUs
@@ -79,11 +79,8 @@ def _triton_status() -> BackendStatus:
     if not torch.cuda.is_available() and not interpret:
         return BackendStatus("triton", False, f"triton {version} is installed but no CUDA GPU is visible "
                                               "(set TRITON_INTERPRET=1 to run its kernels on the CPU interpreter)")
-    if not OPS["triton"]:
-        return BackendStatus("triton", False, f"triton {version} is installed, but this fastdfa version "
-                                              "registers no Triton kernels")
     try:
-        for op in sorted(OPS["triton"]):
+        for op in KERNEL_OPS:
             importlib.import_module(f"fastdfa.triton_kernels.{op}")
     except Exception as exc:  # a kernel module that does not import makes the backend unusable, with the reason
         return BackendStatus("triton", False, f"triton {version} is installed but fastdfa.triton_kernels does not "
@@ -109,8 +106,6 @@ def _cuda_status() -> BackendStatus:
         return BackendStatus("cuda", False, why + skipped)
     if not torch.cuda.is_available():
         return BackendStatus("cuda", False, "fastdfa._C is built but no CUDA GPU is visible")
-    if not OPS["cuda"]:
-        return BackendStatus("cuda", False, "fastdfa._C is built but registers no ops")
     archs = getattr(importlib.import_module("fastdfa._C"), "built_archs", lambda: "unknown")()
     return BackendStatus("cuda", True, f"CUDA {torch.version.cuda}, fastdfa._C built for {archs}")
 
@@ -140,7 +135,7 @@ def backend_status(name: str) -> BackendStatus:
         return _triton_status()
     if name == "cuda":
         return _cuda_status()
-    raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+    raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_CHOICES}")
 
 
 def _reaches(device: torch.device) -> bool:

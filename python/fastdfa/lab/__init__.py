@@ -2,11 +2,16 @@
 
 It uses the library (``fastdfa``); the library never imports it.
 
-    cli.py        ``python -m fastdfa train | compare | finetune | bench | info``
-    train.py      TrainConfig and the training loop
-    finetune.py   Feedback-Weight Matching fine-tuning runs
-    bench.py      the bench grid against BP and the re-created baselines
-    baselines.py  biotorch-style and TinyDFA-style DFA, for the bench
-    steptime.py   interleaved step timing (the only step-time ratio fastdfa reports)
-    data.py       scikit-learn's digits and Fashion-MNIST loaders
+    cli.py            ``python -m fastdfa train | compare | finetune | bench | data | info``
+    train.py          TrainConfig and the training loop (image models, the transformer LM, GPT-2)
+    finetune.py       Feedback-Weight Matching fine-tuning runs on image tasks
+    finetune_hf.py    ``finetune --model minilm``: a pretrained Hugging Face BERT on text (reviews, bbc)
+    bench.py          the bench grid against BP and the re-created baselines
+    pipeline_bench.py ``bench --pipeline``: DFAPipeline against torch's BP pipelines and one process
+    baselines.py      biotorch-style and TinyDFA-style DFA, for the bench
+    steptime.py       interleaved step timing (the only step-time ratio fastdfa reports)
+    plots.py          WA / GA plots of ``--log-alignment`` runs
+    data.py           the data sets and their set-up (``python -m fastdfa data NAME``): digits,
+                      Fashion-MNIST, IDX directories, Jane Austen (characters, BPE), the text tasks
+                      reviews and bbc, the MiniLM model; the data cache (``data_dir``), record_path
 """

@@ -3,7 +3,7 @@
 For every configuration (MLP or CNN, width, depth, batch, dtype) each method
 trains the same network from the same weights, one whole step at a time
 (zero_grad, forward, cross-entropy, backward, SGD step), all methods taking
-turns round after round (``fastdfa.steptime``): every ratio to BP is measured
+turns round after round (``fastdfa.lab.steptime``): every ratio to BP is measured
 side by side in one run. On a GPU every timed step ends with
 ``torch.cuda.synchronize()``.
 
@@ -20,8 +20,8 @@ Methods (those that cannot run here are skipped, with the reason recorded):
                   nonfinite="ignore": no NaN/inf check on the error, so no device sync mid-step
   fa              fastdfa.DFA in mode "fa"
   grape-per-site, grape-shared   fastdfa.DFA in mode "grape"
-  dfa-hooks       biotorch's style (fastdfa.baselines.HookDFA)
-  dfa-points      TinyDFA's style (fastdfa.baselines.FeedbackPointDFA)
+  dfa-hooks       biotorch's style (fastdfa.lab.baselines.HookDFA)
+  dfa-points      TinyDFA's style (fastdfa.lab.baselines.FeedbackPointDFA)
 
 Memory per step: the bytes autograd saves for the backward, parameters not
 counted (all devices; the fused triton route keeps its activation states

@@ -141,7 +141,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     lm = p.add_argument_group("transformer LM (--model transformer or gpt2)")
     lm.add_argument("--sites", choices=TRANSFORMER_SITES, default="blocks",
                     help="DFA sites: blocks (DFA between blocks, BP inside each) or layers (DFA at every attention "
-                         "and MLP sub-layer; gpt2: every Conv1D); the head (final LayerNorm + LM head) is the last site")
+                         "and MLP sub-layer; gpt2: every Conv1D); the head (final LayerNorm + LM head) is the "
+                         "last site")
     lm.add_argument("--error-point", choices=TRAIN_ERROR_POINTS, default="logits",
                     help="gpt2: take the error at the LM head's output (logits, vocabulary wide) or at its input "
                          "(head: d-model wide, the head trained by BP)")
@@ -391,7 +392,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     bad = [m for m in methods if m not in FINETUNE_METHODS]
     if bad or not methods:
-        raise ValueError(f"--method takes a comma-separated subset of {','.join(FINETUNE_METHODS)}, got {args.method!r}")
+        raise ValueError(f"--method takes a comma-separated subset of {','.join(FINETUNE_METHODS)}, "
+                         f"got {args.method!r}")
     _check_plot(args)
     base = _config(args, "bp")
     base.validate()
@@ -496,7 +498,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"rounds each, device {device}, threads {torch.get_num_threads()}")
     results = bench.run(configs, methods, device, rounds=args.rounds, warmup=min(3, args.rounds))
     print()
-    print(f"{'config':<28}{'bp ms':>9}{'dfa ms':>9}{'dfa/bp':>8}{'floor':>7}{'saved MB bp/dfa':>17}  other ratios to bp")
+    print(f"{'config':<28}{'bp ms':>9}{'dfa ms':>9}{'dfa/bp':>8}{'floor':>7}{'saved MB bp/dfa':>17}"
+          "  other ratios to bp")
     for r in results:
         c = bench.BenchConfig(**r["config"])
         ms = r["methods"]

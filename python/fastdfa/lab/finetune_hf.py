@@ -40,7 +40,7 @@ from ..init import ATTENTION_FEEDBACK, FWM_METHODS, feedback_weight_matching
 from ..matching import encoder_layout, encoder_weight_alignment
 from ..metrics import alignment_summary, gradient_alignment, weight_alignment
 from ..prepare import prepare
-from .data import TEXT_TASKS, TextClassification, check_hf_model_dir, load_text_task, minilm_dir
+from .data import TEXT_TASKS, TextClassification, check_hf_model_dir, load_text_task, minilm_dir, record_path
 from .finetune import FINETUNE_METHODS, summary
 from .steptime import interleaved_step_ms
 from .train import EpochResult, TrainResult, check_device
@@ -263,8 +263,9 @@ def finetune_run(config: HFConfig, data: TokenizedTask, progress: bool = False, 
         prepared = feedback_weight_matching(dfa, method=config.fwm_method, attention_feedback=config.attention_feedback,
                                             match_weights=config.fwm_weights == "match")
     opt = _optimizer(config, dfa)
-    result = TrainResult(config={**asdict(config), "group_by_length": True}, dataset=task.name, test_accuracy=0.0,
-                         prepared=prepared)
+    # the record names the model directory without this machine's absolute path (record_path)
+    result = TrainResult(config={**asdict(config), "model_dir": record_path(config.model_dir), "group_by_length": True},
+                         dataset=task.name, test_accuracy=0.0, prepared=prepared)
     log_alignment = config.log_alignment and config.method != "bp"
     if log_alignment:
         result.initial_alignment = measure_alignment(dfa, x_align, y_align)
@@ -311,7 +312,8 @@ def finetune_run(config: HFConfig, data: TokenizedTask, progress: bool = False, 
                 extra = (f"  WA {alignment_summary(alignment['weight']):.3f}"
                          f"  GA {alignment_summary(alignment['gradient']):.3f}")
             log(f"{config.method:>4} seed {config.seed} epoch {epoch}/{config.epochs}  "
-                f"loss {statistics.fmean(losses):.4f}  test acc {acc:.4f}  step {statistics.median(step_ms):.0f} ms median  ({seconds:.0f} s){extra}")
+                f"loss {statistics.fmean(losses):.4f}  test acc {acc:.4f}  "
+                f"step {statistics.median(step_ms):.0f} ms median  ({seconds:.0f} s){extra}")
     result.test_accuracy = result.epochs[-1].test_accuracy
     result.skipped_steps = dfa.skipped_steps
     result.model, result.optimizer = dfa, opt
@@ -410,7 +412,7 @@ def finetune_pretrained(args: argparse.Namespace) -> tuple[dict, dict]:
         print("whole-step time, interleaved: " + "  ".join(
             f"{m} {t['median_ms']:.0f} ms" + (f" ({t['ratio_to_bp']:.3f} x bp)" if "ratio_to_bp" in t else "")
             for m, t in timing.items()))
-    payload = {"model": str(model_dir), "data": task.name, "majority_class": majority, "summary": table,
+    payload = {"model": record_path(model_dir), "data": task.name, "majority_class": majority, "summary": table,
                "runs": {m: [r.to_json() for r in rs] for m, rs in results.items()}}
     if timing is not None:
         payload["step_timing"] = timing

@@ -45,7 +45,8 @@ def make_gpt2_lm(vocab: int, context: int, d_model: int, heads: int, layers: int
     try:
         import transformers
     except ImportError:
-        raise ImportError("--model gpt2 needs Hugging Face transformers: pip install -r requirements-test.txt") from None
+        raise ImportError("--model gpt2 needs Hugging Face transformers: "
+                          "pip install -r requirements-test.txt") from None
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=vocab, n_positions=context, n_embd=d_model, n_head=heads, n_layer=layers,
         bos_token_id=0, eos_token_id=0))
