@@ -20,10 +20,10 @@ FLOP floor: the step's floating-point operations counted by ``FlopCounterMode``,
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import fastdfa
 from fastdfa.lab.steptime import interleaved_step_ms
+from test_lm_step import step_flops  # one FLOP count for both LM benches
 
 transformers = pytest.importorskip("transformers")
 
@@ -75,17 +75,6 @@ def steps_for(size: dict, variants, grape: tuple | None = None):
         return step
 
     return {name: step_of(net, 1e-3 if name == "bp" else 3e-4) for name, net in nets.items()}
-
-
-def step_flops(steps) -> dict[str, int]:
-    out = {}
-    for name, step in steps.items():
-        step()  # the first step builds the feedback
-        counter = FlopCounterMode(display=False)
-        with counter:
-            step()
-        out[name] = counter.get_total_flops()
-    return out
 
 
 def test_lm_gpt2_step_interleaved(request, record_interleaved, record_flops):

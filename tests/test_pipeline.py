@@ -107,26 +107,36 @@ def _compare(world, model_name, schedule="sync", mode="dfa", micro=4, steps=2, d
     ref, _, _, _, ref_opts = MODELS[model_name]()
     ref = ref.to(dtype)
     single = fastdfa.DFA(ref, seed=SEED, mode=mode, **ref_opts, **options)
-    opt = torch.optim.SGD(pipe.parameters(), lr=0.1)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    out = side_by_side(pipe, single, model, ref, x, t, loss_fn, steps)
+    assert not out["missing"], out["missing"]  # every parameter got a gradient in both
+    out["alignment"] = None if pipe.wrapper.last_alignment is None else pipe.wrapper.last_alignment.tolist()
+    out["fused"], out["fused_single"] = pipe.wrapper.fused_layers, single.fused_layers
+    return out
+
+
+def side_by_side(pipe, single, model, ref, x, t, loss_fn, steps: int) -> dict:
+    """``steps`` SGD steps of the pipeline and of the whole-model wrapper ``single`` (on ``ref``, the same
+    model built again) on the same batch: per step the largest gradient, loss and feedback differences, and
+    the parameters that got no gradient in either ("missing")."""
+    opt, ref_opt = torch.optim.SGD(pipe.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
     ref_params = dict(ref.named_parameters())
     out = {"grad": [], "loss": [], "feedback": [], "names": [n for n, _ in pipe.named_parameters()],
-           "model_names": [n for n, _ in model.named_parameters()], "sites": [], "stage": pipe.stage}
+           "model_names": [n for n, _ in model.named_parameters()], "sites": [], "stage": pipe.stage, "missing": []}
     for _ in range(steps):
         opt.zero_grad()
         ref_opt.zero_grad()
         loss = pipe.step(*_feed(pipe, x, t), loss_fn)
         ref_loss = loss_fn(single(x), t)
         ref_loss.backward()
-        out["grad"].append(max((p.grad - ref_params[n].grad).abs().max().item() for n, p in pipe.named_parameters()))
+        both = [(n, p) for n, p in pipe.named_parameters() if p.grad is not None and ref_params[n].grad is not None]
+        out["missing"] += [n for n, p in pipe.named_parameters() if p.grad is None or ref_params[n].grad is None]
+        out["grad"].append(max((p.grad - ref_params[n].grad).abs().max().item() for n, p in both))
         out["loss"].append(abs(loss.item() - ref_loss.item()))
         out["feedback"].append(max([(s.feedback - single.sites[pipe.first_site + i].feedback).abs().max().item()
                                     for i, s in enumerate(pipe.sites)], default=0.0))
         out["sites"] = [(s.name, single.sites[pipe.first_site + i].name) for i, s in enumerate(pipe.sites)]
         opt.step()
         ref_opt.step()
-    out["alignment"] = None if pipe.wrapper.last_alignment is None else pipe.wrapper.last_alignment.tolist()
-    out["fused"], out["fused_single"] = pipe.wrapper.fused_layers, single.fused_layers
     return out
 
 
@@ -266,19 +276,25 @@ RUNS = {2: ["mlp-sync", "mlp-overlapped", "cnn", "lm", "grape", "grape-auto", "g
         3: ["mlp-sync", "mlp-overlapped", "cnn", "lm-overlapped", "grape", "collectives", "errors"]}
 
 
-def _worker(rank, world, port, out_dir):
+def run_scenarios(rank, world, port, out_dir, scenarios: dict) -> None:
+    """One process of a gloo group: every scenario in turn, each result (or its traceback) written to
+    ``out_dir/rank<r>.pkl`` after each, so a scenario that hangs still leaves the earlier ones."""
     sys.path.insert(0, os.path.join(ROOT, "python"))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=30))
     results = {}
-    for name in RUNS[world]:
+    for name, scenario in scenarios.items():
         try:
-            results[name] = SCENARIOS[name](world)
+            results[name] = scenario(world)
         except Exception:  # noqa: BLE001 - reported by the test that reads this scenario
             results[name] = {"crashed": traceback.format_exc()}
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(results, f)
+
+
+def _worker(rank, world, port, out_dir):
+    run_scenarios(rank, world, port, out_dir, {name: SCENARIOS[name] for name in RUNS[world]})
     # the timeout scenario leaves the group unusable: exit without a last collective
     os._exit(0)
 

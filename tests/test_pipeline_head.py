@@ -9,19 +9,16 @@ One process group per run (``_spawn`` once, module-scoped) runs every scenario, 
 
 from __future__ import annotations
 
-import datetime
 import os
 import pickle
-import sys
 import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_pipeline import FLOAT64, ROOT, SEED, _feed, _free_port, _lm_loss, _message
+from test_pipeline import FLOAT64, SEED, _free_port, _lm_loss, _message, run_scenarios, side_by_side
 from torch import nn
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -72,25 +69,7 @@ def _compare(model_name, split, micro=4, steps=2, schedule="sync", mode="dfa", *
                        **options)
     ref, _, _, _, ref_opts = MODELS[model_name]()
     single = fastdfa.DFA(ref, seed=SEED, mode=mode, **ref_opts, **options)
-    opt, ref_opt = torch.optim.SGD(pipe.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
-    ref_params = dict(ref.named_parameters())
-    out = {"grad": [], "loss": [], "feedback": [], "names": [n for n, _ in pipe.named_parameters()],
-           "model_names": [n for n, _ in model.named_parameters()], "stage": pipe.stage, "missing": []}
-    for _ in range(steps):
-        opt.zero_grad()
-        ref_opt.zero_grad()
-        loss = pipe.step(*_feed(pipe, x, t), loss_fn)
-        ref_loss = loss_fn(single(x), t)
-        ref_loss.backward()
-        out["missing"] += [n for n, p in pipe.named_parameters() if p.grad is None or ref_params[n].grad is None]
-        out["grad"].append(max((p.grad - ref_params[n].grad).abs().max().item() for n, p in pipe.named_parameters()
-                               if p.grad is not None and ref_params[n].grad is not None))
-        out["loss"].append(abs(loss.item() - ref_loss.item()))
-        out["feedback"].append(max([(s.feedback - single.sites[pipe.first_site + i].feedback).abs().max().item()
-                                    for i, s in enumerate(pipe.sites)], default=0.0))
-        out["sites"] = [(s.name, single.sites[pipe.first_site + i].name) for i, s in enumerate(pipe.sites)]
-        opt.step()
-        ref_opt.step()
+    out = side_by_side(pipe, single, model, ref, x, t, loss_fn, steps)
     out["n_sites"] = (len(single.sites), sum(1 for _ in pipe.sites))
     out["e_spec"] = pipe.runner.spec["e"]
     out["out_features"] = (pipe.wrapper.out_features, single.out_features)
@@ -145,18 +124,7 @@ COMPARED = [n for n in SCENARIOS if n != "errors"]
 
 
 def _worker(rank, world, port, out_dir):
-    sys.path.insert(0, os.path.join(ROOT, "python"))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
-    results = {}
-    for name, scenario in SCENARIOS.items():
-        try:
-            results[name] = scenario(world)
-        except Exception:  # noqa: BLE001 - reported by the test that reads this scenario
-            results[name] = {"crashed": traceback.format_exc()}
-        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump(results, f)
+    run_scenarios(rank, world, port, out_dir, SCENARIOS)
     dist.barrier()
     dist.destroy_process_group()
 
