@@ -321,10 +321,14 @@ def _refuse_uncovered(rec: Recording, point, model: nn.Module) -> None:
     names = [n for n, p in model.named_parameters() if id(p) in reached]
     if not names:
         return
-    first = rec.recorder.names[rec.order[0]] if rec.order else "?"
+    first = "one fastdfa layer or site module is the only one"
+    if rec.order:  # a fastdfa layer, or a sites= module (not in the recorder's layer names)
+        module = rec.order[0]
+        name = rec.recorder.names.get(module) or next(n for n, m in model.named_modules() if m is module)
+        first = f"{name!r} is the only fastdfa layer or site module"
     shown = ", ".join(map(repr, names[:4])) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-    raise RuntimeError(f"fastdfa.DFA has no site: {first!r} is the only fastdfa layer that runs before the error point "
-                       f"({point.describe()}), so its input is taken as the data, yet {len(names)} trainable "
+    raise RuntimeError(f"fastdfa.DFA has no site: {first} that runs before the error "
+                       f"point ({point.describe()}), so its input is taken as the data, yet {len(names)} trainable "
                        f"parameters compute that input ({shown}): they would train by exact BP, silently. Convert "
                        "the layers before it (fastdfa.prepare(model) converts every linear map, Hugging Face's "
                        "Conv1D included), name blocks with sites=[...], or take the error earlier (head=...)")

@@ -149,6 +149,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     lm.add_argument("--error-rank", type=POSITIVE_INT, default=None, metavar="K",
                     help="compress the error to K columns with a fixed random projection before the feedback "
                          "(default: the full error)")
+    lm.add_argument("--eval-every", type=COUNT, default=0, metavar="N",
+                    help="also evaluate the test perplexity every N training steps (recorded in --json as evals, "
+                         "with the training seconds so far; default 0: after each epoch only)")
     lm.add_argument("--context", type=POSITIVE_INT, default=64, help="characters per window")
     lm.add_argument("--d-model", type=POSITIVE_INT, default=128, help="model width")
     lm.add_argument("--heads", type=POSITIVE_INT, default=4, help="attention heads")
@@ -217,7 +220,7 @@ def _config(args: argparse.Namespace, method: str) -> TrainConfig:
                        check_every=args.check_every, calibrate_scale=args.calibrate_scale,
                        cuda_graph=args.cuda_graph, sites=args.sites, context=args.context, d_model=args.d_model,
                        heads=args.heads, layers=args.layers, error_point=args.error_point,
-                       error_rank=args.error_rank)
+                       error_rank=args.error_rank, eval_every=args.eval_every)
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -93,6 +93,7 @@ class TrainConfig:
     layers: int = 2
     error_point: str = "logits"      # gpt2: "logits" (the LM head's output) or "head" (its input; the head by BP)
     error_rank: int | None = None    # k: the error compressed by a fixed P [k, n_e] (fastdfa.DFAConfig.error_rank)
+    eval_every: int = 0              # LM: a test evaluation every N training steps too (0: after each epoch only)
 
     @property
     def effective_lr(self) -> float:
@@ -129,7 +130,8 @@ class TrainConfig:
             raise ValueError(f"lr (--lr) must be a positive number, got {self.lr!r}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        for name, low in (("calibrate_every", 0), ("calibrate_every_steps", 0), ("check_every", 1)):
+        for name, low in (("calibrate_every", 0), ("calibrate_every_steps", 0), ("check_every", 1),
+                          ("eval_every", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be an integer >= {low}, "
                                  f"got {getattr(self, name)!r}")
@@ -145,6 +147,9 @@ class TrainConfig:
             raise ValueError(f"calibration re-anchors fa, dfa or grape with BP steps; method is {self.method!r}")
         if self.sites not in TRANSFORMER_SITES:
             raise ValueError(f"sites must be one of {TRANSFORMER_SITES}, got {self.sites!r}")
+        if self.eval_every and not self.is_lm:
+            raise ValueError(f"eval_every (--eval-every) evaluates an LM's test perplexity; --model {self.model} "
+                             "is evaluated after each epoch")
         if self.error_point not in ERROR_POINTS:
             raise ValueError(f"error_point (--error-point) must be one of {ERROR_POINTS}, got {self.error_point!r}")
         if self.error_point != "logits" and self.model != "gpt2":
@@ -197,6 +202,9 @@ class TrainResult:
     calibrations: list = field(default_factory=list)  # (epoch, step, reason) of every BP calibration batch
     initial_alignment: dict | None = None  # WA / GA before the first step, with log_alignment
     alignment_steps: list = field(default_factory=list)  # {"step", "weight", "gradient"} every N steps (finetune_hf)
+    # LM with eval_every: {"step", "tokens", "train_seconds", "test_loss"} every N steps and after each epoch;
+    # train_seconds sums the timed steps only (no evaluation), the x axis of a perplexity-against-time curve
+    evals: list = field(default_factory=list)
     prepared: object = None                # what train(prepare=...) returned (e.g. the FWM report)
     # LM only (test_accuracy is then the next-character accuracy): exp of the mean per-character
     # cross-entropy on the held-out text, and that cross-entropy in bits
@@ -257,7 +265,10 @@ def evaluate_lm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: 
         batch_size = max(1, min(batch_size, EVAL_LOGITS // max(1, y[:1].numel() * vocab)))
     for i in range(0, len(x), batch_size):
         logits, target = logits_of(model(x[i:i + batch_size])), y[i:i + batch_size]
-        total += float(F.cross_entropy(logits.flatten(0, -2).double(), target.flatten(), reduction="sum"))
+        # per token in the logits' precision, summed in float64: a float64 copy of the logits would cost
+        # 8 bytes x 115,401 tokens x 16,384 = 15 GB of traffic per evaluation of the austen-bpe test text
+        per_token = F.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction="none")
+        total += float(per_token.sum(dtype=torch.float64))
         correct += int((logits.argmax(-1) == target).sum())
     model.train(was_training)
     return total / y.numel(), correct / y.numel()
@@ -336,6 +347,16 @@ def make_step(dfa: DFA, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Te
 ALIGNMENT_SAMPLES = 256  # the fixed training batch WA/GA logging measures GA on
 
 
+def _eval_point(dfa, x_test, y_test, step: int, tokens: int, train_seconds: float, log, data) -> dict:
+    """A mid-epoch point of the perplexity curve (``eval_every``): the whole test text, as at an epoch's end."""
+    test_loss, _ = evaluate_lm(dfa, x_test, y_test)
+    if log is not None:
+        log(f"     step {step:>6}  {tokens:>9,} tokens  {train_seconds:8.1f} s training  "
+            f"test ppl {math.exp(test_loss):.3f}  bpc {data.bits_per_character(test_loss):.4f}")
+    return {"step": step, "tokens": tokens, "train_seconds": train_seconds,
+            "test_loss": test_loss}
+
+
 def _calibrate(dfa: DFA, opt, x_train, y_train, config: TrainConfig, gen: torch.Generator) -> None:
     """GrAPE's calibration: one exact-BP step on one random batch (``fastdfa.grape.calibrate``)."""
     idx = torch.randperm(len(x_train), generator=gen)[:config.batch_size].to(x_train.device)
@@ -384,6 +405,8 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
     if log_alignment:
         result.initial_alignment = measure_alignment(dfa, x_align, y_align, loss_fn)
     steps_done = 0  # over all epochs, for calibrate_every_steps
+    train_seconds = 0.0  # the timed steps only: the x axis of result.evals
+    tokens_per_window = y_train[0].numel() if config.is_lm and len(y_train) else 0
     captured = None
     if config.cuda_graph:
         captured = CapturedStep(dfa, opt, loss_fn)  # the last partial batch gets its own graph
@@ -412,7 +435,12 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
                 loss = train_step(dfa, opt, xb, yb, loss_fn)
             _sync(device)
             step_ms.append((time.perf_counter() - t0) * 1e3)
+            train_seconds += step_ms[-1] / 1e3
             losses.append(loss.detach())
+            if config.eval_every and steps_done % config.eval_every == 0 and i + config.batch_size < n:
+                windows_seen = (epoch - 1) * n + i + len(idx)
+                result.evals.append(_eval_point(dfa, x_test, y_test, steps_done, windows_seen * tokens_per_window,
+                                                train_seconds, log, data))
             if bp_step:
                 result.calibrations.append((epoch, len(losses), f"every {config.calibrate_every_steps} steps"))
             if config.calibrate_below is not None and len(losses) % config.check_every == 0:
@@ -436,6 +464,9 @@ def train(config: TrainConfig, data: Dataset, progress: bool | None = None, log=
         epoch_result = EpochResult(epoch, float(torch.stack(losses).mean()), acc, statistics.fmean(step_ms),
                                    statistics.median(step_ms), seconds, alignment, test_loss)
         result.epochs.append(epoch_result)
+        if config.eval_every:  # the epoch's end is a point of the curve too
+            result.evals.append({"step": steps_done, "tokens": epoch * n * tokens_per_window,
+                                 "train_seconds": train_seconds, "test_loss": test_loss})
         if log is not None:
             extra = ""
             if test_loss is not None:
