@@ -99,6 +99,7 @@ class DFA(PretrainedMixin, WrapperViews, WrapperOptions, nn.Module):
         self._fa_forward = FAForward(self._recorder)
         self._guard = ForwardGuard(model)
         self._router = ErrorRouter(self, self._align)
+        self._recorder.rollbacks = self._router.rollbacks
         self.perturbations = self.feedback.perturbations = grape_pass.PerturbationStream(config.seed)
         self.kernels: KernelBackend | None = None  # resolved on the first DFA forward
         self.last_alignment: torch.Tensor | None = None  # per site: mean column cos(F, J_hat^T) before the last step
@@ -251,7 +252,6 @@ class DFA(PretrainedMixin, WrapperViews, WrapperOptions, nn.Module):
             self._fusion = (None, plan.reasons)
         elif rec.kernels.fuses_layers:
             self._fusion = (rec.step.refusal or "no fastdfa layer outside the sites= modules", {})
-        rec.step.keep_grads_of(self._point)
         return OutputNode.apply(self._router, rec.step, tensor, *rec.inputs, *params)
 
     def jacobian_estimate(self, args: tuple, kwargs: dict, n: int) -> grape_pass.GrapeEstimate:

@@ -522,9 +522,7 @@ def _sequential_problems(dfa: DFA, links: list[tuple[nn.Module, nn.Module | str]
     model = dfa.model
     # The wrapper's own hooks: its pre-hooks on the sites= modules, and the one at an error_at= / head= module.
     allowed = {h.id for h in getattr(getattr(dfa, "_recorder", None), "hooks", ())}
-    handle = getattr(getattr(dfa, "_point", None), "handle", None)
-    if handle is not None:
-        allowed.add(handle.id)
+    allowed.update(h.id for h in getattr(getattr(dfa, "_point", None), "handles", ()))
     kind, point = _error_point(dfa)
     if type(model) is not nn.Sequential:
         why = f"the model is a {type(model).__name__}, not an nn.Sequential, so its forward is not known"

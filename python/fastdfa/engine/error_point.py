@@ -25,16 +25,18 @@ import difflib
 import torch
 from torch import nn
 
+from .rollback import BackwardStart
+
 RETURN, OUTPUT, INPUT = "return", "output", "input"
 
 
 class ErrorPoint:
     """Where ``e`` is taken: ``kind`` (RETURN, OUTPUT or INPUT) of module ``name``."""
 
-    __slots__ = ("kind", "name", "module", "handle")
+    __slots__ = ("kind", "name", "module", "handles")
 
     def __init__(self, kind: str, name: str = "", module: nn.Module | None = None):
-        self.kind, self.name, self.module, self.handle = kind, name, module, None
+        self.kind, self.name, self.module, self.handles = kind, name, module, []
 
     def describe(self) -> str:
         if self.kind == RETURN:
@@ -43,15 +45,19 @@ class ErrorPoint:
 
     def attach(self, recorder) -> None:
         """Register the hook on the module (once): it routes the tensor to ``recorder.active``."""
+        hook = _ErrorHook(recorder)
         if self.kind == OUTPUT:
-            self.handle = self.module.register_forward_hook(_ErrorHook(recorder).output)
+            self.handles = [self.module.register_forward_hook(hook.output)]
         elif self.kind == INPUT:
-            self.handle = self.module.register_forward_pre_hook(_ErrorHook(recorder).input, with_kwargs=True)
+            # the head's output too: its backward runs before the head's gradients are accumulated, the
+            # first fastdfa node of the backward (engine.rollback)
+            self.handles = [self.module.register_forward_pre_hook(hook.input, with_kwargs=True),
+                            self.module.register_forward_hook(hook.head_output)]
 
     def detach(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
 
 def find_module(model: nn.Module, name: str, option: str) -> nn.Module:
@@ -152,6 +158,12 @@ class _ErrorHook:
             raise TypeError(f"error_at={self.recorder.names[module]!r}: that module returned a "
                             f"{type(output).__name__}; the error is taken at a module that returns one tensor")
         return active.at_error_point(output)
+
+    def head_output(self, module, args, output):
+        """Forward hook of an INPUT point's module (the head): the backward's rollback is taken there."""
+        if self.recorder.active is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return None
+        return BackwardStart.apply(self.recorder.rollbacks, output)
 
     def input(self, module, args, kwargs):
         """Forward pre-hook of an INPUT point (``head=``): the module's first tensor argument."""

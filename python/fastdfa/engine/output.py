@@ -20,6 +20,7 @@ import torch
 
 from ..ops.dfa_project import split_projection
 from ..triton_kernels._tables import stream_capturing
+from .rollback import BackwardRollbacks
 from . import fused
 
 
@@ -66,6 +67,8 @@ class OutputNode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         step = ctx.step
+        rollbacks = ctx.router.rollbacks
+        rollbacks.begin(grad_output)  # every .grad as it is now, put back if this backward fails
         plan, estimate = step.plan, step.estimate
         if plan is not None:
             plan.put_tensors(ctx.saved_tensors)  # raises torch's error on a second backward without retain_graph
@@ -77,8 +80,7 @@ class OutputNode(torch.autograd.Function):
             result = ctx.router.backward(grad_output, ctx.batch_shape, ctx.site_dtypes, ctx.site_shapes, plan,
                                          estimate, getattr(ctx, "feedback", None))
         except BaseException:
-            for p, grad in step.before:  # the head's gradients of this backward: as they were before it
-                p.grad = grad
+            rollbacks.restore_now()  # the head's gradients of this backward too (head=: accumulated before)
             raise
         finally:
             if plan is not None:
@@ -106,6 +108,7 @@ class ErrorRouter:
         self.on_estimate = on_estimate
         self.batch_dims = engine.dfa_config.batch_dims
         self.skipped_steps = 0
+        self.rollbacks = BackwardRollbacks(engine.model)  # a failed backward puts every .grad back
 
     def backward(self, error: torch.Tensor, batch_shape, site_dtypes, site_shapes, plan, estimate, feedback=None):
         result = self.route(error, batch_shape, site_dtypes, site_shapes, plan, feedback)
@@ -184,7 +187,14 @@ class ErrorGuard(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        return None, (grad_output if ctx.router.usable(grad_output) else None)
+        rollbacks = ctx.router.rollbacks
+        rollbacks.begin(grad_output)
+        try:
+            usable = ctx.router.usable(grad_output)
+        except BaseException:
+            rollbacks.restore_now()
+            raise
+        return None, (grad_output if usable else None)
 
 
 # The routers whose current optimizer step is skipped (nonfinite="skip"): from the non-finite micro-batch

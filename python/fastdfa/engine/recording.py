@@ -64,6 +64,7 @@ class Recorder:
         self.pending: dict[nn.Module, object] = {}
         self.head_layers: set = set()  # fastdfa layers inside head=: BP in every mode
         self.guard_error = None  # tensor -> tensor: the NaN policy at the error point in mode "fa" (the wrapper's)
+        self.rollbacks = None  # the wrapper's engine.rollback.BackwardRollbacks (the head's output takes one)
 
     def attach(self, point, layer_types: tuple) -> None:
         """Route ``point``'s hook (``engine.error_point``) to this recorder; under ``head=`` the head's
@@ -419,20 +420,10 @@ class StepState:
     and GrAPE's estimate (set after the forward, when the dual pass has run); ``rows``: the batch rows
     of the error tensor; ``refusal``: why the kernel backend's fused route was not taken."""
 
-    __slots__ = ("plan", "estimate", "rows", "refusal", "before")
+    __slots__ = ("plan", "estimate", "rows", "refusal")
 
     def __init__(self, plan=None, estimate=None):
         self.plan, self.estimate, self.rows, self.refusal = plan, estimate, 0, None
-        # head=: the head's parameters and their .grad before this step's backward (None, or a copy when
-        # accumulating): autograd accumulates the head's gradients BEFORE the output node's backward runs,
-        # so a backward the node refuses (a NaN error under "raise") puts them back as they were
-        self.before: list = []
-
-    def keep_grads_of(self, point) -> None:
-        """Under ``head=`` (an INPUT point): keep the head's parameters' ``.grad`` as they are now."""
-        if point.kind == INPUT:
-            self.before = [(p, None if p.grad is None else p.grad.clone())
-                           for p in point.module.parameters() if p.requires_grad]
 
 
 class GuardOnly:
