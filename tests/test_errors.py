@@ -214,7 +214,7 @@ def test_nonfinite_ignore_reads_nothing_on_the_host(monkeypatch):
 
     calls = []
     real = output.all_finite
-    monkeypatch.setattr(output, "all_finite", lambda t: calls.append(t.shape) or real(t))
+    monkeypatch.setattr(output, "all_finite", lambda t, *more: calls.append(t.shape) or real(t, *more))
     for mode, expected in (("ignore", 0), ("raise", 1)):
         calls.clear()
         dfa, opt, x, t = _nan_setup(nonfinite=mode)
@@ -246,3 +246,29 @@ def test_the_finiteness_check_is_exact(dtype):
         f = torch.randn(64, 10).to(dtype)
         f[17, 3] = bad
         assert not all_finite(f)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "overflow"])
+def test_the_check_under_error_rank_reads_the_compressed_error(bad):
+    """error_rank: a non-finite e makes e P^T non-finite, so the check reads e P^T (k columns, not n_e);
+    a NaN/inf anywhere in e is still caught and the step refused, and finite values whose compressed sums
+    overflow are still finite (the check falls back to e itself)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(fastdfa.Linear(6, 8), nn.Tanh(), fastdfa.Linear(8, 40))
+    dfa = fastdfa.DFA(model, error_rank=4)
+    x = torch.randn(5, 6)
+    store = dfa.feedback
+    out = dfa(x)
+    seed = torch.zeros_like(out)
+    if bad == "overflow":  # finite, but e P^T overflows float32
+        seed.fill_(torch.finfo(torch.float32).max / 2)
+        e = seed.reshape(5, 40)
+        assert not bool(torch.isfinite(store.compress(e)).all())
+        out.backward(seed)  # not refused
+        assert dfa.model[0].weight.grad is not None
+        return
+    seed[3, 29] = bad
+    assert not bool(torch.isfinite(store.compress(seed)).all())
+    with pytest.raises(fastdfa.NonFiniteErrorSignal):
+        out.backward(seed)
+    assert all(p.grad is None for p in model.parameters())

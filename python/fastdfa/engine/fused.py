@@ -242,11 +242,11 @@ def fused_layer_forward(plan: FusedPlan, kernels, layer, x: torch.Tensor) -> tor
 
 
 def fused_backward(kernels, store, feedback: torch.Tensor, names, wgrad: str, streams: int, error: torch.Tensor,
-                   batch_shape, plan: FusedPlan, site_dtypes, site_shapes=None):
+                   batch_shape, plan: FusedPlan, site_dtypes, site_shapes=None, compressed=None):
     """(gradient for the model output, gradients of the site inputs, gradients of the claimed params).
 
     ``store``: the wrapper's ``FeedbackStore`` (sites, layout); ``feedback``: the [R, n_out] buffer to
-    project with; ``names``: module -> name."""
+    project with; ``names``: module -> name; ``compressed``: ``store.compress(e)`` when already taken."""
     e = error.reshape(math.prod(batch_shape), store.n_out)
     sites = store.sites
     for rec in plan.claimed:
@@ -258,7 +258,7 @@ def fused_backward(kernels, store, feedback: torch.Tensor, names, wgrad: str, st
         psites = [kernels.ProjectSite(site.offset, site.rows) if rec is None else
                   kernels.ProjectSite(site.offset, site.rows, rec.layer.activation, rec.state)
                   for site, rec in zip(sites, plan.site_producers)]
-        projected = kernels.dfa_project(store.compress(e), feedback, psites)  # ONE launch: every site, g' fused
+        projected = kernels.dfa_project(store.compress(e) if compressed is None else compressed, feedback, psites)  # ONE launch: every site, g' fused
         for g, site, rec, dt in zip(split_projection(projected, store.layout, batch_shape, site_shapes), sites,
                                     plan.site_producers, site_dtypes):
             if rec is None:

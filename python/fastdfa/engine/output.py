@@ -28,18 +28,24 @@ class NonFiniteErrorSignal(FloatingPointError):
     """The output error e holds NaN or inf; nothing was projected or accumulated."""
 
 
-def all_finite(e: torch.Tensor) -> bool:
-    """Whether ``e`` holds no NaN or inf: ONE reduction and one host read.
+def all_finite(e: torch.Tensor, compressed: torch.Tensor | None = None) -> bool:
+    """Whether ``e`` holds no NaN or inf, by ONE reduction and one host read in the common case.
 
-    A float64 sum of float32 / float16 / bfloat16 values cannot overflow (at most
-    3.4e38 per element, 1.8e308 in float64), so it is finite exactly when every
-    element is: one kernel instead of ``isfinite`` + ``all`` (measured on the
-    CPU here: 2.3 us against 6.9 us for a [128, 10] error). A float64 error
-    could overflow its own sum, so it gets the elementwise check.
+    A NaN or inf element makes the sum NaN or inf, so a finite sum proves every element finite; only a
+    sum that is not finite needs the elementwise check (finite values whose sum overflows). The sum is
+    taken in ``e``'s own dtype: a float64 sum of a float32 error first copies it to float64, measured
+    here at 43 ms of a 268 ms GPT-2 step for its [1024, 16384] logits' error (copy 29.5 ms, sum 13.3 ms).
+
+    ``compressed``: ``e P^T`` under ``error_rank`` (P dense, every entry finite and non-zero), checked
+    instead of ``e``: a NaN or inf in ``e`` makes every column of ``e P^T`` it reaches NaN or inf, so a
+    finite ``e P^T`` proves ``e`` finite at k / n_e of the cost; one that is not finite is confirmed on
+    ``e`` itself (finite values can overflow a GEMM's sum).
     """
-    if e.dtype == torch.float64:
-        return bool(torch.isfinite(e).all())
-    return math.isfinite(e.sum(dtype=torch.float64).item())
+    if compressed is not None and math.isfinite(compressed.sum().item()):
+        return True
+    if math.isfinite(e.sum().item()):
+        return True
+    return bool(torch.isfinite(e).all())
 
 
 class OutputNode(torch.autograd.Function):
@@ -118,7 +124,7 @@ class ErrorRouter:
             torch.autograd.Variable._execution_engine.queue_callback(lambda: self.on_estimate(estimate))
         return result
 
-    def usable(self, error: torch.Tensor) -> bool:
+    def usable(self, error: torch.Tensor, compressed: torch.Tensor | None = None) -> bool:
         """The NaN policy (every mode): True to go on with ``error``; False when the step is skipped;
         raises ``NonFiniteErrorSignal`` for "raise".
 
@@ -131,7 +137,7 @@ class ErrorRouter:
         # The check reads the error on the host: a captured CUDA graph (fastdfa.CapturedStep) cannot, and
         # leaves NaN/inf to flow into the gradients as BP does.
         nonfinite = self.engine.nonfinite
-        if nonfinite == "ignore" or (error.is_cuda and stream_capturing(error.device)) or all_finite(error):
+        if nonfinite == "ignore" or (error.is_cuda and stream_capturing(error.device)) or all_finite(error, compressed):
             return True
         if nonfinite == "raise":
             raise NonFiniteErrorSignal(
@@ -154,17 +160,19 @@ class ErrorRouter:
         flat = store.flat if feedback is None else feedback
         # n_out from the feedback, not -1: an empty batch (N = 0) has no size to infer it from
         e = error.reshape(math.prod(batch_shape), store.n_out)
-        if not self.usable(e):
+        # e P^T before the NaN check: under error_rank the check reads it instead of e (all_finite)
+        compressed = store.compress(e) if store.sites and self not in _SKIPPED else e
+        if not self.usable(e, compressed if compressed is not e else None):
             return None
         kernels = engine.kernels
         if plan is not None:
             config = engine.dfa_config
             return fused.fused_backward(kernels, store, flat, engine.module_names, config.wgrad, config.streams,
-                                        error, batch_shape, plan, site_dtypes, site_shapes)
+                                        error, batch_shape, plan, site_dtypes, site_shapes, compressed=compressed)
         sites = store.sites
         if not sites:
             return error, [], []
-        projected = kernels.dfa_project(store.compress(e), flat, store.project_sites)  # [N, R]: ONE GEMM
+        projected = kernels.dfa_project(compressed, flat, store.project_sites)  # [N, R]: ONE GEMM
         if store.flat_sites and len(batch_shape) == 1:
             # [N, features] sites (an MLP's): each site's gradient is a column block of the projection, a view
             grads = projected.split(store.split_sizes, dim=1)
