@@ -4,6 +4,7 @@ of at most 9 minutes, most important first (run it through the shell script; it 
   a  build fastdfa._C for sm_90 (H100/H200), then the GPU tests: pytest tests -m gpu, and the kernel
      test files on compiled Triton                        -> gpu-check-tests.json
   b  python -m fastdfa bench --targets, fewer rounds      -> gpu-check-targets.json
+     then GPT-2 small, bf16: bench/test_lm_gpt2_step.py -m gpu -> gpu-check-lm-gpt2.json
   c  bench/test_grape_step.py (GrAPE's step cost)         -> gpu-check-grape-step.json
   d  bench/test_triton_kernels.py, with the time left     -> gpu-check-kernels.json
 
@@ -51,6 +52,9 @@ DEADLINE_S, DRY_DEADLINE_S = 540, 170  # a+b+c's caps are 460 s: d gets 70 s or 
 BUILD_CAP_S = 120      # of stage a's budget
 MIN_START_S = 30       # a stage with less than this left is skipped (dry run: 5)
 TARGET_ROUNDS = 10     # interleaved rounds per method in stage b (the CLI's default is 15)
+LM_RESERVE_S = 70      # of stage b's budget, kept for GPT-2 small (6 models built, 2 + 8 rounds of ~0.1-0.3 s)
+DRY_LM_RESERVE_S = 15  # the dry run: the GPU test skips (no CUDA), pytest's start only
+LM_RECORD = "gpu-check-lm-gpt2.json"
 KERNEL_TESTS = ("tests/test_dfa_project.py", "tests/test_dfa_wgrad.py", "tests/test_jvp_linear.py",
                 "tests/test_align_step.py", "tests/test_triton_engine.py", "tests/test_cuda_ops.py",
                 "tests/test_graphs.py", "tests/test_csrc*.py")
@@ -361,12 +365,15 @@ class Check:
         else:  # the preset's methods: every GPU method (backends, 1/2/4/8 streams, graphs, nocheck, compile)
             self.build(end - time.monotonic() - 60)
             cmd = [PY, "-m", "fastdfa", "bench", "--targets", "--rounds", str(TARGET_ROUNDS), "--json", path]
-        r = self.run(cmd, end - time.monotonic() - GRACE_S)
+        r = self.run(cmd, end - time.monotonic() - GRACE_S - (DRY_LM_RESERVE_S if self.dry else LM_RESERVE_S))
         data = read_record(path, start)
         if data is not None:
             data = self.stamp(path, data)
+        # then GPT-2 small with its real vocabulary (issue "A language model with a real vocabulary")
+        lm = self.pytest_run_record(end, LM_RECORD, "bench/test_lm_gpt2_step.py", ["-m", "gpu"])
+        self.keep(lm.get("record"))
         if data is None:
-            return {"status": "timeout" if r["timed_out"] else "failed", "record": None,
+            return {"status": "timeout" if r["timed_out"] else "failed", "record": None, "lm": lm,
                     "note": f"exit {r['rc']}, no record; " + " | ".join(r["tail"][-5:])}
         configs = []
         for res in data.get("results", []):
@@ -380,15 +387,19 @@ class Check:
         ok = r["rc"] == 0 and "machine" in data
         return {"status": "ok" if ok else "failed", "record": path,
                 "note": "; ".join(verdicts) or f"{len(configs)} configurations, no target verdicts (CPU)",
-                "verdicts": data.get("targets", []), "configs": configs}
+                "verdicts": data.get("targets", []), "configs": configs, "lm": lm}
 
     def pytest_stage(self, end: float, record: str, test_file: str) -> dict:
-        path = os.path.join(self.results, record)
-        start = time.time()
         if not self.dry:
             self.build(end - time.monotonic() - 30)
+        return self.pytest_run_record(end, record, test_file)
+
+    def pytest_run_record(self, end: float, record: str, test_file: str, select=()) -> dict:
+        """One bench file under pytest, its record into the results folder; what it says."""
+        path = os.path.join(self.results, record)
+        start = time.time()
         extra = ["--benchmark-disable"] if self.dry else []
-        r = self.run([PY, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider", *extra,
+        r = self.run([PY, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider", *select, *extra,
                       "--fastdfa-record", path], end - time.monotonic() - GRACE_S)
         data = read_record(path, start)
         if data is not None:

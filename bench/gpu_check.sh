@@ -7,6 +7,7 @@
 #
 #   a  build fastdfa._C (sm_90) + pytest tests -m gpu + the kernel tests  -> bench/results/gpu-check-tests.json
 #   b  python -m fastdfa bench --targets --rounds 10                      -> gpu-check-targets.json
+#      then GPT-2 small (12x768, vocabulary 50,257, bf16): bench/test_lm_gpt2_step.py -m gpu -> gpu-check-lm-gpt2.json
 #   c  bench/test_grape_step.py                                            -> gpu-check-grape-step.json
 #   d  bench/test_triton_kernels.py, with the time left                    -> gpu-check-kernels.json
 #

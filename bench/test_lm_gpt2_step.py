@@ -15,6 +15,11 @@ FLOP floor: the step's floating-point operations counted by ``FlopCounterMode``,
 
     python -m pytest bench/test_lm_gpt2_step.py -q -p no:cacheprovider \\
         --fastdfa-record bench/results/lm-gpt2-step-cpu.json
+
+On a GPU (``-m gpu``, run by ``bash bench/gpu_check.sh`` stage b): GPT-2 small (12 x 768, 12 heads,
+vocabulary 50,257, context 1024, batch 8) under ``torch.autocast(bfloat16)``, float32 weights, BP and the
+variants that scale to its vocabulary (the logits' full error is left out: its per-token feedback is
+9,216 x 50,257).
 """
 
 
@@ -57,20 +62,23 @@ def build(size: dict, point: str | None, rank, sites: str | None, mode: str = "d
     return fastdfa.DFA(model, sites=list(model.transformer.h), **options)
 
 
-def steps_for(size: dict, variants, grape: tuple | None = None):
-    x = torch.randint(0, size["vocab"], (size["batch"], size["context"]))
-    nets = {"bp": build(size, None, None, None)}
+def steps_for(size: dict, variants, grape: tuple | None = None, device: str = "cpu", autocast=None):
+    """Each method's whole step (``autocast``: a dtype to run the forward under ``torch.autocast`` with)."""
+    x = torch.randint(0, size["vocab"], (size["batch"], size["context"]), device=device)
+    nets = {"bp": build(size, None, None, None).to(device)}
     for point, rank, sites in variants:
-        nets[variant_name(point, rank, sites)] = build(size, point, rank, sites)
+        nets[variant_name(point, rank, sites)] = build(size, point, rank, sites).to(device)
     if grape is not None:
-        nets["grape-" + variant_name(*grape)[4:]] = build(size, *grape, mode="grape")
+        nets["grape-" + variant_name(*grape)[4:]] = build(size, *grape, mode="grape").to(device)
 
     def step_of(net, lr):
         opt = torch.optim.AdamW(net.parameters(), lr=lr)
 
         def step(_round=None):
             opt.zero_grad(set_to_none=True)
-            net(input_ids=x, labels=x).loss.backward()
+            with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
+                loss = net(input_ids=x, labels=x).loss
+            loss.backward()
             opt.step()
         return step
 
@@ -93,3 +101,22 @@ def test_lm_gpt2_step_interleaved(request, record_interleaved, record_flops):
     if not disabled:
         record_interleaved(group, timing)
         record_flops(group, flops)
+
+
+GPT2_SMALL = dict(vocab=50257, d_model=768, layers=12, heads=12, context=1024, batch=8)
+GPU_VARIANTS = [("logits", 32, "linear"), ("logits", 128, "linear"), ("head", None, "blocks"),
+                ("head", None, "linear"), ("head", 32, "linear")]
+
+
+@pytest.mark.gpu
+def test_lm_gpt2_small_step_gpu(request, record_interleaved):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    disabled = request.config.getoption("benchmark_disable")
+    group = "lm-gpt2-small-{layers}x{d_model}-v{vocab}-t{context}-b{batch}-bf16".format(**GPT2_SMALL)
+    steps = steps_for(GPT2_SMALL, GPU_VARIANTS, device="cuda", autocast=torch.bfloat16)
+    timing = interleaved_step_ms(steps, rounds=1 if disabled else ROUNDS, warmup=0 if disabled else 2,
+                                 device=torch.device("cuda"))
+    assert set(timing) == {"bp"} | {variant_name(*v) for v in GPU_VARIANTS}
+    if not disabled:
+        record_interleaved(group, timing)

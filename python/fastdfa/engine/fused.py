@@ -258,7 +258,8 @@ def fused_backward(kernels, store, feedback: torch.Tensor, names, wgrad: str, st
         psites = [kernels.ProjectSite(site.offset, site.rows) if rec is None else
                   kernels.ProjectSite(site.offset, site.rows, rec.layer.activation, rec.state)
                   for site, rec in zip(sites, plan.site_producers)]
-        projected = kernels.dfa_project(store.compress(e) if compressed is None else compressed, feedback, psites)  # ONE launch: every site, g' fused
+        compressed = store.compress(e) if compressed is None else compressed
+        projected = kernels.dfa_project(compressed, feedback, psites)  # ONE launch: every site, g' fused
         for g, site, rec, dt in zip(split_projection(projected, store.layout, batch_shape, site_shapes), sites,
                                     plan.site_producers, site_dtypes):
             if rec is None:
