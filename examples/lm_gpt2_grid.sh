@@ -50,6 +50,10 @@ for seed in 0 1; do phase1+=("bp $seed" "dfa-logits-full-blocks $seed"); done
 for v in "${SINGLES[@]}"; do phase1+=("$v 0"); done
 phase1+=("bp 2" "dfa-logits-full-blocks 2")
 printf '%s\n' "${phase1[@]}" | xargs -P "$JOBS" -I{} bash -c 'run "$@"' _ {}
+# another grid (RESUME=1) may still be running a single: its seed 0 decides phase 2
+for v in "${SINGLES[@]}"; do
+  while pgrep -f -- "--json $OUT/$v-s0.json" > /dev/null; do sleep 30; done
+done
 best=$(python - "$OUT" "${SINGLES[@]}" <<'PY'
 import json, os, sys
 out, names = sys.argv[1], sys.argv[2:]
