@@ -8,8 +8,10 @@ input, 256 wide, the head trained by BP) x the error's rank (``full`` or ``error
 the sites are (``blocks``: ``sites=`` the four blocks, Conv1D unconverted; ``linear``: every Conv1D
 converted by ``fastdfa.prepare``). Pruned: the logits' full 16,384-wide error at every linear layer
 (7,168 site rows x 16,384 = 117 M multiply-adds per token for the projection alone, four times BP's whole
-step): clearly dominated. BP is the same model run plainly, same initial weights. A step is zero_grad,
-forward, loss, backward, optimizer step; the methods alternate round after round (``interleaved_step_ms``).
+step): clearly dominated. GrAPE (``GRAPES``) on the error at the head's input: one shared dual pass at
+every linear layer, and exact per-site tangents at the blocks. BP is the same model run plainly, same
+initial weights. A step is zero_grad, forward, loss, backward, optimizer step; the methods alternate
+round after round (``interleaved_step_ms``).
 
 FLOP floor: the step's floating-point operations counted by ``FlopCounterMode``, over BP's.
 
@@ -39,11 +41,16 @@ VARIANTS = [(point, rank, sites) for point in ("logits", "head") for rank in (No
             for sites in ("blocks", "linear") if not (point == "logits" and rank is None and sites == "linear")]
 
 
+# GrAPE on the head-input variants: one shared dual pass at every linear layer, and the exact per-site
+# tangents at the blocks only (per site at all 24 linear layers: 44x BP's step, measured at c093426)
+GRAPES = [("head", None, "linear", "shared"), ("head", None, "blocks", "per-site")]
+
+
 def variant_name(point: str, rank, sites: str) -> str:
     return f"dfa-{point}-{'full' if rank is None else f'r{rank}'}-{sites}"
 
 
-def build(size: dict, point: str | None, rank, sites: str | None, mode: str = "dfa"):
+def build(size: dict, point: str | None, rank, sites: str | None, mode: str = "dfa", jvp: str = "per-site"):
     """BP's plain model (``point`` None) or one DFA variant, all from the same initial weights."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=size["layers"], n_embd=size["d_model"], n_head=size["heads"],
@@ -53,6 +60,8 @@ def build(size: dict, point: str | None, rank, sites: str | None, mode: str = "d
     if point is None:
         return model
     options = dict(mode=mode, batch_dims=2, seed=0, error_rank=rank, backend="torch")
+    if mode == "grape":
+        options["jvp"] = jvp
     if point == "head":
         options["head"] = "lm_head"
     if sites == "linear":
@@ -62,14 +71,15 @@ def build(size: dict, point: str | None, rank, sites: str | None, mode: str = "d
     return fastdfa.DFA(model, sites=list(model.transformer.h), **options)
 
 
-def steps_for(size: dict, variants, grape: tuple | None = None, device: str = "cpu", autocast=None):
-    """Each method's whole step (``autocast``: a dtype to run the forward under ``torch.autocast`` with)."""
+def steps_for(size: dict, variants, grapes=(), device: str = "cpu", autocast=None):
+    """Each method's whole step (``autocast``: a dtype to run the forward under ``torch.autocast`` with);
+    ``grapes``: GrAPE's (point, rank, sites, jvp) rows."""
     x = torch.randint(0, size["vocab"], (size["batch"], size["context"]), device=device)
     nets = {"bp": build(size, None, None, None).to(device)}
     for point, rank, sites in variants:
         nets[variant_name(point, rank, sites)] = build(size, point, rank, sites).to(device)
-    if grape is not None:
-        nets["grape-" + variant_name(*grape)[4:]] = build(size, *grape, mode="grape").to(device)
+    for *variant, jvp in grapes:
+        nets[f"grape-{jvp}-" + variant_name(*variant)[4:]] = build(size, *variant, mode="grape", jvp=jvp).to(device)
 
     def step_of(net, lr):
         opt = torch.optim.AdamW(net.parameters(), lr=lr)
@@ -92,12 +102,12 @@ def test_lm_gpt2_step_interleaved(request, record_interleaved, record_flops):
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        steps = steps_for(size, VARIANTS, grape=("head", None, "linear"))
+        steps = steps_for(size, VARIANTS, grapes=GRAPES)
         flops = step_flops(steps)
         timing = interleaved_step_ms(steps, rounds=1 if disabled else ROUNDS, warmup=0 if disabled else 1)
     finally:
         torch.set_num_threads(threads)
-    assert set(timing) == set(flops) and len(timing) == len(VARIANTS) + 2
+    assert set(timing) == set(flops) and len(timing) == len(VARIANTS) + 1 + len(GRAPES)
     if not disabled:
         record_interleaved(group, timing)
         record_flops(group, flops)
