@@ -241,12 +241,16 @@ def fused_layer_forward(plan: FusedPlan, kernels, layer, x: torch.Tensor) -> tor
     return _record(plan, layer, xp, _ConvOps(layer, padding))
 
 
-def fused_backward(kernels, store, feedback: torch.Tensor, names, wgrad: str, streams: int, error: torch.Tensor,
-                   batch_shape, plan: FusedPlan, site_dtypes, site_shapes=None, compressed=None):
+def fused_backward(engine, step, error: torch.Tensor, feedback: torch.Tensor, compressed: torch.Tensor):
     """(gradient for the model output, gradients of the site inputs, gradients of the claimed params).
 
-    ``store``: the wrapper's ``FeedbackStore`` (sites, layout); ``feedback``: the [R, n_out] buffer to
-    project with; ``names``: module -> name; ``compressed``: ``store.compress(e)`` when already taken."""
+    ``engine``: the wrapper (its kernels, ``FeedbackStore``, module names, ``wgrad`` and ``streams``
+    options); ``step``: the forward's step context (``engine.recording.StepState``: the fused plan, the
+    batch shape, the sites' dtypes and shapes); ``error``: the output error; ``feedback``: the [R, n_out]
+    buffer to project with; ``compressed``: ``store.compress(e)`` (e itself without ``error_rank``)."""
+    kernels, store, names = engine.kernels, engine.feedback, engine.module_names
+    wgrad, streams = engine.dfa_config.wgrad, engine.dfa_config.streams
+    plan, batch_shape, site_dtypes, site_shapes = step.plan, step.batch_shape, step.site_dtypes, step.site_shapes
     e = error.reshape(math.prod(batch_shape), store.n_out)
     sites = store.sites
     for rec in plan.claimed:
@@ -258,7 +262,6 @@ def fused_backward(kernels, store, feedback: torch.Tensor, names, wgrad: str, st
         psites = [kernels.ProjectSite(site.offset, site.rows) if rec is None else
                   kernels.ProjectSite(site.offset, site.rows, rec.layer.activation, rec.state)
                   for site, rec in zip(sites, plan.site_producers)]
-        compressed = store.compress(e) if compressed is None else compressed
         projected = kernels.dfa_project(compressed, feedback, psites)  # ONE launch: every site, g' fused
         for g, site, rec, dt in zip(split_projection(projected, store.layout, batch_shape, site_shapes), sites,
                                     plan.site_producers, site_dtypes):

@@ -62,10 +62,10 @@ class OutputNode(torch.autograd.Function):
         n_sites = len(tensors) - (0 if plan is None else plan.n_params)
         ctx.router, ctx.step, ctx.n_tensors = router, step, len(tensors)
         batch_dims = router.batch_dims
-        ctx.batch_shape = output.shape[:batch_dims]
-        ctx.site_dtypes = [x.dtype for x in tensors[:n_sites]]
+        step.batch_shape = output.shape[:batch_dims]
+        step.site_dtypes = [x.dtype for x in tensors[:n_sites]]
         # per-feature sites take any length: this forward's per-sample shapes, to broadcast the error to
-        ctx.site_shapes = [x.shape[batch_dims:] for x in tensors[:n_sites]] if router.store.per_feature else None
+        step.site_shapes = [x.shape[batch_dims:] for x in tensors[:n_sites]] if router.store.per_feature else None
         if plan is not None:  # the fused layers' inputs and states: freed by autograd after the backward
             ctx.save_for_backward(*plan.take_tensors())
         return output.view_as(output)
@@ -83,8 +83,7 @@ class OutputNode(torch.autograd.Function):
             # same graph (retain_graph=True) must project with the feedback this forward used, so keep it.
             ctx.feedback = ctx.router.store.flat.clone()
         try:
-            result = ctx.router.backward(grad_output, ctx.batch_shape, ctx.site_dtypes, ctx.site_shapes, plan,
-                                         estimate, getattr(ctx, "feedback", None))
+            result = ctx.router.backward(grad_output, step, getattr(ctx, "feedback", None))
         except BaseException:
             rollbacks.restore_now()  # the head's gradients of this backward too (head=: accumulated before)
             raise
@@ -116,8 +115,10 @@ class ErrorRouter:
         self.skipped_steps = 0
         self.rollbacks = BackwardRollbacks(engine.model)  # a failed backward puts every .grad back
 
-    def backward(self, error: torch.Tensor, batch_shape, site_dtypes, site_shapes, plan, estimate, feedback=None):
-        result = self.route(error, batch_shape, site_dtypes, site_shapes, plan, feedback)
+    def backward(self, error: torch.Tensor, step, feedback=None):
+        """The gradients of one backward of ``step``'s forward (``engine.recording.StepState``)."""
+        estimate = step.estimate
+        result = self.route(error, step, feedback)
         if result is not None and estimate is not None:
             # After the whole backward, not now: one backward may cover several forwards (two losses summed),
             # and each forward's projection must use the feedback as it was, not as another's alignment left it.
@@ -153,11 +154,12 @@ class ErrorRouter:
         for p in self.engine.model.parameters():
             p.grad = None
 
-    def route(self, error: torch.Tensor, batch_shape, site_dtypes, site_shapes, plan, feedback=None):
+    def route(self, error: torch.Tensor, step, feedback=None):
         """The gradients of one backward; ``feedback``: the [R, n_out] to project with (None: the store's)."""
         engine = self.engine
         store = self.store
         flat = store.flat if feedback is None else feedback
+        batch_shape, site_dtypes, site_shapes, plan = step.batch_shape, step.site_dtypes, step.site_shapes, step.plan
         # n_out from the feedback, not -1: an empty batch (N = 0) has no size to infer it from
         e = error.reshape(math.prod(batch_shape), store.n_out)
         # e P^T before the NaN check: under error_rank the check reads it instead of e (all_finite)
@@ -166,9 +168,7 @@ class ErrorRouter:
             return None
         kernels = engine.kernels
         if plan is not None:
-            config = engine.dfa_config
-            return fused.fused_backward(kernels, store, flat, engine.module_names, config.wgrad, config.streams,
-                                        error, batch_shape, plan, site_dtypes, site_shapes, compressed=compressed)
+            return fused.fused_backward(engine, step, error, flat, compressed)
         sites = store.sites
         if not sites:
             return error, [], []

@@ -416,14 +416,18 @@ class Recording:
 
 
 class StepState:
-    """What the output node's backward needs of one training forward besides the tensors: the fused plan
-    and GrAPE's estimate (set after the forward, when the dual pass has run); ``rows``: the batch rows
-    of the error tensor; ``refusal``: why the kernel backend's fused route was not taken."""
+    """One training forward's step context: everything the output node's backward needs of it besides
+    the saved tensors. ``plan``: the fused plan; ``estimate``: GrAPE's (set after the forward, when the
+    dual pass has run); ``rows``: the batch rows of the error tensor; ``refusal``: why the kernel
+    backend's fused route was not taken; set by the output node's forward: ``batch_shape`` (the error's
+    leading ``batch_dims`` sizes), ``site_dtypes`` and ``site_shapes`` (per-feature sites: each site's
+    per-sample shape, to broadcast the error to; else None)."""
 
-    __slots__ = ("plan", "estimate", "rows", "refusal")
+    __slots__ = ("plan", "estimate", "rows", "refusal", "batch_shape", "site_dtypes", "site_shapes")
 
     def __init__(self, plan=None, estimate=None):
         self.plan, self.estimate, self.rows, self.refusal = plan, estimate, 0, None
+        self.batch_shape, self.site_dtypes, self.site_shapes = None, [], None
 
 
 class GuardOnly:
