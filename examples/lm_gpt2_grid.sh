@@ -40,10 +40,10 @@ run() {
     --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || echo "FAILED $name (see $OUT/$name.log)"
 }
 export -f run; export OUT EPOCHS EVAL_EVERY SIZE EXTRA RESUME
-# Pruned by the step bench (bench/results/lm-gpt2-step-cpu.json), each slower than a kept variant with the
-# same error: logits-r32-blocks (0.98 of BP's step) and logits-r128-layers (1.09) by logits-r32-layers
-# (0.90); head-r128-layers (0.95) between head-full-layers (0.97) and head-r32-layers (0.92); the head's
-# ranked errors at the blocks (0.99, 1.00: nothing left to cut) by head-full-blocks.
+# Pruned by the step bench (bench/results/lm-gpt2-step-cpu.json; the reasons in docs/results.md), each slower
+# than a kept variant with the same error: logits-r32-blocks and logits-r128-layers by logits-r32-layers,
+# head-r128-layers (between head-full-layers and head-r32-layers), the head's ranked errors at the blocks
+# (nothing left to cut there) by head-full-blocks.
 SINGLES=(dfa-logits-r32-layers dfa-head-full-layers dfa-head-r32-layers dfa-head-full-blocks)
 phase1=()
 for seed in 0 1; do phase1+=("bp $seed" "dfa-logits-full-blocks $seed"); done
