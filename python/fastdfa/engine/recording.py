@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,6 +29,9 @@ from torch import nn
 from ..layers import LAYER_FORWARD, RECOMPUTE_FORWARD, in_checkpoint_forward, in_checkpoint_recompute
 from . import fused
 from .error_point import INPUT
+
+if TYPE_CHECKING:
+    from .intercept import Interceptor
 
 
 NO_GRAD_INSIDE = (
@@ -106,9 +110,10 @@ class Recorder:
         finally:
             self.end(token)
 
-    def begin(self, interceptor):
-        """Start routing site inputs through ``interceptor``; pass the result to ``end``. (``intercepting``
-        without a generator context, for the training forward's hot path.)"""
+    def begin(self, interceptor: "Interceptor"):
+        """Start routing site inputs through ``interceptor`` (the contract: ``engine.intercept``); pass the
+        result to ``end``. (``intercepting`` without a generator context, for the training forward's hot
+        path.)"""
         if self.active is not None:
             raise RuntimeError("fastdfa.DFA.forward re-entered: a DFA model cannot call itself")
         self.active = interceptor
