@@ -169,12 +169,23 @@ def test_the_library_never_imports_the_lab():
 
 
 MAX_CLASS_LINES = 250  # issue "Layout": an engine split into small parts
+# "module.Class": why it may be longer (CONTRIBUTING.md, "Class size"): only a class whose parts would reach
+# back into it if split. None needs it today.
+LONG_CLASSES: dict[str, str] = {}
 
 
 def test_no_class_over_250_lines():
     long = []
     for module, path in MODULES.items():
         for node in ast.walk(ast.parse(open(path).read(), path)):
-            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
-                long.append(f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+            name = f"{module}.{node.name}" if isinstance(node, ast.ClassDef) else None
+            if name and name not in LONG_CLASSES and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
+                long.append(f"{name}: {node.end_lineno - node.lineno + 1} lines")
     assert not long, long
+
+
+def test_every_allowed_long_class_exists_and_says_why():
+    classes = {f"{module}.{node.name}" for module, path in MODULES.items()
+               for node in ast.walk(ast.parse(open(path).read(), path)) if isinstance(node, ast.ClassDef)}
+    for name, why in LONG_CLASSES.items():
+        assert name in classes and len(why) > 20, name

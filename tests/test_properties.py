@@ -1,6 +1,6 @@
 """Property-based tests (issue "Reliability"): random MLPs and CNNs built from ``fastdfa.Linear`` and
 ``fastdfa.Conv2d``, random losses, options and modes, against the rules written out here, independently,
-with plain torch ops (docs/design.md sections 1-2):
+with plain torch ops (docs/math.md and docs/design.md section 2):
 
 * BP: ``torch.autograd`` through the same network written with ``F.linear`` / ``F.conv2d``.
 * FA: every layer's input gradient goes through its ``feedback_weight`` B (``dx = dy @ B`` for Linear,

@@ -1,6 +1,6 @@
 """``align_step``: GrAPE's feedback refinement for all sites, J_hat never written to memory.
 
-Math (GrAPE, docs/design.md section 1): site s has feedback ``B`` (``[n_l, n_out]``,
+Math (GrAPE, docs/math.md): site s has feedback ``B`` (``[n_l, n_out]``,
 rows ``[offset, offset + n_l)`` of the stacked feedback), the perturbations
 ``P`` (``[batch, n_l]``) injected at the site and the output tangents ``T``
 (``[batch, n_out]``) of the JVP pass. Per column j (one output unit):

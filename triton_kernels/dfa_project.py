@@ -1,6 +1,6 @@
 """``dfa_project``: every site's delta from the output error in ONE launch.
 
-Math (Nøkland 2016, docs/design.md section 1): with the output error ``e``
+Math (Nøkland 2016, docs/math.md): with the output error ``e``
 (``[N, n_out]``) and the feedback of all sites stacked row-wise into ``F_all``
 (``[R, n_out]``; site ``s`` owns rows ``[offset_s, offset_s + rows_s)``),
 

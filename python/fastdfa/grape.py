@@ -1,7 +1,7 @@
 """GrAPE for users: calibration steps, the rule's weight-update mode, the estimator's bound.
 
 GrAPE (ICLR 2026, "Scaling Direct Feedback Learning with Jacobian Alignment
-Guarantees"; docs/design.md section 1) is ``fastdfa.DFA(model, mode="grape")``:
+Guarantees"; docs/math.md) is ``fastdfa.DFA(model, mode="grape")``:
 DFA whose feedback learns online from forward-mode JVPs. The per-step work (the
 dual-number pass and the alignment step) lives in
 ``fastdfa.engine.grape_pass``, whose docstring has the math and the options

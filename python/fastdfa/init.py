@@ -113,7 +113,7 @@ def feedback_weight_matching(dfa: DFA, method: str = "lstsq", rank: int | None =
     a converted Hugging Face BERT) gets the encoder form instead of the plain chain: the head and each
     block's attention output, FFN up and FFN down projections are matched along the residual stream,
     Q/K/V keep their weights, and ``attention_feedback`` ("value", the default, "keep" or "zero") sets
-    the feedback at their input (``fastdfa.matching``; docs/design.md, "FWM on a transformer encoder").
+    the feedback at their input (``fastdfa.matching``; docs/math.md, "FWM on a transformer encoder").
     Its data flow is checked too (``fastdfa.matching.check_encoder_flow``): with ``example_input``
     against one forward; without it, the blocks must be transformers' own encoder classes.
 

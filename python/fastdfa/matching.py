@@ -1,7 +1,7 @@
 """Feedback-weight matching (FWM): the least-squares core, and its form for a transformer encoder.
 
 ``fastdfa.init.feedback_weight_matching`` is the entry point; it uses this module for a chain of dense
-layers and, when the wrapped model holds encoder blocks, for the encoder form (docs/design.md section 1,
+layers and, when the wrapped model holds encoder blocks, for the encoder form (docs/math.md,
 "FWM on a transformer encoder"). Symbols: ``e`` the output error ``[N, C]``; a site's feedback
 ``F_s`` ``(rows, C)``; for a per-feature site on ``[N, T, H]`` every token of sample n receives ``F_s e_n``.
 

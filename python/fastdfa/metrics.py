@@ -606,8 +606,8 @@ def check_chain(dfa: DFA, first: int = 0, example_input=None, *, who: str = "thi
     def refuse(a, b, why):
         raise ValueError(f"{who}: {name(a)!r} -> {label(b)} breaks the chain it assumes ({why}). It needs the "
                          f"layers from {name(order[first])!r} to the output to form a chain, each layer's input "
-                         "computed from the previous layer's output alone through elementwise ops (docs/design.md "
-                         f"section 1); {name(a)!r} is a {describe(a)}"
+                         "computed from the previous layer's output alone through elementwise ops (docs/math.md); "
+                         f"{name(a)!r} is a {describe(a)}"
                          + (f", {name(b)!r} a {describe(b)}" if isinstance(b, nn.Module) else "")
                          + ". Nothing was changed.")
 

@@ -2,7 +2,7 @@
 
 DFA's update of layer ``l`` needs only the layer's own activations and the
 output error: ``delta_l = (F_l e) * g'(a_l)``, ``dW_l = delta_l^T h_{l-1}``
-(docs/design.md section 1). Split a model into stages, one per rank: the
+(docs/math.md). Split a model into stages, one per rank: the
 activations go forward from stage to stage, the last stage computes ``e``
 for each micro-batch and sends it to every stage, and each stage computes
 its own layers' DFA gradients from it, with no gradient travelling back

@@ -1,7 +1,7 @@
 """GrAPE's per-step work: one dual-number pass for the Jacobian estimates, one alignment step.
 
 GrAPE (ICLR 2026, "Scaling Direct Feedback Learning with Jacobian Alignment
-Guarantees"; docs/design.md section 1) learns each site's feedback online. In
+Guarantees"; docs/math.md) learns each site's feedback online. In
 mode "grape" every training forward of ``fastdfa.DFA`` also runs one
 dual-number pass (forward-mode AD, no autograd graph, eval mode so BatchNorm
 statistics and dropout are left alone) that gives, for every site l, a
