@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import fastdfa
-from fastdfa.models import make_mlp
 from fastdfa.lab.steptime import interleaved_step_ms
+from fastdfa.models import make_mlp
 
 WIDTHS = (1024, 1024, 1024, 1024)
 BATCH, IN, OUT, THREADS = 256, 784, 10, 2

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import fastdfa
-from fastdfa.models import make_cnn, make_mlp
 from fastdfa.lab.steptime import interleaved_step_ms
+from fastdfa.models import make_cnn, make_mlp
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 THREADS = 2

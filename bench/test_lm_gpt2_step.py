@@ -27,10 +27,10 @@ variants that scale to its vocabulary (the logits' full error is left out: its p
 
 import pytest
 import torch
+from test_lm_step import step_flops  # one FLOP count for both LM benches
 
 import fastdfa
 from fastdfa.lab.steptime import interleaved_step_ms
-from test_lm_step import step_flops  # one FLOP count for both LM benches
 
 transformers = pytest.importorskip("transformers")
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import fastdfa
-from fastdfa.models import make_mlp
 from fastdfa.lab.steptime import interleaved_step_ms
+from fastdfa.models import make_mlp
 
 SMOKE = os.environ.get("FASTDFA_BENCH_SMOKE") == "1"
 if not torch.cuda.is_available() and not SMOKE:

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-from fastdfa.lab.data import load_dataset, subsample_train  # noqa: E402
 from fastdfa.dfa import using_mode  # noqa: E402
 from fastdfa.grape import rule_mode  # noqa: E402
+from fastdfa.lab.data import load_dataset, subsample_train  # noqa: E402
 from fastdfa.lab.train import TrainConfig, train  # noqa: E402
 
 

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-from fastdfa.lab.data import load_dataset, subsample_train  # noqa: E402
-from fastdfa.info import machine_info  # noqa: E402
 from fastdfa.grape import JVP  # noqa: E402
-from fastdfa.models import MODELS  # noqa: E402
+from fastdfa.info import machine_info  # noqa: E402
+from fastdfa.lab.data import load_dataset, subsample_train  # noqa: E402
 from fastdfa.lab.train import TrainConfig, train  # noqa: E402
+from fastdfa.models import MODELS  # noqa: E402
 
 CALIBRATIONS = {"epoch": dict(calibrate_every=1), "steps25": dict(calibrate_every_steps=25),
                 "steps10": dict(calibrate_every_steps=10), "ga0.2": dict(calibrate_below=0.2)}

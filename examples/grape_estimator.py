@@ -23,8 +23,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 import fastdfa  # noqa: E402
 from fastdfa import grape  # noqa: E402
-from fastdfa.lab.data import load_dataset  # noqa: E402
 from fastdfa.info import machine_info  # noqa: E402
+from fastdfa.lab.data import load_dataset  # noqa: E402
 from fastdfa.models import make_mlp  # noqa: E402
 
 DRAWS = 50

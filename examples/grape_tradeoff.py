@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-from fastdfa.lab.data import load_dataset  # noqa: E402
 from fastdfa.info import machine_info  # noqa: E402
+from fastdfa.lab.data import load_dataset  # noqa: E402
 from fastdfa.lab.train import TrainConfig, train  # noqa: E402
 
 VARIANTS = {"dfa": dict(method="dfa"),

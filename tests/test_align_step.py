@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from tolerance import assert_matches_reference
 
 pytest.importorskip("triton")

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from fastdfa.lab import data as data_mod
-from fastdfa.lab.data import austen as austen_mod  # a helper is patched in the module that looks it up
 from fastdfa.lab.cli import main
+from fastdfa.lab.data import austen as austen_mod  # a helper is patched in the module that looks it up
 
 SETUP = "set it up with: apt-get update -qq && python -m fastdfa data austen"
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from fastdfa.lab import data as data_mod
+from fastdfa.lab.cli import main
 from fastdfa.lab.data import austen as austen_mod  # a helper is patched in the module that looks it up
 from fastdfa.lab.data import bpe as bpe_mod
-from fastdfa.lab.cli import main
 
 pytest.importorskip("tokenizers", reason="pip install tokenizers")
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerance import assert_matches_reference
 
 from fastdfa.activations import ACTIVATION_CODES, STATE_OF, apply_activation, derivative_from_state
 from fastdfa.ops.align_step import column_step
-from tolerance import assert_matches_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 import fastdfa
 from fastdfa import backends
-from fastdfa.ops.align_step import AlignSite, align_step_reference
 from fastdfa.backends.cuda_ops import CudaBackend, EmulatedC
 from fastdfa.models import make_cnn, make_mlp, make_resnet
+from fastdfa.ops.align_step import AlignSite, align_step_reference
 from fastdfa.ops.dfa_project import ProjectSite
 
 pytest.importorskip("triton")

@@ -9,8 +9,8 @@ import torch
 from fastdfa.lab.cli import main
 from fastdfa.lab.data import load_dataset, parse_classes
 from fastdfa.lab.finetune import finetune_runs, new_head, pretrain, summary
-from fastdfa.models import make_mlp
 from fastdfa.lab.train import TrainConfig
+from fastdfa.models import make_mlp
 
 
 def test_class_subsets_are_relabelled():

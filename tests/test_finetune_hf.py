@@ -11,8 +11,8 @@ import torch
 
 import fastdfa
 from fastdfa.lab import data as data_mod
-from fastdfa.lab.data import hf_models, text_tasks  # a helper is patched in the module that looks it up
 from fastdfa.lab.cli import main
+from fastdfa.lab.data import hf_models, text_tasks  # a helper is patched in the module that looks it up
 
 transformers = pytest.importorskip("transformers")
 finetune_hf = pytest.importorskip("fastdfa.lab.finetune_hf")

@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import fastdfa
-from torch import nn
 from fastdfa import grape
 from fastdfa.lab.cli import main
 from fastdfa.models import make_cnn, make_mlp

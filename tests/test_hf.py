@@ -18,8 +18,7 @@ import torch.nn.functional as F
 import fastdfa
 
 transformers = pytest.importorskip("transformers")
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,  # noqa: E402
-                          GPT2LMHeadModel)
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 DT = torch.float64
 VOCAB, T, B = 37, 6, 3

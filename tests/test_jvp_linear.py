@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from tolerance import assert_matches_reference
 
 pytest.importorskip("triton")

@@ -13,15 +13,14 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from test_graph_cut import _backward_counts
 from torch import nn
 
 import fastdfa
 from fastdfa.lab.cli import main
 from fastdfa.lab.data import load_dataset
-from fastdfa.models import MODELS, ResidualBlock, make_model, make_resnet
 from fastdfa.lab.train import TrainConfig, train
-
-from test_graph_cut import _backward_counts
+from fastdfa.models import MODELS, ResidualBlock, make_model, make_resnet
 
 
 def _convs(model):

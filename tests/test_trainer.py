@@ -16,8 +16,15 @@ import fastdfa
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,  # noqa: E402
-                          Trainer, TrainerCallback, TrainingArguments)
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 DT = torch.float64
 VOCAB, T, BATCH = 29, 6, 4

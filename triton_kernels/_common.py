@@ -27,10 +27,12 @@ import triton
 import triton.language as tl
 
 # The PyTorch definitions the kernels follow, re-exported for the op files.
-from ..activations import ACTIVATION_CODES, STATE_OF  # noqa: F401
+from ..activations import (  # noqa: F401
+    ACTIVATION_CODES,
+    STATE_OF,
+    derivative_from_state,  # noqa: F401
+)
 from ..activations import apply_activation as activation_reference  # noqa: F401
-from ..activations import derivative_from_state  # noqa: F401
-
 
 _TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 KERNEL_DTYPES = tuple(_TORCH_TO_TL)

@@ -52,8 +52,7 @@ import triton
 import triton.language as tl
 
 from ..ops.align_step import AlignSite, align_step_reference  # noqa: F401  (the PyTorch definition, kept with the engine)
-from ._common import (Launch, divisibility, dot_precision, index_dtype, load_grouped_tile, run_launches,
-                      tl_dtype)
+from ._common import Launch, divisibility, dot_precision, index_dtype, load_grouped_tile, run_launches, tl_dtype
 from ._tables import TableCache, grouped_tiles
 
 _SITE_FIELDS = tl.constexpr(6)  # offset, rows, P address, P row stride, T address, T row stride

@@ -109,8 +109,8 @@ class _Pointer:
 # --------------------------------------------------------------------------- binding
 @functools.lru_cache(maxsize=None)
 def _nvidia_backend():
-    from triton.compiler.compiler import make_backend
     from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
     return make_backend(GPUTarget("cuda", 90, 32))
 
 

@@ -28,8 +28,17 @@ import triton
 import triton.language as tl
 
 from ..ops.dfa_project import ProjectSite, dfa_project_reference  # noqa: F401  (the site description and the PyTorch definition)
-from ._common import (ACTIVATION_CODES, STATE_OF, Launch, divisibility, dot_precision, index_dtype, padded,
-                      run_launches, tl_dtype)
+from ._common import (
+    ACTIVATION_CODES,
+    STATE_OF,
+    Launch,
+    divisibility,
+    dot_precision,
+    index_dtype,
+    padded,
+    run_launches,
+    tl_dtype,
+)
 from ._tables import TableCache
 
 

@@ -28,8 +28,7 @@ import triton
 import triton.language as tl
 
 from ..ops.dfa_wgrad import dfa_wgrad_reference  # noqa: F401  (the PyTorch definition)
-from ._common import (Launch, divisibility, dot_precision, index_dtype, load_grouped_tile, run_launches,
-                      tl_dtype)
+from ._common import Launch, divisibility, dot_precision, index_dtype, load_grouped_tile, run_launches, tl_dtype
 from ._tables import TableCache, grouped_tiles
 
 _GROUP_FIELDS = 8  # delta addr, delta row stride, x addr, x row stride, dW addr, db addr (0: none), M, K

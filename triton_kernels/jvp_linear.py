@@ -27,8 +27,18 @@ import triton
 import triton.language as tl
 
 from ..ops.jvp_linear import jvp_linear_reference  # noqa: F401  (the PyTorch definition)
-from ._common import (ACTIVATION_CODES, STATE_OF, Launch, apply_activation, derivative_of_pre, divisibility,
-                      dot_precision, index_dtype, run_launches, tl_dtype)
+from ._common import (
+    ACTIVATION_CODES,
+    STATE_OF,
+    Launch,
+    apply_activation,
+    derivative_of_pre,
+    divisibility,
+    dot_precision,
+    index_dtype,
+    run_launches,
+    tl_dtype,
+)
 
 # Tangents per launch: the tangent accumulator is T_pad * BLOCK_M x BLOCK_N fp32
 # registers (8 x 16 x 64 x 4 B = 32 KiB at the GPU tiles below); more tangents

@@ -8,6 +8,7 @@ each is imported on first attribute access (PEP 562).
 
 import importlib
 
+from . import grape, init, metrics  # fastdfa.grape.calibrate, fastdfa.init.feedback_weight_matching, fastdfa.metrics
 from .backends import BackendUnavailableError
 from .checkpoint import checkpoint
 from .config import DFAConfig
@@ -16,7 +17,6 @@ from .dfa import DFA, NonFiniteErrorSignal, Site, backprop
 from .graphs import CapturedStep
 from .layers import Conv1D, Conv1d, Conv2d, Linear
 from .prepare import prepare
-from . import grape, init, metrics  # fastdfa.grape.calibrate, fastdfa.init.feedback_weight_matching, fastdfa.metrics
 
 __version__ = "0.1.0"
 

@@ -48,8 +48,15 @@ import torch
 
 from .dfa import DFA
 from .feedback import seeded_generator
-from .matching import (ATTENTION_FEEDBACK, FWM_METHODS, LayerMatch, encoder_blocks, encoder_layout,
-                       encoder_weight_alignment, match_encoder)
+from .matching import (
+    ATTENTION_FEEDBACK,
+    FWM_METHODS,
+    LayerMatch,
+    encoder_blocks,
+    encoder_layout,
+    encoder_weight_alignment,
+    match_encoder,
+)
 from .matching import solve_feedback as _solve
 from .metrics import _cos, chain, check_chain, dense_matrix, describe, is_dense, weight_alignment
 

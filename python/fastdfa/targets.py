@@ -26,7 +26,6 @@ from torch import nn
 
 from .convert import convert, convertible, split_names_and_types
 
-
 ALL_LINEAR = "all-linear"
 
 

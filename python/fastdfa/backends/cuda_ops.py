@@ -24,8 +24,8 @@ from ..activations import ACTIVATION_CODES, STATE_OF, apply_activation, derivati
 from ..ops.align_step import AlignSite, column_step
 from ..ops.dfa_project import ProjectSite
 from ..triton_kernels._tables import TableCache
-from .base import KernelBackend
 from . import streams as stream_pool
+from .base import KernelBackend
 
 _CODE_NAMES = {v: k for k, v in ACTIVATION_CODES.items()}
 

@@ -34,8 +34,15 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 
-from ..engine.grape_pass import (DualPass, GrapeEstimate, PerturbationStream, align_feedback,
-                                 estimate_from_tangents, replicate_batch, uses_weight_space)
+from ..engine.grape_pass import (
+    DualPass,
+    GrapeEstimate,
+    PerturbationStream,
+    align_feedback,
+    estimate_from_tangents,
+    replicate_batch,
+    uses_weight_space,
+)
 from .agreement import agree
 
 

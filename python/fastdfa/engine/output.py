@@ -20,8 +20,8 @@ import torch
 
 from ..ops.dfa_project import split_projection
 from ..triton_kernels._tables import stream_capturing
-from .rollback import BackwardRollbacks
 from . import fused
+from .rollback import BackwardRollbacks
 
 
 class NonFiniteErrorSignal(FloatingPointError):

@@ -19,7 +19,6 @@ from ..feedback import feedback_matrix, seeded_generator
 from ..layers import init_feedback_weight
 from ..ops.dfa_project import ProjectSite
 
-
 # 2**28 numbers: 1 GiB of float32 feedback. Past it the layout is almost surely a mistake (a per-sequence
 # error of tokens x vocabulary columns), which would otherwise fail as an out-of-memory error or a minutes-long
 # random fill; the message says which option fits.

@@ -27,6 +27,7 @@ from .steptime import interleaved_step_ms
 from .train import ERROR_POINTS as TRAIN_ERROR_POINTS
 from .train import METHODS, TrainConfig, build, make_step, train
 
+
 class Number:
     """An argparse ``type`` for a numeric flag: parses ``kind`` (int or float) and refuses values outside
     ``[low, high]`` (``low`` excluded with ``open_low``), NaN and infinities. argparse puts the flag in front

@@ -21,9 +21,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .data import Dataset
 from ..init import FWM_METHODS, feedback_weight_matching
 from ..layers import Linear
+from .data import Dataset
 from .train import TrainConfig, TrainResult, train
 
 FINETUNE_METHODS = ("bp", "dfa", "fwm")

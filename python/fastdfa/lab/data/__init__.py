@@ -39,29 +39,106 @@ module that looks it up (``fastdfa.lab.data.austen.austen_r_package_candidates``
 ``fastdfa.lab.data.bpe.AUSTEN_BPE_VOCAB``), not this package.
 """
 
-from .austen import (AUSTEN_DEB, AUSTEN_NOVELS, AUSTEN_TEST, UNK, austen_cache_dir, austen_cached,
-                     austen_r_package_candidates, austen_setup_lines, austen_summary, austen_texts, build_vocab,
-                     char_windows, download_austen_deb, extract_austen, find_austen_r_package, load_austen,
-                     prepare_austen, setup_austen)
-from .base import (DATA_ENV, REPO_ROOT, Dataset, TextDataset, bits_per_character, data_dir, record_path,
-                   subsample_train, token_windows)
-from .bpe import (AUSTEN_BPE_VOCAB, BPE_MIN_FREQUENCY, BPE_NAME, austen_bpe_dir, austen_bpe_summary, bpe_char_starts,
-                  bpe_token_bytes, build_bpe_cache, encode_bpe, load_austen_bpe, load_bpe_cache, prepare_austen_bpe,
-                  setup_austen_bpe, train_bpe)
-from .hf_models import (HF_MODEL_FILES, MINILM_PACKAGE, MINILM_PIP, check_hf_model_dir, find_minilm, minilm_dir,
-                        minilm_setup_lines, prepare_minilm, setup_minilm)
-from .images import (FASHION_MNIST_DIR, IDX_FILES, load_digits, load_fashion_mnist, load_idx_dir, parse_classes,
-                     read_idx, select_classes)
-from .lazyload import decompress_lazyload_chunk, read_lazyload_db
-from .registry import DATA_NAMES, DATASETS, SETUP_NAMES, TRAIN_KINDS, DataSource, load_dataset, setup_data
-from .text_tasks import (BBC_PIP, BBC_PREFIX, BBC_TEST_FRACTION, BBC_TOPICS, BBC_WHEEL, MODELDATA_DEB, REVIEW_CLASSES,
-                         TEXT_TASKS, TextClassification, bbc_rows, bbc_setup_lines, download_bbc_wheel, extract_reviews,
-                         find_modeldata, load_text_task, modeldata_candidates, prepare_bbc, prepare_reviews,
-                         review_rows, reviews_setup_lines, setup_bbc, setup_reviews, text_task_dir, text_task_summary)
+from .austen import (
+                     AUSTEN_DEB,
+                     AUSTEN_NOVELS,
+                     AUSTEN_TEST,
+                     UNK,
+                     austen_cache_dir,
+                     austen_cached,
+                     austen_r_package_candidates,
+                     austen_setup_lines,
+                     austen_summary,
+                     austen_texts,
+                     build_vocab,
+                     char_windows,
+                     download_austen_deb,
+                     extract_austen,
+                     find_austen_r_package,
+                     load_austen,
+                     prepare_austen,
+                     setup_austen,
+)
+from .base import (
+                     DATA_ENV,
+                     REPO_ROOT,
+                     Dataset,
+                     TextDataset,
+                     bits_per_character,
+                     data_dir,
+                     record_path,
+                     subsample_train,
+                     token_windows,
+)
+from .bpe import (
+                     AUSTEN_BPE_VOCAB,
+                     BPE_MIN_FREQUENCY,
+                     BPE_NAME,
+                     austen_bpe_dir,
+                     austen_bpe_summary,
+                     bpe_char_starts,
+                     bpe_token_bytes,
+                     build_bpe_cache,
+                     encode_bpe,
+                     load_austen_bpe,
+                     load_bpe_cache,
+                     prepare_austen_bpe,
+                     setup_austen_bpe,
+                     train_bpe,
+)
 
 # helpers the tests call as fastdfa.lab.data._NAME (explicit re-exports)
 from .bpe import _read_bpe_meta as _read_bpe_meta
 from .bpe import _tokenizers as _tokenizers
+from .hf_models import (
+                     HF_MODEL_FILES,
+                     MINILM_PACKAGE,
+                     MINILM_PIP,
+                     check_hf_model_dir,
+                     find_minilm,
+                     minilm_dir,
+                     minilm_setup_lines,
+                     prepare_minilm,
+                     setup_minilm,
+)
+from .images import (
+                     FASHION_MNIST_DIR,
+                     IDX_FILES,
+                     load_digits,
+                     load_fashion_mnist,
+                     load_idx_dir,
+                     parse_classes,
+                     read_idx,
+                     select_classes,
+)
+from .lazyload import decompress_lazyload_chunk, read_lazyload_db
+from .registry import DATA_NAMES, DATASETS, SETUP_NAMES, TRAIN_KINDS, DataSource, load_dataset, setup_data
+from .text_tasks import (
+                     BBC_PIP,
+                     BBC_PREFIX,
+                     BBC_TEST_FRACTION,
+                     BBC_TOPICS,
+                     BBC_WHEEL,
+                     MODELDATA_DEB,
+                     REVIEW_CLASSES,
+                     TEXT_TASKS,
+                     TextClassification,
+                     bbc_rows,
+                     bbc_setup_lines,
+                     download_bbc_wheel,
+                     extract_reviews,
+                     find_modeldata,
+                     load_text_task,
+                     modeldata_candidates,
+                     prepare_bbc,
+                     prepare_reviews,
+                     review_rows,
+                     reviews_setup_lines,
+                     setup_bbc,
+                     setup_reviews,
+                     text_task_dir,
+                     text_task_summary,
+)
 from .text_tasks import _write_jsonl as _write_jsonl
 
 __all__ = [

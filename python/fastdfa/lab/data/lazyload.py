@@ -8,6 +8,7 @@ import os
 import struct
 from pathlib import Path
 
+
 def decompress_lazyload_chunk(chunk: bytes, compression: int) -> bytes:
     """One object of an R lazy-load ``.rdb`` file, decompressed to its R serialisation.
 
