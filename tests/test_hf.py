@@ -326,3 +326,35 @@ def test_save_pretrained_loads_in_transformers_and_from_pretrained_resumes_bit_i
         got = _step_grads(again, ids)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ prepare's default for causal LMs
+def test_prepare_gives_a_causal_lm_the_default_of_the_gpt2_table():
+    from fastdfa.prepare import CAUSAL_LM_DEFAULT, causal_lm_defaults, is_causal_lm
+
+    model = tiny_gpt2(tie_word_embeddings=False)
+    assert is_causal_lm(model) and not is_causal_lm(model.transformer)
+    assert not is_causal_lm(BertForSequenceClassification(BertConfig(
+        vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)))
+    expected = {**CAUSAL_LM_DEFAULT, **({"head": "lm_head"} if CAUSAL_LM_DEFAULT.get("head") is True else {})}
+    assert causal_lm_defaults(model) == expected
+    dfa = fastdfa.prepare(model, seed=2)  # no option that shapes the rule: the default
+    assert dfa.dfa_config.batch_dims == 2  # a causal LM's error is per token, whatever variant the table chose
+    for key, value in expected.items():
+        assert getattr(dfa.dfa_config, key) == value, key
+    ids = torch.randint(0, VOCAB, (B, T))
+    dfa(input_ids=ids, labels=ids).loss.backward()  # it trains as it is
+    assert all(p.grad is not None for n, p in dfa.model.named_parameters() if "wpe" not in n)
+
+
+@pytest.mark.parametrize("given", [dict(batch_dims=2), dict(error_at="lm_head", batch_dims=2),
+                                   dict(targets=["c_fc"], batch_dims=2)])
+def test_prepare_adds_nothing_to_options_that_shape_the_rule(given):
+    dfa = fastdfa.prepare(tiny_gpt2(tie_word_embeddings=False), **given)
+    assert dfa.dfa_config.head is None and dfa.dfa_config.error_rank is None
+    assert dfa.dfa_config.error_at == given.get("error_at")
+
+
+def test_prepare_with_a_config_adds_nothing():
+    dfa = fastdfa.prepare(tiny_gpt2(), fastdfa.DFAConfig(batch_dims=2, seed=1))
+    assert dfa.dfa_config.head is None

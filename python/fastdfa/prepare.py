@@ -30,6 +30,12 @@ def prepare(model: nn.Module, config: DFAConfig | None = None, *, targets=ALL_LI
     ``config``). With ``head=NAME`` the head is not converted: it trains by BP, and the error is taken
     at its input.
 
+    A causal LM (a Hugging Face model that generates, not an encoder-decoder) given none of ``batch_dims``,
+    ``head``, ``error_at``, ``error_rank``, ``sites``, ``targets`` or ``config`` gets ``CAUSAL_LM_DEFAULT``:
+    each token's error (``batch_dims=2``) taken at the LM head's input (``head=`` its output embeddings),
+    every other linear map a DFA site; the choice and its measurements are in docs/results.md. Any of
+    those options given: exactly what was asked, nothing added.
+
     A model loaded with ``from_pretrained`` from a directory that ``DFA.save_pretrained`` wrote (its
     ``name_or_path``) gets that directory's options, conversion and feedback back, so
     ``prepare(AutoModel.from_pretrained(dir))`` resumes the same training state; ``config`` and
@@ -50,6 +56,8 @@ def prepare(model: nn.Module, config: DFAConfig | None = None, *, targets=ALL_LI
         from safetensors.torch import load_file  # a dependency of transformers: only HF directories get here
         wrapper.load_fastdfa_state(load_file(os.path.join(_directory(model), STATE_FILE)))
         return wrapper
+    if config is None and sites is None and targets == ALL_LINEAR and not RULE_SHAPE & options.keys():
+        options = {**causal_lm_defaults(model), **options}
     resolved = DFAConfig.from_options(config, **options)  # a bad option raises before any conversion
     if resolved.error_at is not None or resolved.head is not None:
         from_config(model, resolved.error_at, resolved.head)  # so does a bad module name
@@ -58,6 +66,34 @@ def prepare(model: nn.Module, config: DFAConfig | None = None, *, targets=ALL_LI
     # saved by save_pretrained: the names converted, so a reload converts exactly these
     wrapper.conversion = {"targets": names, "exclude": [], "head": resolved.head}
     return wrapper
+
+
+# What a causal LM gets when prepare is given none of the options that shape the rule (RULE_SHAPE, nor
+# sites=, targets= or config=): chosen from the GPT-2 table of docs/results.md ("A GPT-2-shaped LM with a
+# real vocabulary"), the best test perplexity at equal wall time; head=True names the model's output
+# embeddings (its LM head).
+CAUSAL_LM_DEFAULT = {"batch_dims": 2, "head": True}
+RULE_SHAPE = {"batch_dims", "head", "error_at", "error_rank"}
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face decoder LM: it generates (``GenerationMixin``), is not an encoder-decoder, and has
+    output embeddings (its LM head). Read from the classes' names: transformers is not imported here."""
+    generates = any(c.__name__ == "GenerationMixin" for c in type(model).__mro__)
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    head = getattr(model, "get_output_embeddings", None)
+    return generates and not encoder_decoder and callable(head) and isinstance(head(), nn.Module)
+
+
+def causal_lm_defaults(model: nn.Module) -> dict:
+    """``CAUSAL_LM_DEFAULT`` for a causal LM (``head`` resolved to its output embeddings' name), else {}."""
+    if not is_causal_lm(model):
+        return {}
+    defaults = dict(CAUSAL_LM_DEFAULT)
+    if defaults.get("head") is True:
+        head = model.get_output_embeddings()
+        defaults["head"] = next(n for n, m in model.named_modules() if m is head)
+    return defaults
 
 
 def _directory(model: nn.Module):
