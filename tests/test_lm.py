@@ -14,7 +14,7 @@ from torch import nn
 import fastdfa
 from fastdfa.lab import data as data_mod
 from fastdfa.lab.cli import main
-from fastdfa.lab.train import token_cross_entropy
+from fastdfa.lab.train import TrainConfig, token_cross_entropy
 from fastdfa.models import TransformerLM, make_transformer_lm
 
 DT = torch.float64
@@ -234,3 +234,28 @@ def test_train_gpt2_command_through_prepare(tiny_corpus, tmp_path, variant):
     assert result["test_perplexity"] > 1 and math.isfinite(result["test_perplexity"])
     with pytest.raises(SystemExit):
         main(["train", "--model", "gpt2", "--error-point", "middle"])
+
+
+def test_eval_every_records_the_perplexity_curve(tiny_corpus, tmp_path):
+    """--eval-every N: the whole test text evaluated every N steps and at each epoch's end, with the tokens
+    seen and the training seconds so far (the x axes of a perplexity-against-time plot); the last point is
+    the epoch's own evaluation."""
+    out = tmp_path / "curve.json"
+    assert main(["train", "--data", "austen", "--model", "transformer", "--method", "dfa", "--train-samples", "40",
+                 "--epochs", "2", "--batch-size", "8", "--d-model", "16", "--heads", "2", "--layers", "1",
+                 "--context", "16", "--eval-every", "2", "--threads", "1", "--no-progress", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    evals = result["evals"]
+    # 5 steps per epoch, N counted over the whole run: steps 2, 4, the first epoch's end, 6, 8, the second's
+    assert [e["step"] for e in evals] == [2, 4, 5, 6, 8, 10]
+    assert [e["tokens"] for e in evals] == [s * 8 * 16 for s in (2, 4, 5, 6, 8, 10)]
+    seconds = [e["train_seconds"] for e in evals]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    assert evals[-1]["test_loss"] == result["epochs"][-1]["test_loss"]
+    assert math.isclose(math.exp(evals[-1]["test_loss"]), result["test_perplexity"])
+    assert all(math.isfinite(e["test_loss"]) for e in evals)
+
+
+def test_eval_every_is_for_language_models():
+    with pytest.raises(ValueError, match="eval_every"):
+        TrainConfig(model="mlp", eval_every=5).validate()
