@@ -20,25 +20,35 @@ import sys
 PAPER = {"bp": 29.8, "dfa": 52.0, "grape": 42.3, "dfa + calibration": 42.7, "grape + calibration": 33.1}
 
 
-def rows(folder: str) -> dict:
+def group_runs(folder: str, key, extra: dict) -> dict:
+    """The runs of ``folder`` (one JSON record each) grouped by ``key(run, path)``: per group the seeds, test
+    perplexities, bits per character, files, and ``extra[name](run)`` for each extra column; with the
+    perplexity's mean and (two seeds or more) standard deviation. The GPT-2 table (lm_gpt2_table.py) reads
+    its runs with this too."""
     groups: dict = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         run = json.load(open(path))
-        cfg = run["config"]
-        label = cfg["method"] + (" + calibration" if cfg.get("calibrate_every_steps") else "")
-        sites = "-" if cfg["method"] == "bp" else cfg.get("sites", "blocks")
-        g = groups.setdefault((label, sites), {"seeds": [], "test_perplexity": [], "bits_per_character": [],
-                                               "step_ms_median": [], "files": []})
-        g["seeds"].append(cfg["seed"])
+        g = groups.setdefault(key(run, path), {"seeds": [], "test_perplexity": [], "bits_per_character": [],
+                                               "files": [], **{name: [] for name in extra}})
+        g["seeds"].append(run["config"]["seed"])
         g["test_perplexity"].append(run["test_perplexity"])
         g["bits_per_character"].append(run["bits_per_character"])
-        g["step_ms_median"].append(run.get("step_ms_median"))
         g["files"].append(os.path.basename(path))
+        for name, read in extra.items():
+            g[name].append(read(run))
     for g in groups.values():
         ppl = g["test_perplexity"]
         g["mean"] = statistics.mean(ppl)
         g["std"] = statistics.stdev(ppl) if len(ppl) > 1 else None
     return groups
+
+
+def rows(folder: str) -> dict:
+    def key(run, path):
+        cfg = run["config"]
+        label = cfg["method"] + (" + calibration" if cfg.get("calibrate_every_steps") else "")
+        return label, "-" if cfg["method"] == "bp" else cfg.get("sites", "blocks")
+    return group_runs(folder, key, {"step_ms_median": lambda run: run.get("step_ms_median")})
 
 
 def main(argv=None) -> int:

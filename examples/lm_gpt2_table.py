@@ -14,12 +14,13 @@ their own clocks are not comparable; the bench's are, measured side by side).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
 import statistics
 import sys
+
+from lm_austen_table import group_runs  # examples/: one way to read a folder of runs
 
 GROUP = "lm-gpt2-4x256-v16384-t128-b8"  # bench/test_lm_gpt2_step.py's group
 
@@ -30,22 +31,10 @@ def bench_name(variant: str) -> str:
 
 
 def rows(folder: str) -> dict:
-    groups: dict = {}
-    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
-        run = json.load(open(path))
-        variant = os.path.basename(path).rsplit("-s", 1)[0]
-        g = groups.setdefault(variant, {"seeds": [], "test_perplexity": [], "bits_per_character": [],
-                                        "curves": [], "files": []})
-        g["seeds"].append(run["config"]["seed"])
-        g["test_perplexity"].append(run["test_perplexity"])
-        g["bits_per_character"].append(run["bits_per_character"])
-        g["curves"].append([(e["step"], e["tokens"], math.exp(e["test_loss"])) for e in run.get("evals", [])])
-        g["files"].append(os.path.basename(path))
-    for g in groups.values():
-        ppl = g["test_perplexity"]
-        g["mean"] = statistics.mean(ppl)
-        g["std"] = statistics.stdev(ppl) if len(ppl) > 1 else None
-    return groups
+    """The runs grouped by variant (the file name less its seed), with each run's perplexity curve."""
+    def curve(run):
+        return [(e["step"], e["tokens"], math.exp(e["test_loss"])) for e in run.get("evals", [])]
+    return group_runs(folder, lambda run, path: os.path.basename(path).rsplit("-s", 1)[0], {"curves": curve})
 
 
 def step_times(path: str) -> tuple[dict, dict]:

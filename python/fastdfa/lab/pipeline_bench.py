@@ -68,26 +68,25 @@ def models(tiny: bool) -> list[BenchModel]:
     def mlp_data(gen):
         return torch.randn(batch, inputs, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
 
-    def lm_data(gen):
-        ids = torch.randint(0, vocab, (lm_batch, context + 1), generator=gen)
-        return ids[:, :-1], ids[:, 1:]
+    def token_data(vocab, context, batch):
+        def data(gen):  # random ids [batch, context + 1]: inputs and next-token targets
+            ids = torch.randint(0, vocab, (batch, context + 1), generator=gen)
+            return ids[:, :-1], ids[:, 1:]
+        return data
 
     lm = BenchModel(f"transformer LM d{d_model} x{layers} blocks, T{context}, V{vocab}",
                     lambda: make_transformer_lm(vocab, context, d_model=d_model, heads=4 if not tiny else 2,
                                                 layers=layers),
-                    lm_batch, lm_data, lm_loss, lambda model: dict(sites=model.sites("blocks"), batch_dims=2))
+                    lm_batch, token_data(vocab, context, lm_batch), lm_loss,
+                    lambda model: dict(sites=model.sites("blocks"), batch_dims=2))
     # GPT-2's shape with a real vocabulary (issue "A language model with a real vocabulary"): the error at
     # the LM head's input (head=, d_model wide; the head by BP on the last stage), DFA between the blocks
     g_vocab, g_context, g_d, g_layers, g_batch = (97, 8, 16, 2, 8) if tiny else (16384, 128, 256, 4, 8)
 
-    def gpt2_data(gen):
-        ids = torch.randint(0, g_vocab, (g_batch, g_context + 1), generator=gen)
-        return ids[:, :-1], ids[:, 1:]
-
     gpt2_shaped = BenchModel(f"GPT-2-shaped LM d{g_d} x{g_layers} blocks, T{g_context}, V{g_vocab}, head=",
                              lambda: make_transformer_lm(g_vocab, g_context, d_model=g_d, heads=4 if not tiny else 2,
                                                          layers=g_layers),
-                             g_batch, gpt2_data, lm_loss,
+                             g_batch, token_data(g_vocab, g_context, g_batch), lm_loss,
                              lambda model: dict(sites=list(model.blocks), batch_dims=2, head="head"))
     return [BenchModel(f"mlp {inputs}-{width}x{depth}-10", lambda: make_mlp(inputs, (width,) * depth, 10),
                        batch, mlp_data, F.cross_entropy), lm, gpt2_shaped]
