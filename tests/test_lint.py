@@ -12,7 +12,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PATHS = ("python", "tests", "bench", "triton_kernels", "examples", "setup.py")
+PATHS = ("python", "tests", "bench", "triton_kernels", "examples", "docs", "setup.py")
 
 
 def _pinned_version() -> str | None:
