@@ -51,11 +51,13 @@ from .feedback import seeded_generator
 from .matching import (
     ATTENTION_FEEDBACK,
     FWM_METHODS,
+    ErrorBasis,
     LayerMatch,
     encoder_blocks,
     encoder_layout,
     encoder_weight_alignment,
     match_encoder,
+    solve_chain_jointly,
 )
 from .matching import solve_feedback as _solve
 from .metrics import _cos, chain, check_chain, dense_matrix, describe, is_dense, weight_alignment
@@ -129,11 +131,12 @@ def feedback_weight_matching(dfa: DFA, method: str = "lstsq", rank: int | None =
     """
     if not isinstance(dfa, DFA):
         raise TypeError(f"feedback_weight_matching needs a fastdfa.DFA, got {type(dfa).__name__}")
-    _refuse_error_rank(dfa, "feedback_weight_matching")
     if method not in FWM_METHODS:
         raise ValueError(f"method must be one of {FWM_METHODS}, got {method!r}")
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive int or None, got {rank!r}")
+    if rank is not None and method != "svd":
+        raise ValueError(f"rank= truncates the SVD solve; use method='svd' with it (method is {method!r})")
     if attention_feedback not in ATTENTION_FEEDBACK:
         raise ValueError(f"attention_feedback must be one of {ATTENTION_FEEDBACK}, got {attention_feedback!r}")
     links = chain(dfa)
@@ -169,36 +172,49 @@ def feedback_weight_matching(dfa: DFA, method: str = "lstsq", rank: int | None =
                              "W_l := F_l F_(l-1)^T needs one row per output feature. Nothing was changed.")
     wa_before = weight_alignment(dfa)
 
-    # Feedback matching, computed first (in float64) and written only once all of it succeeded.
-    new_feedback = {id(last.f_in): dense_matrix(last.layer).double().t().clone()}
-    solved = []  # (link, X = F_{l-1}^T, relative error, rank)
-    f_above = new_feedback[id(last.f_in)]
-    for link in reversed(links[lowest:-1]):
-        w = dense_matrix(link.layer).double().cpu()
-        x, r = _solve(f_above, w, method, rank)
-        err = float((f_above.cpu() @ x - w).norm() / w.norm().clamp_min(1e-300))
-        new_feedback[id(link.f_in)] = x.t()
-        solved.append((link, x, err, r))
-        f_above = x.t()
+    # Feedback matching, computed first (in float64, in the error basis H: ErrorBasis) and written only once
+    # all of it succeeded. The greedy top-down solve is lstsq's / svd's, and joint's start.
+    basis = ErrorBasis.of(dfa)
+    width = basis.width(n_out)
+    w_out = dense_matrix(last.layer)
+    h_top = basis.of_output(w_out)
+    top_error = float((h_top @ basis.v.t() - w_out.double().cpu().t()).norm() / w_out.double().norm()) \
+        if basis.v is not None else 0.0
+    matched = list(reversed(links[lowest:-1]))  # from the top down
+    weights = [dense_matrix(link.layer).double().cpu() for link in matched]
+    h_in, ranks, h_above = [], [], h_top
+    for w in weights:
+        x, r = _solve(h_above, w, "lstsq" if method == "joint" else method, rank)
+        h_in.append(x.t())
+        ranks.append(r)
+        h_above = x.t()
+    if method == "joint" and h_in:
+        h_in = solve_chain_jointly(h_top, weights, h_in)
+        ranks = [int(torch.linalg.matrix_rank(h)) for h in [h_top] + h_in[:-1]]
+    above = [h_top] + h_in[:-1]
+    solved = [(link, float((g @ h.t() - w).norm() / w.norm().clamp_min(1e-300)), r)
+              for link, g, h, w, r in zip(matched, above, h_in, weights, ranks)]
 
+    new_feedback = {id(last.f_in): h_top, **{id(link.f_in): h for link, h in zip(matched, h_in)}}
     for link in links[1:]:
         if id(link.f_in) in new_feedback:
-            link.f_in.feedback.copy_(new_feedback[id(link.f_in)])
-    for link, x, _, _ in solved if match_weights else ():  # weight matching: W_l := F_l F_{l-1}^T
-        w_new = link.f_out.feedback.double() @ link.f_in.feedback.double().t()
-        dense_matrix(link.layer).copy_(w_new)  # Conv1D: through the transposed view, into its [in, out] weight
+            link.f_in.feedback.copy_(basis.from_basis(new_feedback[id(link.f_in)]))
+    for link, g, h in zip(matched, above, h_in) if match_weights else ():  # weight matching: W_l := G_l G_(l-1)^T
+        dense_matrix(link.layer).copy_(g @ h.t())  # Conv1D: through the transposed view, into its [in, out] weight
     wa_after = weight_alignment(dfa)
 
-    reports, done = [], {id(link.layer): (err, r) for link, _, err, r in solved}
+    reports, done = [], {id(link.layer): (err, r) for link, err, r in solved}
+    space = _space(dfa, n_out, width)
     for i, link in enumerate(links):
         lay = link.layer
         if link is last:
-            action, err, r, limit, note = "feedback = weight^T", 0.0, None, None, ""
+            action, err, r, limit = "feedback = weight^T", top_error, None, None
+            note = (f"F P = W^T is approximate: P has rank {width} < n_e = {n_out}" if width < n_out else "")
         elif id(lay) in done:
             err, r = done[id(lay)]
-            limit = min(lay.out_features, lay.in_features, n_out)
+            limit = min(lay.out_features, lay.in_features, width)
             action = "weights matched" if match_weights else "feedback matched, weights kept"
-            note = (f"rank of F_l F_(l-1)^T is at most n_out = {n_out} < min(n_l, n_(l-1)) = "
+            note = (f"rank of F_l F_(l-1)^T is at most {space} < min(n_l, n_(l-1)) = "
                     f"{min(lay.out_features, lay.in_features)}: the match is approximate"
                     if limit < min(lay.out_features, lay.in_features) else "")
         else:
@@ -214,9 +230,19 @@ def feedback_weight_matching(dfa: DFA, method: str = "lstsq", rank: int | None =
     return reports
 
 
+def _space(dfa: DFA, n_out: int, width: int) -> str:
+    """The error space's width in words, for the reports' notes."""
+    what = f"the error's width n_e = {n_out}"
+    if dfa.dfa_config.head is not None:
+        what = f"the width of the head's input n_e = {n_out}"
+    if dfa.dfa_config.error_rank is not None:
+        what = f"rank(P) = {width} (error_rank={dfa.dfa_config.error_rank}, {what})"
+    return what
+
+
 def _refuse_error_rank(dfa: DFA, what: str) -> None:
-    """FWM and IFA set F_l from the forward weights in the error's own coordinates; with error_rank=k the
-    feedback lives in P e's k coordinates, which they do not derive yet."""
+    """IFA sets F_l at an angle from BP's path in the error's own coordinates; with error_rank=k the feedback
+    lives in P e's k coordinates, where a chosen angle is not reachable for k < n_e."""
     if dfa.dfa_config.error_rank is not None:
         raise ValueError(f"{what} sets the feedback in the error's own coordinates; this wrapper has error_rank="
                          f"{dfa.dfa_config.error_rank} (feedback on P e). Wrap the model without error_rank for it")

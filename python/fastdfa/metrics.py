@@ -113,8 +113,18 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def error_space_feedback(dfa: DFA, site: Site) -> torch.Tensor:
+    """The site's feedback in the error's own coordinates, float64 on the CPU: ``F`` ``(rows, n_e)``, or
+    ``G = F P`` under ``error_rank=k`` (``F`` ``(rows, k)`` acts on ``P e``). WA and FWM compare these with
+    the forward weights."""
+    f = site.feedback.detach().double().cpu()
+    p = dfa.feedback.error_projection
+    return f if p is None else f @ p.detach().double().cpu()
+
+
 def weight_alignment(dfa: DFA) -> dict[str, float]:
-    """WA per dense fastdfa layer where it is defined (see the module docstring)."""
+    """WA per dense fastdfa layer where it is defined (see the module docstring); under ``error_rank`` with
+    each site's feedback in the error's coordinates, ``G = F P`` (``error_space_feedback``)."""
     out = {}
     links = chain(dfa)
     for i, link in enumerate(links):
@@ -122,9 +132,10 @@ def weight_alignment(dfa: DFA) -> dict[str, float]:
         if i == 0 or not is_dense(lay) or not _dense_matches(link.f_in, lay.in_features):
             continue
         if link.f_out is None:  # the output layer
-            out[link.name] = _cos(dense_matrix(lay), link.f_in.feedback.t())
+            out[link.name] = _cos(dense_matrix(lay), error_space_feedback(dfa, link.f_in).t())
         elif _dense_matches(link.f_out, lay.out_features):
-            out[link.name] = _cos(dense_matrix(lay), link.f_out.feedback @ link.f_in.feedback.t())
+            out[link.name] = _cos(dense_matrix(lay), error_space_feedback(dfa, link.f_out)
+                                  @ error_space_feedback(dfa, link.f_in).t())
     return out
 
 
