@@ -2,8 +2,10 @@
 the data loaders on small stand-ins of the packages, the batching, a tiny random BERT saved with save_pretrained
 standing in for all-MiniLM-L6-v2 through the whole finetune command, and (when it is installed) the real MiniLM."""
 
+import argparse
 import json
 import os
+import statistics
 import zipfile
 
 import pytest
@@ -191,6 +193,11 @@ def test_finetune_command_on_a_tiny_bert(tiny_model_dir, reviews_cache, tmp_path
     assert fwm["dataset"] == "reviews[64 train]" and len(fwm["epochs"]) == 1
     actions = {r["layer"]: r["action"] for r in fwm["prepared"]}
     assert actions["classifier"] == "feedback = weight^T" and actions["bert.pooler.dense"] == "weights matched"
+    # GA before and after matching, per layer, in the record (test_fwm_report_has_ga_before_and_after_matching)
+    assert all(isinstance(r["ga_before"], float) and isinstance(r["ga_after"], float) for r in fwm["prepared"])
+    assert "layers matched, reconstruction error mean" in printed
+    assert "lr_sweep" not in result and all(r["config"]["lr"] == finetune_hf.DEFAULT_LR  # one rate: no sweep
+                                            for rs in result["runs"].values() for r in rs)
     assert actions["bert.encoder.layer.1.output.dense"] == "weights matched"
     assert actions["bert.encoder.layer.1.attention.self.query"] == "kept"
     # WA 1 right after FWM, measured with the encoder form's output feedback
@@ -230,6 +237,228 @@ def test_finetune_command_errors(tiny_model_dir, reviews_cache, capsys):
     assert main(["finetune", "--model", "minilm", "--model-dir", str(tiny_model_dir), "--data", "reviews",
                  "--max-len", "1000", "--no-progress"]) == 2
     assert "--max-len" in capsys.readouterr().err
+
+
+def _tiny_command(model_dir, *more) -> list[str]:
+    """finetune --model minilm on the tiny BERT: 64 stand-in training texts (43 "great", 21 "other" on seed
+    0's subsample), 48 test texts, batch 16, 12 tokens."""
+    return ["finetune", "--model", "minilm", "--model-dir", str(model_dir), "--data", "reviews", "--batch-size", "16",
+            "--max-len", "12", "--train-samples", "64", "--threads", "1", "--no-progress", *more]
+
+
+def _tiny_tokens(model_dir, train_samples=64):
+    task = data_mod.load_text_task("reviews").subsample(train_samples)
+    return finetune_hf.tokenize_task(finetune_hf.load_tokenizer(model_dir), task, 12)
+
+
+def _tiny_config(model_dir, **fields):
+    return finetune_hf.HFConfig(model_dir=str(model_dir), epochs=1, batch_size=16, max_len=12, **fields)
+
+
+def test_head_classifier_trains_by_bp_with_the_error_at_its_input(tiny_model_dir, reviews_cache, tmp_path, capsys):
+    """--head classifier: the classifier stays an nn.Linear trained by BP, every site's feedback has the
+    classifier's input width (the tiny BERT's hidden 16) as its columns instead of the 2 logits, FWM's output
+    layer is the pooler, and the record says head."""
+    out = tmp_path / "ft.json"
+    assert main(_tiny_command(tiny_model_dir, "--method", "dfa,fwm", "--seeds", "0", "--head", "classifier",
+                              "--json", str(out))) == 0
+    result = json.loads(out.read_text())
+    assert [rs[0]["config"]["head"] for rs in result["runs"].values()] == ["classifier", "classifier"]
+    reports = {r["layer"]: r for r in result["runs"]["fwm"][0]["prepared"]}
+    assert "classifier" not in reports  # not converted, so not matched
+    assert reports["bert.pooler.dense"]["action"] == "feedback = weight^T"
+    assert reports["bert.encoder.layer.1.output.dense"]["action"] == "weights matched"
+
+    run = finetune_hf.finetune_run(_tiny_config(tiny_model_dir, method="dfa", head="classifier"),
+                                   _tiny_tokens(tiny_model_dir), log=None)
+    assert run.config["head"] == "classifier" and run.model.dfa_config.head == "classifier"
+    classifier = run.model.model.classifier
+    assert type(classifier) is torch.nn.Linear
+    assert {tuple(s.feedback.shape[1:]) for s in run.model.sites} == {(16,)}
+    fresh = finetune_hf.load_classifier(tiny_model_dir, 2, seed=0).classifier  # the same seeded initial head
+    assert not torch.equal(classifier.weight, fresh.weight)  # it trained (by BP: it is no fastdfa layer)
+
+    assert main(_tiny_command(tiny_model_dir, "--method", "dfa", "--seeds", "0", "--head", "clasifier")) == 2
+    err = capsys.readouterr().err
+    assert "--head='clasifier' is not a submodule" in err and "'classifier'" in err
+
+
+def test_error_rank_is_checked_and_reaches_prepare(tiny_model_dir, reviews_cache, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(_tiny_command(tiny_model_dir, "--error-rank", "0"))
+    assert exc.value.code == 2
+    assert "argument --error-rank: must be a positive integer (at least 1), got '0'" in capsys.readouterr().err
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=rf"--error-rank must be a positive integer .*got {bad!r}"):
+            _tiny_config(tiny_model_dir, error_rank=bad).validate()
+    run = finetune_hf.finetune_run(_tiny_config(tiny_model_dir, method="dfa", error_rank=3),
+                                   _tiny_tokens(tiny_model_dir), log=None)
+    assert run.config["error_rank"] == 3 and run.model.dfa_config.error_rank == 3
+    assert {tuple(s.feedback.shape[1:]) for s in run.model.sites} == {(3,)}  # feedback on P e, P (3, 2)
+
+
+def test_fwm_with_error_rank_needs_fwm_to_accept_error_rank(tiny_model_dir, reviews_cache, tmp_path):
+    """DEPENDS ON the change to fastdfa.init / fastdfa.matching under way (feedback_weight_matching accepting an
+    error_rank wrapper); it fails until that lands. FWM + --error-rank (+ --head) through the command: the
+    rank recorded, every matched layer's report with GA before and after matching."""
+    out = tmp_path / "ft.json"
+    assert main(_tiny_command(tiny_model_dir, "--method", "fwm", "--seeds", "0", "--error-rank", "4", "--head",
+                              "classifier", "--json", str(out))) == 0
+    fwm = json.loads(out.read_text())["runs"]["fwm"][0]
+    assert fwm["config"]["error_rank"] == 4 and fwm["config"]["head"] == "classifier"
+    matched = [r for r in fwm["prepared"] if r["rank"] is not None]
+    assert matched and all(isinstance(r["ga_before"], float) and isinstance(r["ga_after"], float) for r in matched)
+
+
+def test_fwm_method_choices_are_the_librarys(tiny_model_dir, reviews_cache):
+    """--fwm-method offers fastdfa.init.FWM_METHODS (a method added there is offered), and each one runs."""
+    from fastdfa.lab.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    (action,) = [a for a in sub.choices["finetune"]._actions if a.dest == "fwm_method"]
+    assert tuple(action.choices) == fastdfa.init.FWM_METHODS
+    tokens = _tiny_tokens(tiny_model_dir)
+    for method in fastdfa.init.FWM_METHODS:
+        run = finetune_hf.finetune_run(_tiny_config(tiny_model_dir, method="fwm", fwm_method=method), tokens, log=None)
+        assert run.config["fwm_method"] == method and any(r.rank is not None for r in run.prepared)
+
+
+def test_fwm_report_has_ga_before_and_after_matching(tiny_model_dir, reviews_cache):
+    """Each report's ga_before / ga_after is fastdfa.metrics.gradient_alignment on the fixed alignment batch,
+    measured here on an identical wrapper (same seeded model and feedback) right before and after
+    feedback_weight_matching; the logged line holds their means over the matched layers."""
+    tokens = _tiny_tokens(tiny_model_dir)
+    logged = []
+    run = finetune_hf.finetune_run(_tiny_config(tiny_model_dir, method="fwm"), tokens, log=logged.append)
+
+    dfa = fastdfa.prepare(finetune_hf.load_classifier(tiny_model_dir, 2, seed=0), mode="dfa", seed=0,
+                          feedback="uniform", feedback_layout="per-feature")
+    fixed = finetune_hf.alignment_batch(len(tokens.train_ids))
+    x = finetune_hf.pad_batch([tokens.train_ids[i] for i in fixed], tokens.pad_id)
+    y = tokens.task.y_train[fixed]
+    dfa.build(x)
+    before = fastdfa.metrics.gradient_alignment(dfa, x, y)
+    fastdfa.init.feedback_weight_matching(dfa)
+    after = fastdfa.metrics.gradient_alignment(dfa, x, y)
+    matched = [r for r in run.prepared if r.rank is not None]
+    assert len(matched) == 2 * 3 + 1  # Wo, Wi, Wd per block and the pooler
+    for r in run.prepared:
+        assert r.ga_before == pytest.approx(before[r.layer], abs=1e-9)
+        assert r.ga_after == pytest.approx(after[r.layer], abs=1e-9)
+    assert max(abs(r.ga_after - r.ga_before) for r in matched) > 0.1  # two measurements, not one
+    (line,) = [text for text in logged if text.startswith("fwm: ")]
+    errors = [r.reconstruction_error for r in matched]
+    assert line.startswith(f"fwm: 7 layers matched, reconstruction error mean {statistics.fmean(errors):.4f} "
+                           f"max {max(errors):.4f}; after matching WA "
+                           f"{statistics.fmean(r.wa_after for r in matched):.4f} GA "
+                           f"{statistics.fmean(r.ga_after for r in matched):.4f} (GA before "
+                           f"{statistics.fmean(r.ga_before for r in matched):.4f}")
+    recorded = run.to_json()["prepared"]
+    assert [(r["ga_before"], r["ga_after"]) for r in recorded] == [(r.ga_before, r.ga_after) for r in run.prepared]
+
+
+def test_the_lr_sweep_picks_by_validation_accuracy_and_never_reads_the_test_set(tiny_model_dir, reviews_cache,
+                                                                                 tmp_path, monkeypatch, capsys):
+    """--lr 1e-3,3e-3,1e-2 --val-fraction 0.25, methods bp, dfa, seeds 0, 1. The validation accuracy of each
+    sweep run is scripted (the runs themselves are real): bp ties at 3e-3 and 1e-2 (the smaller is chosen),
+    dfa is best at 1e-3. Checked: the sweep runs only on seed 0, on the stratified split of the training set
+    (their evaluated texts held-out training texts, never the test set), all before any test-set run; then
+    every seed runs with its method's rate on the whole training set against the test set."""
+    scripted = {("bp", 1e-3): 0.5, ("bp", 3e-3): 0.75, ("bp", 1e-2): 0.75,
+                ("dfa", 1e-3): 0.875, ("dfa", 3e-3): 0.5, ("dfa", 1e-2): 0.25}
+    real_run, calls = finetune_hf.finetune_run, []
+
+    def recording_run(config, data, progress=False, log=print):
+        result = real_run(config, data, progress=progress, log=log)
+        calls.append((config.method, config.lr, config.seed, data))
+        if data.eval_split == "validation":
+            result.test_accuracy = scripted[config.method, config.lr]
+        return result
+
+    monkeypatch.setattr(finetune_hf, "finetune_run", recording_run)
+    out = tmp_path / "ft.json"
+    assert main(_tiny_command(tiny_model_dir, "--method", "bp,dfa", "--seeds", "0,1", "--lr", "1e-3,3e-3,1e-2",
+                              "--val-fraction", "0.25", "--json", str(out))) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+
+    sweep = [c for c in calls if c[3].eval_split == "validation"]
+    final = [c for c in calls if c[3].eval_split == "test"]
+    assert calls == sweep + final  # every choice is made before the test set is first evaluated
+    assert [(m, lr, seed) for m, lr, seed, _ in sweep] == [(m, lr, 0) for m in ("bp", "dfa")
+                                                           for lr in (1e-3, 3e-3, 1e-2)]
+    assert [(m, lr, seed) for m, lr, seed, _ in final] == [(m, lr, s) for s in (0, 1)
+                                                           for m, lr in (("bp", 3e-3), ("dfa", 1e-3))]
+    full = final[0][3]
+    assert len(full.train_ids) == 64 and len(full.test_ids) == 48
+    kept, held = finetune_hf.validation_indices(full.task.y_train, 0.25, seed=0)
+    assert sorted(kept + held) == list(range(64)) and not set(kept) & set(held)
+    for c in torch.unique(full.task.y_train).tolist():  # stratified: a quarter of each class
+        members = int((full.task.y_train == c).sum())
+        assert int((full.task.y_train[held] == c).sum()) == round(0.25 * members)
+    for *_, split in sweep:
+        assert split.train_ids == [full.train_ids[i] for i in kept]
+        assert split.test_ids == [full.train_ids[i] for i in held]
+        assert split.task.test_texts == tuple(full.task.train_texts[i] for i in held)
+        assert torch.equal(split.task.y_test, full.task.y_train[held])
+    for *_, data in final:
+        assert data is full
+
+    n = len(held)
+    assert result["lr_sweep"] == {
+        "bp": {"rates": [1e-3, 3e-3, 1e-2], "validation_accuracy": [0.5, 0.75, 0.75], "chosen": 3e-3,
+               "validation_size": n},
+        "dfa": {"rates": [1e-3, 3e-3, 1e-2], "validation_accuracy": [0.875, 0.5, 0.25], "chosen": 1e-3,
+                "validation_size": n}}
+    assert result["val_fraction"] == 0.25
+    assert [r["config"]["lr"] for r in result["runs"]["bp"]] == [3e-3, 3e-3]
+    assert [r["config"]["lr"] for r in result["runs"]["dfa"]] == [1e-3, 1e-3]
+    assert (f"lr sweep bp: validation accuracy 0.5000 at 0.001, 0.7500 at 0.003, 0.7500 at 0.01 ({n} held-out "
+            "training texts) -> lr 0.003") in printed
+    assert "lr sweep dfa: " in printed and "-> lr 0.001" in printed
+
+
+def test_sweep_and_route_errors_name_the_flag(tiny_model_dir, reviews_cache, capsys):
+    def refused(argv):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        return capsys.readouterr().err
+
+    for bad in ("0", "0.7", "-0.1", "nan"):
+        err = refused(_tiny_command(tiny_model_dir, "--lr", "1e-3,3e-3", "--val-fraction", bad))
+        assert f"argument --val-fraction: must be a fraction in (0, 0.5], got {bad!r}" in err
+    err = refused(_tiny_command(tiny_model_dir, "--lr", "1e-3,,3e-3"))
+    assert "argument --lr: must be a positive number (> 0), or comma-separated ones" in err
+    assert "'1e-3,,3e-3' (item 2 is empty)" in err
+    assert "(item 2 is '-1')" in refused(_tiny_command(tiny_model_dir, "--lr", "1e-3,-1"))
+    assert "got '0'" in refused(_tiny_command(tiny_model_dir, "--lr", "0"))
+
+    assert main(_tiny_command(tiny_model_dir, "--lr", "1e-3,3e-3", "--val-fraction", "0.01")) == 2
+    assert "--val-fraction 0.01 holds out no text of 64 training texts" in capsys.readouterr().err
+    assert main(_tiny_command(tiny_model_dir, "--val-fraction", "0.2")) == 2
+    assert "give --lr a comma list" in capsys.readouterr().err
+    assert main(_tiny_command(tiny_model_dir, "--lr", "1e-3,1e-3")) == 2
+    assert "--lr lists a rate more than once: 0.001,0.001" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"--val-fraction must be in \(0, 0.5\].*got 0.6"):
+        finetune_hf.validation_indices(torch.tensor([0, 1, 0, 1]), 0.6, seed=0)
+
+    image = ["finetune", "--pretrain-data", "digits:0-4", "--data", "digits:5-9", "--no-progress"]
+    assert main([*image, "--lr", "1e-3,3e-3"]) == 2
+    assert ("--lr 0.001,0.003: image fine-tuning takes one learning rate; a comma list sweeps the rate with "
+            "--model minilm only") in capsys.readouterr().err
+    assert main([*image, "--head", "classifier"]) == 2
+    assert "--head applies to --model minilm only" in capsys.readouterr().err
+    assert main([*image, "--val-fraction", "0.2"]) == 2
+    assert "--val-fraction applies to --model minilm only" in capsys.readouterr().err
+
+
+def test_the_image_route_still_takes_one_lr(tmp_path):
+    out = tmp_path / "ft.json"
+    assert main(["finetune", "--pretrain-data", "digits:0-4", "--data", "digits:5-9", "--method", "bp", "--seeds", "0",
+                 "--epochs", "1", "--pretrain-epochs", "1", "--hidden", "16", "--lr", "2e-3", "--no-progress",
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["runs"]["bp"][0]["config"]["lr"] == 2e-3
 
 
 @pytest.mark.skipif(data_mod.find_minilm() is None, reason="all-MiniLM-L6-v2 is not installed "

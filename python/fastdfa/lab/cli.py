@@ -17,6 +17,7 @@ from ..backends import BackendUnavailableError
 from ..config import BACKEND_CHOICES, CONV_FEEDBACK, FEEDBACK_KINDS, FEEDBACK_LAYOUTS, JVP, PERTURB
 from ..grape import CALIBRATE_SCALES
 from ..info import info_text, machine_info
+from ..init import FWM_METHODS
 from ..models import ACTIVATIONS, MODELS, TRANSFORMER_SITES
 from . import bench
 from .data import DATA_NAMES, DATASETS, SETUP_NAMES, TEXT_TASKS, load_dataset, subsample_train
@@ -70,12 +71,30 @@ class Number:
         return f"Number({self.valid})"
 
 
+class NumberList(Number):
+    """A comma-separated list of ``Number``s, each checked as one (``1e-5,3e-5,1e-4``), parsed to a tuple; a
+    single value gives a 1-tuple. An empty item (``1e-5,,1e-4``, a trailing comma) is refused."""
+
+    def __call__(self, text: str) -> tuple:
+        items = [t.strip() for t in text.split(",")]
+        values = []
+        for i, item in enumerate(items, 1):
+            try:
+                values.append(super().__call__(item))
+            except argparse.ArgumentTypeError:
+                where = "" if len(items) == 1 else f" (item {i} {'is empty' if not item else f'is {item!r}'})"
+                raise argparse.ArgumentTypeError(f"must be {self.valid}, or comma-separated ones like "
+                                                 f"1e-5,3e-5,1e-4, got {text!r}{where}") from None
+        return tuple(values)
+
+
 INTEGER = Number(int)
 POSITIVE_INT = Number(int, 1)
 COUNT = Number(int, 0)                        # 0 switches the option off
 POSITIVE = Number(float, 0, open_low=True)
 NON_NEGATIVE = Number(float, 0)
 ALIGNMENT = Number(float, -1, 1)              # a cosine: gradient alignment
+RATES = NumberList(float, 0, open_low=True)   # finetune --lr: one rate, or a list for --model minilm's sweep
 
 
 def _int_tuple(text: str, low: int, what: str, example: str) -> tuple[int, ...]:
@@ -384,6 +403,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         _write_json(args.json, {"machine": machine_info(), **payload})
         _plot(args, runs)
         return 0
+    given = [flag for flag, value in (("--head", args.head), ("--val-fraction", args.val_fraction))
+             if value is not None]
+    if given:
+        raise ValueError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --model minilm only "
+                         "(image fine-tuning has no such option)")
+    if args.lr is not None:  # finetune's --lr parses to a tuple (RATES): image fine-tuning takes one rate
+        if len(args.lr) > 1:
+            raise ValueError(f"--lr {','.join(f'{r:g}' for r in args.lr)}: image fine-tuning takes one learning "
+                             "rate; a comma list sweeps the rate with --model minilm only")
+        args.lr = args.lr[0]
     if args.pretrain_data is None:
         raise ValueError("--pretrain-data is required (the task to pretrain on, e.g. digits:0-4), except with "
                          "--model minilm (pretrained)")
@@ -578,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated fine-tuning rules among bp, dfa, fwm")
     p_ft.add_argument("--seeds", type=_int_list, default="0,1,2", help="comma-separated fine-tuning seeds")
     p_ft.add_argument("--pretrain-epochs", type=POSITIVE_INT, default=10, help="BP epochs on --pretrain-data")
-    p_ft.add_argument("--fwm-method", choices=("lstsq", "svd"), default="lstsq",
+    p_ft.add_argument("--fwm-method", choices=FWM_METHODS, default="lstsq",
                       help="fwm: how the feedback weights are matched")
     p_ft.add_argument("--pretrained", type=Path, default=None,
                       help="load the pretrained weights from this file if it exists, else pretrain and save there "
@@ -586,7 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(p_ft)
     add_hf_arguments(p_ft)
     # finetune_hf's own numeric options; --max-len's upper bound (BERT's 512 positions) is checked with the model
-    _retype(p_ft, max_len=Number(int, 2), align_every_steps=COUNT, timing_rounds=COUNT)
+    _retype(p_ft, max_len=Number(int, 2), align_every_steps=COUNT, timing_rounds=COUNT, lr=RATES,
+            val_fraction=Number(float, 0, 0.5, open_low=True, valid="a fraction in (0, 0.5]"))
     p_ft.set_defaults(func=cmd_finetune)
     p_bench = add_parser("bench", help="time DFA, FA, GrAPE and the baselines against BP over a grid of models")
     which = p_bench.add_mutually_exclusive_group()

@@ -15,6 +15,17 @@ of similar length, padded per batch with the attention mask:
     dfa  mode "dfa" with random feedback;
     fwm  ``fastdfa.init.feedback_weight_matching`` (its encoder form, ``fastdfa.matching``), then "dfa".
 
+``--head NAME`` leaves that module (e.g. ``classifier``) unconverted: it trains by BP and DFA's error is
+taken at its input (384 wide on MiniLM) instead of at the logits. ``--error-rank K`` compresses the error to
+``P e``, ``P`` a fixed seeded ``(K, n_e)`` projection, before the feedback (``fastdfa.DFAConfig.error_rank``).
+For fwm, GA on the fixed alignment batch is measured right before and right after matching and written into
+each layer's report (``ga_before``, ``ga_after``).
+
+``--lr`` takes a comma list to sweep the rate (``sweep_learning_rates``): for each method, on the first seed,
+one run per rate on the training set minus a stratified, seeded validation split (``--val-fraction``, of
+each class), the accuracy on that split, the best rate (the smaller on a tie); then every seed runs with
+its method's rate on the whole training set and is evaluated on the test set, which the choice never reads.
+
 ``--weight-decay`` applies to every method (AdamW's decoupled decay), as FWM's paper fine-tunes with it.
 The texts are tokenised once with the model's own fast tokenizer (tokenizer.json), truncated to
 ``--max-len`` tokens. Batches of similar length (each epoch: a seeded shuffle, then sorted by length
@@ -26,6 +37,8 @@ gradients what they never add to BP's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import statistics
 import sys
 import time
@@ -36,6 +49,7 @@ import torch
 from torch import nn
 
 from ..dfa import DFA
+from ..engine.error_point import find_module
 from ..init import ATTENTION_FEEDBACK, FWM_METHODS, feedback_weight_matching
 from ..matching import encoder_layout, encoder_weight_alignment
 from ..metrics import alignment_summary, gradient_alignment, weight_alignment
@@ -52,6 +66,7 @@ HF_DEFAULTS = {"epochs": 1, "batch_size": 32}
 ALIGNMENT_SAMPLES = 32      # the fixed training texts --log-alignment measures GA on (alignment_batch)
 LENGTH_GROUP = 50           # batches per length-sorted group
 EVAL_BATCH = 64
+VAL_FRACTION = 0.1          # --val-fraction's default: the share of each class held out for an --lr sweep
 
 
 def add_hf_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +77,11 @@ def add_hf_arguments(parser: argparse.ArgumentParser) -> None:
             action.choices = (*action.choices, *HF_MODELS)
             action.help += "; finetune also takes minilm (all-MiniLM-L6-v2, pretrained, with --data reviews|bbc)"
         elif action.dest == "lr":
-            action.help += f"; {DEFAULT_LR:g} for every method with --model minilm"
+            action.help += (f"; {DEFAULT_LR:g} for every method with --model minilm, where a comma list "
+                            "(1e-5,3e-5,1e-4) sweeps the rate: each method's is chosen by accuracy on a "
+                            "validation split of the training set (--val-fraction), then every seed runs with it")
+        elif action.dest == "error_rank":
+            action.help += "; with --model minilm too (fastdfa.prepare(error_rank=K))"
         elif action.dest in ("epochs", "batch_size"):
             action.default = None
             action.help = (f"default {IMAGE_DEFAULTS[action.dest]}, or {HF_DEFAULTS[action.dest]} with --model "
@@ -72,6 +91,12 @@ def add_hf_arguments(parser: argparse.ArgumentParser) -> None:
                    help="a Hugging Face BERT directory (config.json, model.safetensors, tokenizer.json) used instead "
                         "of the installed all-MiniLM-L6-v2 (python -m fastdfa data minilm)")
     g.add_argument("--max-len", type=int, default=128, help="tokens per text after truncation (default 128)")
+    g.add_argument("--head", default=None, metavar="NAME",
+                   help="leave this module (e.g. classifier) unconverted: it trains by BP and DFA's error is taken "
+                        "at its input (384 wide on MiniLM) (default: none, the error at the classifier's logits)")
+    g.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                   help=f"with a comma list of --lr: the share of each class of the training set held out to "
+                        f"choose the rate on, in (0, 0.5] (default {VAL_FRACTION:g})")
     g.add_argument("--attention-feedback", choices=ATTENTION_FEEDBACK, default="value",
                    help="fwm: the feedback at Q/K/V's input (fastdfa.matching; default value)")
     g.add_argument("--fwm-weights", choices=("match", "keep"), default="match",
@@ -110,6 +135,8 @@ class HFConfig:
     fwm_method: str = "lstsq"
     attention_feedback: str = "value"
     fwm_weights: str = "match"
+    head: str | None = None           # a module left unconverted (BP); DFA's error taken at its input
+    error_rank: int | None = None     # k: the error compressed to P e, P fixed and seeded (k, n_e)
     log_alignment: bool = False
     align_every: int = 0              # with log_alignment: WA / GA every this many steps too (0: per epoch only)
     device: str = "cpu"
@@ -132,6 +159,13 @@ class HFConfig:
             raise ValueError(f"--align-every-steps must be >= 0, got {self.align_every}")
         if self.fwm_method not in FWM_METHODS:
             raise ValueError(f"--fwm-method must be one of {FWM_METHODS}, got {self.fwm_method!r}")
+        if self.error_rank is not None and (isinstance(self.error_rank, bool) or not isinstance(self.error_rank, int)
+                                            or self.error_rank < 1):
+            raise ValueError(f"--error-rank must be a positive integer (at least 1: the columns of the compressed "
+                             f"error P e), got {self.error_rank!r}; leave it out for the full error")
+        if self.head is not None and (not isinstance(self.head, str) or not self.head):
+            raise ValueError(f"--head takes a module name as in model.named_modules() (e.g. classifier), "
+                             f"got {self.head!r}")
         check_device(self.device)
 
 
@@ -166,12 +200,15 @@ def load_classifier(model_dir: Path, n_classes: int, seed: int, device: str = "c
 
 @dataclass
 class TokenizedTask:
-    """``task`` tokenised once: ``train_ids[i]`` the token ids of training text i (truncated, unpadded)."""
+    """``task`` tokenised once: ``train_ids[i]`` the token ids of training text i (truncated, unpadded).
+    ``eval_split`` names what the evaluated side (``test_ids``, ``task.test_texts``) is: the test set, or the
+    validation split that ``hold_out_validation`` cut from the training set."""
 
     task: TextClassification
     train_ids: list[list[int]]
     test_ids: list[list[int]]
     pad_id: int
+    eval_split: str = "test"
 
 
 def tokenize_task(tokenizer, task: TextClassification, max_len: int) -> TokenizedTask:
@@ -179,6 +216,37 @@ def tokenize_task(tokenizer, task: TextClassification, max_len: int) -> Tokenize
         return tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
 
     return TokenizedTask(task, ids(task.train_texts), ids(task.test_texts), int(tokenizer.pad_token_id or 0))
+
+
+def validation_indices(labels: torch.Tensor, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """``(kept, held_out)``: the training indices split for an --lr sweep, each list sorted. Stratified: of
+    the ``n_c`` texts of class c a seeded random ``round(fraction * n_c)`` is held out, at most ``n_c - 1``
+    (so every class stays in training). Raises when nothing is held out."""
+    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 0.5):
+        raise ValueError(f"--val-fraction must be in (0, 0.5] (the share of each class held out), got {fraction!r}")
+    gen = torch.Generator().manual_seed(seed)
+    held: list[int] = []
+    for c in torch.unique(labels).tolist():
+        members = (labels == c).nonzero().flatten()
+        k = min(round(fraction * len(members)), len(members) - 1)
+        held += members[torch.randperm(len(members), generator=gen)[:k]].tolist()
+    if not held:
+        raise ValueError(f"--val-fraction {fraction:g} holds out no text of {len(labels)} training texts (per class "
+                         f"round(F x its count)); raise --val-fraction or --train-samples")
+    held_set = set(held)
+    return [i for i in range(len(labels)) if i not in held_set], sorted(held)
+
+
+def hold_out_validation(data: TokenizedTask, fraction: float, seed: int) -> TokenizedTask:
+    """``data`` with its training set cut in two (``validation_indices``): the kept texts to train on, the
+    held-out ones as the evaluated side (``eval_split`` "validation"). The test set is not in it."""
+    kept, held = validation_indices(data.task.y_train, fraction, seed)
+    task = data.task
+    split = dataclasses.replace(task, name=f"{task.name}[{len(kept)} train, {len(held)} validation]",
+                                train_texts=tuple(task.train_texts[i] for i in kept), y_train=task.y_train[kept],
+                                test_texts=tuple(task.train_texts[i] for i in held), y_test=task.y_train[held])
+    return TokenizedTask(split, [data.train_ids[i] for i in kept], [data.train_ids[i] for i in held], data.pad_id,
+                         eval_split="validation")
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, generator: torch.Generator,
@@ -236,6 +304,25 @@ def measure_alignment(dfa: DFA, x: tuple, y: torch.Tensor) -> dict:
     return {"weight": weight, "gradient": gradient_alignment(dfa, x, y)}
 
 
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else math.nan
+
+
+def matching_summary(reports: list) -> str:
+    """One line on FWM's result over the matched layers (those whose feedback was solved by least squares:
+    ``rank`` not None): the mean and max relative reconstruction error ``||G F_in^T - W||_F / ||W||_F``, the
+    mean WA and GA after matching, and the mean GA before it."""
+    matched = [r for r in reports if r.rank is not None]
+    if not matched:
+        return "fwm: no layer matched"
+    errors = [r.reconstruction_error for r in matched]
+    return (f"fwm: {len(matched)} layers matched, reconstruction error mean {_mean(errors):.4f} max "
+            f"{max(errors):.4f}; after matching WA {_mean(r.wa_after for r in matched):.4f} GA "
+            f"{_mean(r.ga_after for r in matched):.4f} (GA before {_mean(r.ga_before for r in matched):.4f}; "
+            "means over the matched layers)")
+
+
 def _optimizer(config: HFConfig, dfa: DFA) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.AdamW(dfa.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -244,24 +331,35 @@ def _optimizer(config: HFConfig, dfa: DFA) -> torch.optim.Optimizer:
 
 def finetune_run(config: HFConfig, data: TokenizedTask, progress: bool = False, log=print) -> TrainResult:
     """One method, one seed (module docstring); ``result.model`` / ``.optimizer`` are the trained wrapper and
-    its optimizer, ``result.prepared`` the FWM report."""
+    its optimizer, ``result.prepared`` the FWM report (with GA before / after matching). ``test_accuracy`` is
+    the accuracy on ``data``'s evaluated side: the validation split for a ``hold_out_validation`` task."""
     from tqdm.auto import tqdm
 
     config.validate()
     device = torch.device(config.device)
     task, pad = data.task, data.pad_id
     model = load_classifier(Path(config.model_dir), task.n_classes, config.seed, config.device)
-    # the error at the classifier's logits (the default error point), HF's own labels= loss
+    if config.head is not None:
+        find_module(model, config.head, "--head")  # a bad name is refused naming the flag and the close names
+    # the error at the classifier's logits (the default error point) or at --head's input, HF's own labels=
+    # loss; head / error_rank passed only when set: prepare reads any of them given as "shape the rule myself"
+    rule = {k: v for k, v in (("head", config.head), ("error_rank", config.error_rank)) if v is not None}
     dfa = prepare(model, mode="bp" if config.method == "bp" else "dfa", seed=config.seed, feedback=config.feedback,
-                  feedback_layout="per-feature", backend=config.backend).to(device)
+                  feedback_layout="per-feature", backend=config.backend, **rule).to(device)
     fixed = alignment_batch(len(data.train_ids))  # the same texts for every method and seed
     x_align = pad_batch([data.train_ids[i] for i in fixed], pad, device)
     y_align = task.y_train[fixed].to(device)
     dfa.build(x_align)
     prepared = None
     if config.method == "fwm":
+        ga_before = gradient_alignment(dfa, x_align, y_align)  # the random feedback, the pretrained weights
         prepared = feedback_weight_matching(dfa, method=config.fwm_method, attention_feedback=config.attention_feedback,
                                             match_weights=config.fwm_weights == "match")
+        ga_after = gradient_alignment(dfa, x_align, y_align)
+        for report in prepared:
+            report.ga_before, report.ga_after = ga_before.get(report.layer), ga_after.get(report.layer)
+        if log is not None:
+            log(matching_summary(prepared))
     opt = _optimizer(config, dfa)
     # the record names the model directory without this machine's absolute path (record_path)
     result = TrainResult(config={**asdict(config), "model_dir": record_path(config.model_dir), "group_by_length": True},
@@ -312,12 +410,52 @@ def finetune_run(config: HFConfig, data: TokenizedTask, progress: bool = False, 
                 extra = (f"  WA {alignment_summary(alignment['weight']):.3f}"
                          f"  GA {alignment_summary(alignment['gradient']):.3f}")
             log(f"{config.method:>4} seed {config.seed} epoch {epoch}/{config.epochs}  "
-                f"loss {statistics.fmean(losses):.4f}  test acc {acc:.4f}  "
+                f"loss {statistics.fmean(losses):.4f}  {data.eval_split} acc {acc:.4f}  "
                 f"step {statistics.median(step_ms):.0f} ms median  ({seconds:.0f} s){extra}")
     result.test_accuracy = result.epochs[-1].test_accuracy
     result.skipped_steps = dfa.skipped_steps
     result.model, result.optimizer = dfa, opt
     return result
+
+
+def sweep_learning_rates(base: HFConfig, methods: list[str], rates: list[float], data: TokenizedTask,
+                         val_fraction: float = VAL_FRACTION, progress: bool = False, log=print) -> dict:
+    """The rate per method, chosen without the test set: for each method, on ``base.seed``, one run per rate
+    on ``data``'s training set minus a validation split (``hold_out_validation(data, val_fraction,
+    base.seed)``, the same split for every method and rate), scored by the accuracy on that split; the
+    chosen rate is the best one, the smaller on a tie. Returns ``{method: {"rates", "validation_accuracy",
+    "chosen", "validation_size"}}``."""
+    split = hold_out_validation(data, val_fraction, base.seed)
+    sweep = {}
+    for method in methods:
+        accuracy = []
+        for rate in rates:
+            if log is not None:
+                log(f"-- lr sweep {method}, lr {rate:g}, seed {base.seed}: train on {len(split.train_ids)}, "
+                    f"validate on {len(split.test_ids)} training texts")
+            # no alignment logs: only the validation accuracy of these runs is used
+            config = HFConfig(**{**asdict(base), "method": method, "lr": rate, "log_alignment": False,
+                                 "align_every": 0})
+            accuracy.append(finetune_run(config, split, progress=progress, log=log).test_accuracy)
+        best = max(accuracy)
+        chosen = min(r for r, a in zip(rates, accuracy) if a == best)
+        sweep[method] = {"rates": list(rates), "validation_accuracy": accuracy, "chosen": chosen,
+                         "validation_size": len(split.test_ids)}
+    return sweep
+
+
+def sweep_line(method: str, record: dict) -> str:
+    """One line of ``sweep_learning_rates``' record for one method."""
+    scores = ", ".join(f"{a:.4f} at {r:g}" for r, a in zip(record["rates"], record["validation_accuracy"]))
+    return (f"lr sweep {method}: validation accuracy {scores} ({record['validation_size']} held-out training "
+            f"texts) -> lr {record['chosen']:g}")
+
+
+def learning_rates(value) -> list[float]:
+    """``args.lr`` as a list: None (the default rate), one number, or the CLI's tuple of them."""
+    if value is None:
+        return [DEFAULT_LR]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def interleaved_timing(results: dict[str, TrainResult], data: TokenizedTask, batch_size: int, rounds: int,
@@ -364,16 +502,24 @@ def finetune_pretrained(args: argparse.Namespace) -> tuple[dict, dict]:
         raise ValueError("--plot draws the alignment records: add --log-alignment")
     if args.timing_rounds < 0:
         raise ValueError(f"--timing-rounds must be >= 0, got {args.timing_rounds}")
+    rates = learning_rates(args.lr)
+    if len(set(rates)) != len(rates):
+        raise ValueError(f"--lr lists a rate more than once: {','.join(f'{r:g}' for r in rates)}")
+    if args.val_fraction is not None and len(rates) == 1:
+        raise ValueError(f"--val-fraction {args.val_fraction:g} holds out a validation split for an --lr sweep; give "
+                         "--lr a comma list (1e-5,3e-5,1e-4) or leave --val-fraction out")
+    val_fraction = VAL_FRACTION if args.val_fraction is None else args.val_fraction  # its range: the parser's type
     model_dir = check_hf_model_dir(args.model_dir) if args.model_dir is not None else minilm_dir()
     base = HFConfig(data=args.data, model_dir=str(model_dir), epochs=args.epochs, batch_size=args.batch_size,
-                    lr=DEFAULT_LR if args.lr is None else args.lr, optimizer=args.optimizer,
+                    lr=rates[0], optimizer=args.optimizer,
                     weight_decay=args.weight_decay, max_len=args.max_len, train_samples=args.train_samples,
                     feedback=args.feedback, fwm_method=args.fwm_method, attention_feedback=args.attention_feedback,
                     fwm_weights=args.fwm_weights, log_alignment=args.log_alignment,
-                    align_every=args.align_every_steps, device=args.device,
-                    backend=args.backend)
+                    align_every=args.align_every_steps, device=args.device, backend=args.backend,
+                    head=args.head, error_rank=args.error_rank)
     for m in methods:
-        HFConfig(**{**asdict(base), "method": m}).validate()
+        for rate in rates:
+            HFConfig(**{**asdict(base), "method": m, "lr": rate}).validate()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if not args.keep_denormals and args.device == "cpu":
@@ -389,13 +535,21 @@ def finetune_pretrained(args: argparse.Namespace) -> tuple[dict, dict]:
           f"classes (majority {majority:.3f}), {mean_tokens:.0f} tokens per training text (max {args.max_len}); "
           f"model {model_dir}; device {args.device}; threads {torch.get_num_threads()}")
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    lr_of = {m: base.lr for m in methods}
+    lr_sweep = None
+    if len(rates) > 1:  # the rate per method on a validation split of the first seed; the test set unread
+        lr_sweep = sweep_learning_rates(HFConfig(**{**asdict(base), "seed": args.seeds[0]}), methods, rates, data,
+                                        val_fraction, progress=progress)
+        for m, record in lr_sweep.items():
+            print(sweep_line(m, record))
+            lr_of[m] = record["chosen"]
     results: dict[str, list[TrainResult]] = {m: [] for m in methods}
     timing = None
     for n, seed in enumerate(args.seeds):
         for method in methods:
-            print(f"-- fine-tune {method}, seed {seed}")
-            results[method].append(finetune_run(HFConfig(**{**asdict(base), "method": method, "seed": seed}), data,
-                                                progress=progress))
+            print(f"-- fine-tune {method}, seed {seed}" + (f", lr {lr_of[method]:g}" if lr_sweep else ""))
+            config = HFConfig(**{**asdict(base), "method": method, "seed": seed, "lr": lr_of[method]})
+            results[method].append(finetune_run(config, data, progress=progress))
         if n == 0 and args.timing_rounds:
             timing = interleaved_timing({m: rs[0] for m, rs in results.items()}, data, args.batch_size,
                                         args.timing_rounds)
@@ -416,5 +570,8 @@ def finetune_pretrained(args: argparse.Namespace) -> tuple[dict, dict]:
                "runs": {m: [r.to_json() for r in rs] for m, rs in results.items()}}
     if timing is not None:
         payload["step_timing"] = timing
+    if lr_sweep is not None:
+        payload["lr_sweep"] = lr_sweep
+        payload["val_fraction"] = val_fraction
     runs = {f"{m} seed {r['config']['seed']}": r for m, rs in payload["runs"].items() if m != "bp" for r in rs[:1]}
     return payload, runs
