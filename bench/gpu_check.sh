@@ -2,7 +2,7 @@
 # Everything docs/gpu.md says is owed on a GPU, in ONE command of at most 9 minutes, most important first:
 #
 #   bash bench/gpu_check.sh             # on the H100/H200, from the repository root (device tool: timeout_s 600)
-#   bash bench/gpu_check.sh --dry-run   # the same stages in a CPU smoke mode (< 3 min), records in a temp folder
+#   bash bench/gpu_check.sh --dry-run   # the same stages in a CPU smoke mode (< 5 min), records in a temp folder
 #   bash bench/gpu_check.sh --stages b,d  # a subset; --results DIR, --deadline S
 #
 #   a  build fastdfa._C (sm_90) + pytest tests -m gpu + the kernel tests  -> bench/results/gpu-check-tests.json

@@ -25,7 +25,7 @@ def _dry_run(tmp_path, *args, fail=None):
         env["FASTDFA_GPU_CHECK_FAIL"] = fail
     results = tmp_path / "results"
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--results", str(results),
-                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     out = proc.stdout + proc.stderr
     summary = json.loads((results / "gpu-check-summary.json").read_text())
     return proc.returncode, out, results, summary

@@ -16,7 +16,8 @@ ROWS = [(recording.Recording, (intercept.Interceptor, intercept.Replayable)),
         (recording.FAForward, (intercept.Interceptor, intercept.Replayable)),
         (recording.GuardOnly, (intercept.SiteInterceptor, intercept.ErrorPointInterceptor)),
         (recording.Replay, (intercept.SiteInterceptor, intercept.LayerInterceptor)),
-        (grape_pass.DualPass, (intercept.Interceptor,))]
+        (grape_pass.DualPass, (intercept.Interceptor,)),
+        (recording.SiteCapture, (intercept.Interceptor,))]
 
 
 def protocol_methods(protocol) -> dict:

@@ -33,7 +33,7 @@ from .config import DFAConfig, WrapperOptions
 from .engine import error_point, fused, grape_pass
 from .engine.guard import ForwardGuard, Snapshot
 from .engine.output import ErrorGuard, ErrorRouter, NonFiniteErrorSignal, OutputNode
-from .engine.recording import FAForward, GuardOnly, Recorder, Recording, discover
+from .engine.recording import FAForward, GuardOnly, Recorder, Recording, StepState, discover
 from .engine.sites import FeedbackStore, Site, check_state_dict
 from .layers import FASTDFA_LAYERS
 from .pretrained import PretrainedMixin, wrapper_class
@@ -98,7 +98,7 @@ class DFA(PretrainedMixin, WrapperViews, WrapperOptions, nn.Module):
             self._set_point(point)
         self._fa_forward = FAForward(self._recorder)
         self._guard = ForwardGuard(model)
-        self._router = ErrorRouter(self, self._align)
+        self._router = ErrorRouter(model, self.feedback, config.batch_dims, self._align)
         self._recorder.rollbacks = self._router.rollbacks
         self.perturbations = self.feedback.perturbations = grape_pass.PerturbationStream(config.seed)
         self.kernels: KernelBackend | None = None  # resolved on the first DFA forward
@@ -117,7 +117,8 @@ class DFA(PretrainedMixin, WrapperViews, WrapperOptions, nn.Module):
         self._recorder.attach(point, FASTDFA_LAYERS)
 
     def _guard_error(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if self._config.nonfinite == "ignore" else ErrorGuard.apply(self._router, tensor)
+        policy = self._config.nonfinite
+        return tensor if policy == "ignore" else ErrorGuard.apply(self._router, policy, tensor)
 
     def build(self, example_input) -> None:
         """Build the feedback now from one no-grad forward of ``example_input`` in eval mode
@@ -162,7 +163,7 @@ class DFA(PretrainedMixin, WrapperViews, WrapperOptions, nn.Module):
             output = self.model(*args, **kwargs)
         if self._config.nonfinite == "ignore" or inside or not isinstance(output, torch.Tensor):
             return output
-        return ErrorGuard.apply(self._router, output)  # the NaN policy holds in every mode
+        return ErrorGuard.apply(self._router, self._config.nonfinite, output)  # the NaN policy, every mode
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``, but every key and shape is checked first: a checkpoint that does
@@ -217,8 +218,8 @@ class DFA(PretrainedMixin, WrapperViews, WrapperOptions, nn.Module):
         if torch.is_grad_enabled() and kernels.fuses_layers:
             refusal = kernels.fused_route_refusal(any(torch.is_autocast_enabled(t) for t in ("cuda", "cpu")))
             plan = fused.FusedPlan() if refusal is None and recorder.fusable else None
-        rec = Recording(recorder, self.feedback, kernels, plan, self._take_error)
-        rec.step.refusal = refusal
+        step = StepState.of(self._config, kernels, self.module_names, plan, refusal)  # fixed for the backward
+        rec = Recording(recorder, self.feedback, step, self._take_error)
         token = recorder.begin(rec)
         try:
             # No-grad forwards (a build) must take the path training forwards take: torch's

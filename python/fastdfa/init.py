@@ -38,6 +38,10 @@ above them (LayerNorm taken as the identity); Q/K/V keep their weights.
 
 ``soft_align`` (IFA, Cheon, Bae, Paik) turns the feedback to a chosen angle
 from the forward path at initialisation.
+
+``jacobian_feedback`` (``fastdfa.jacobian_init``) keeps every weight and sets each site's feedback to BP's
+mean Jacobian path from the site to the error, measured on a batch: the feedback closest to BP's signal
+for the pretrained model as it is, on any architecture.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import torch
 
 from .dfa import DFA
 from .feedback import seeded_generator
+from .jacobian_init import JACOBIAN_MODES, jacobian_feedback  # noqa: F401  (re-exported: fastdfa.init.*)
 from .matching import (
     ATTENTION_FEEDBACK,
     FWM_METHODS,
@@ -63,7 +68,7 @@ from .matching import solve_feedback as _solve
 from .metrics import _cos, chain, check_chain, dense_matrix, describe, is_dense, weight_alignment
 
 __all__ = ["FWM_METHODS", "ATTENTION_FEEDBACK", "LayerMatch", "feedback_weight_matching", "soft_align",
-           "encoder_blocks", "encoder_layout", "encoder_weight_alignment"]
+           "JACOBIAN_MODES", "jacobian_feedback", "encoder_blocks", "encoder_layout", "encoder_weight_alignment"]
 
 
 def _unmatchable(link) -> str | None:

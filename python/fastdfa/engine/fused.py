@@ -241,15 +241,15 @@ def fused_layer_forward(plan: FusedPlan, kernels, layer, x: torch.Tensor) -> tor
     return _record(plan, layer, xp, _ConvOps(layer, padding))
 
 
-def fused_backward(engine, step, error: torch.Tensor, feedback: torch.Tensor, compressed: torch.Tensor):
+def fused_backward(step, store, error: torch.Tensor, feedback: torch.Tensor, compressed: torch.Tensor):
     """(gradient for the model output, gradients of the site inputs, gradients of the claimed params).
 
-    ``engine``: the wrapper (its kernels, ``FeedbackStore``, module names, ``wgrad`` and ``streams``
-    options); ``step``: the forward's step context (``engine.recording.StepState``: the fused plan, the
-    batch shape, the sites' dtypes and shapes); ``error``: the output error; ``feedback``: the [R, n_out]
-    buffer to project with; ``compressed``: ``store.compress(e)`` (e itself without ``error_rank``)."""
-    kernels, store, names = engine.kernels, engine.feedback, engine.module_names
-    wgrad, streams = engine.dfa_config.wgrad, engine.dfa_config.streams
+    ``step``: the forward's step context (``engine.recording.StepState``: the kernels, module names,
+    ``wgrad`` and ``streams`` options as they were at the forward, the fused plan, the batch shape, the
+    sites' dtypes and shapes); ``store``: the wrapper's ``FeedbackStore``; ``error``: the output error;
+    ``feedback``: the [R, n_out] buffer to project with; ``compressed``: ``store.compress(e)`` (e itself
+    without ``error_rank``)."""
+    kernels, names, wgrad, streams = step.kernels, step.names, step.wgrad, step.streams
     plan, batch_shape, site_dtypes, site_shapes = step.plan, step.batch_shape, step.site_dtypes, step.site_shapes
     e = error.reshape(math.prod(batch_shape), store.n_out)
     sites = store.sites

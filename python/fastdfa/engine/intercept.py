@@ -22,6 +22,7 @@ forward ran it (the same graph cut, the same saved tensors).
 | ``GuardOnly`` (recording) | mode "bp", the error point inside the model | (none) | passes | NaN guard | no |
 | ``Replay`` (recording) | torch recomputing a checkpointed segment | yes | yes | (not reached) | no |
 | ``DualPass`` (grape_pass) | GrAPE's forward-mode pass after a training forward | yes | yes | yes | no |
+| ``SiteCapture`` (recording) | ``fastdfa.init.jacobian_feedback``'s BP forward | plain | kept | kept | no |
 
 States: none is active outside a wrapper forward (the layers then run their plain forward, except
 inside torch's recomputation of a segment an engine ran, when ``fastdfa.layers.recompute_handler``

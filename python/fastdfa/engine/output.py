@@ -2,8 +2,9 @@
 
 ``OutputNode.apply(router, step, output, *site_inputs, *params)`` returns
 ``output`` (the tensor at the error point, ``engine.error_point``) unchanged;
-``step`` holds the forward's fused plan and GrAPE estimate. Its backward receives the output error
-``e = dLoss/dy_hat`` and hands it to ``router.backward``, which returns ``e``
+``step`` is the forward's step context (``engine.recording.StepState``: the resolved kernels, the NaN
+policy, the fused plan, the GrAPE estimate); the backward reads nothing else of the wrapper.
+Its backward receives the output error ``e = dLoss/dy_hat`` and hands it to ``router.backward``, which returns ``e``
 for the output and ``(e @ F_s^T)`` reshaped to the site for every site, all
 sites from ONE GEMM (docs/design.md section 2); with a kernel backend, also the
 gradients of the claimed fused layers' parameters. Autograd then runs each
@@ -98,22 +99,24 @@ class OutputNode(torch.autograd.Function):
 
 
 class ErrorRouter:
-    """What the output node's backward does, for one wrapper.
+    """What the output node's backward does, for one wrapper: everything a backward needs of its forward
+    comes in the step context (``engine.recording.StepState``: kernels, NaN policy, plan, shapes), fixed
+    when that forward ran, so a mode, backend or NaN policy changed in between is seen from the next
+    forward on and the router reads nothing back from the wrapper.
 
-    ``engine``: the ``fastdfa.DFA`` it serves; read through its public
-    interface (``feedback``, ``kernels``, ``nonfinite``, ``config``,
-    ``name_of``) at each backward, so a changed mode, backend or NaN policy is
-    seen by the next step. ``on_estimate(estimate)``: GrAPE's alignment step,
-    run after the projection used the feedback as it was.
+    ``model``: the wrapped model (its parameters' ``.grad``s: the rollback and "skip"); ``store``: the
+    wrapper's ``FeedbackStore`` (kept for life); ``batch_dims``: fixed at construction;
+    ``on_estimate(estimate)``: GrAPE's alignment step, the one call back into the wrapper, run after the
+    whole backward so every projection used the feedback as it was.
     """
 
-    def __init__(self, engine, on_estimate):
-        self.engine = engine
-        self.store = engine.feedback  # the wrapper's FeedbackStore (it keeps it for life)
+    def __init__(self, model, store, batch_dims: int, on_estimate):
+        self.model = model
+        self.store = store
         self.on_estimate = on_estimate
-        self.batch_dims = engine.dfa_config.batch_dims
+        self.batch_dims = batch_dims
         self.skipped_steps = 0
-        self.rollbacks = BackwardRollbacks(engine.model)  # a failed backward puts every .grad back
+        self.rollbacks = BackwardRollbacks(model)  # a failed backward puts every .grad back
 
     def backward(self, error: torch.Tensor, step, feedback=None):
         """The gradients of one backward of ``step``'s forward (``engine.recording.StepState``)."""
@@ -125,9 +128,9 @@ class ErrorRouter:
             torch.autograd.Variable._execution_engine.queue_callback(lambda: self.on_estimate(estimate))
         return result
 
-    def usable(self, error: torch.Tensor, compressed: torch.Tensor | None = None) -> bool:
-        """The NaN policy (every mode): True to go on with ``error``; False when the step is skipped;
-        raises ``NonFiniteErrorSignal`` for "raise".
+    def usable(self, error: torch.Tensor, nonfinite: str, compressed: torch.Tensor | None = None) -> bool:
+        """The NaN policy ``nonfinite`` (every mode, the forward's): True to go on with ``error``; False when
+        the step is skipped; raises ``NonFiniteErrorSignal`` for "raise".
 
         "skip" skips the whole optimizer step, accumulated micro-batches included: every parameter's
         ``.grad`` is set to None now, and every later backward until the next ``torch.optim`` step
@@ -137,7 +140,6 @@ class ErrorRouter:
             return False  # a later micro-batch of a skipped step: it must not step the weights alone
         # The check reads the error on the host: a captured CUDA graph (fastdfa.CapturedStep) cannot, and
         # leaves NaN/inf to flow into the gradients as BP does.
-        nonfinite = self.engine.nonfinite
         if nonfinite == "ignore" or (error.is_cuda and stream_capturing(error.device)) or all_finite(error, compressed):
             return True
         if nonfinite == "raise":
@@ -151,12 +153,11 @@ class ErrorRouter:
         return False
 
     def clear_grads(self) -> None:
-        for p in self.engine.model.parameters():
+        for p in self.model.parameters():
             p.grad = None
 
     def route(self, error: torch.Tensor, step, feedback=None):
         """The gradients of one backward; ``feedback``: the [R, n_out] to project with (None: the store's)."""
-        engine = self.engine
         store = self.store
         flat = store.flat if feedback is None else feedback
         batch_shape, site_dtypes, site_shapes, plan = step.batch_shape, step.site_dtypes, step.site_shapes, step.plan
@@ -164,11 +165,11 @@ class ErrorRouter:
         e = error.reshape(math.prod(batch_shape), store.n_out)
         # e P^T before the NaN check: under error_rank the check reads it instead of e (all_finite)
         compressed = store.compress(e) if store.sites and self not in _SKIPPED else e
-        if not self.usable(e, compressed if compressed is not e else None):
+        if not self.usable(e, step.nonfinite, compressed if compressed is not e else None):
             return None
-        kernels = engine.kernels
+        kernels = step.kernels
         if plan is not None:
-            return fused.fused_backward(engine, step, error, flat, compressed)
+            return fused.fused_backward(step, store, error, flat, compressed)
         sites = store.sites
         if not sites:
             return error, [], []
@@ -189,8 +190,8 @@ class ErrorGuard(torch.autograd.Function):
     error (``ErrorRouter.usable``) before any gradient flows into the model."""
 
     @staticmethod
-    def forward(ctx, router: ErrorRouter, output: torch.Tensor):
-        ctx.router = router
+    def forward(ctx, router: ErrorRouter, nonfinite: str, output: torch.Tensor):
+        ctx.router, ctx.nonfinite = router, nonfinite  # the policy as it was at this forward
         return output.view_as(output)
 
     @staticmethod
@@ -198,11 +199,11 @@ class ErrorGuard(torch.autograd.Function):
         rollbacks = ctx.router.rollbacks
         rollbacks.begin(grad_output)
         try:
-            usable = ctx.router.usable(grad_output)
+            usable = ctx.router.usable(grad_output, ctx.nonfinite)
         except BaseException:
             rollbacks.restore_now()
             raise
-        return None, (grad_output if usable else None)
+        return None, None, (grad_output if usable else None)
 
 
 # The routers whose current optimizer step is skipped (nonfinite="skip"): from the non-finite micro-batch
@@ -221,7 +222,7 @@ def _watch_optimizer_steps() -> None:
 
     def owners(optimizer):
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        return [r for r in list(_SKIPPED) if any(id(p) in held for p in r.engine.model.parameters())]
+        return [r for r in list(_SKIPPED) if any(id(p) in held for p in r.model.parameters())]
 
     def before(optimizer, args, kwargs):
         for router in owners(optimizer):

@@ -196,13 +196,12 @@ class Recording:
     __slots__ = ("recorder", "store", "flat", "kernels", "plan", "count", "order", "shapes", "inputs", "unfused",
                  "grad", "finish", "done", "first_input", "step")
 
-    def __init__(self, recorder: Recorder, store, kernels=None, plan: "fused.FusedPlan | None" = None,
-                 finish=None):
+    def __init__(self, recorder: Recorder, store, step: StepState, finish=None):
         self.recorder = recorder
         self.store = store
         self.flat = store.flat                 # read once per forward (a buffer: nn.Module's slow lookup)
-        self.kernels = kernels
-        self.plan = plan
+        self.kernels = step.kernels
+        self.plan = step.plan
         self.count = 0                         # modules seen so far
         self.order: list[nn.Module] = []       # before the build only: the execution order
         self.shapes: list[tuple[int, ...]] = []  # before the build only: per-sample site shapes
@@ -212,7 +211,7 @@ class Recording:
         self.finish = finish                   # (recording, tensor) -> tensor: the wrapper's output node
         self.done = False                      # the error point has run: what follows trains by BP
         self.first_input = None                # before the build: the first module's input (the data)
-        self.step = StepState(plan)            # what the output node's backward reads of this forward
+        self.step = step                       # what the output node's backward reads of this forward
 
     def layer_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The LAYER_FORWARD handler: a fastdfa layer's forward inside the recorded model."""
@@ -422,17 +421,31 @@ class Recording:
 
 class StepState:
     """One training forward's step context: everything the output node's backward needs of it besides
-    the saved tensors. ``plan``: the fused plan; ``estimate``: GrAPE's (set after the forward, when the
-    dual pass has run); ``rows``: the batch rows of the error tensor; ``refusal``: why the kernel
-    backend's fused route was not taken; set by the output node's forward: ``batch_shape`` (the error's
-    leading ``batch_dims`` sizes), ``site_dtypes`` and ``site_shapes`` (per-feature sites: each site's
-    per-sample shape, to broadcast the error to; else None)."""
+    the saved tensors, so that the backward reads nothing of the wrapper (docs/design.md, "The step
+    context"). Fixed at the forward, from the wrapper as it was then: ``kernels`` (the resolved kernel
+    backend), ``nonfinite`` (the NaN policy), ``names`` (module -> its name, for messages), ``wgrad`` and
+    ``streams`` (the fused route's options); a mode, backend or NaN policy set after the forward takes
+    effect from the next forward on. Filled during the forward: ``plan`` (the fused plan), ``rows`` (the
+    batch rows of the error tensor), ``refusal`` (why the kernel backend's fused route was not taken),
+    ``estimate`` (GrAPE's, set after the dual pass; cleared once its alignment step is queued); by the output
+    node's forward: ``batch_shape`` (the error's leading ``batch_dims`` sizes), ``site_dtypes`` and
+    ``site_shapes`` (per-feature sites: each site's per-sample shape, to broadcast the error to; else None)."""
 
-    __slots__ = ("plan", "estimate", "rows", "refusal", "batch_shape", "site_dtypes", "site_shapes")
+    __slots__ = ("kernels", "nonfinite", "names", "wgrad", "streams", "plan", "estimate", "rows", "refusal",
+                 "batch_shape", "site_dtypes", "site_shapes")
 
-    def __init__(self, plan=None, estimate=None):
-        self.plan, self.estimate, self.rows, self.refusal = plan, estimate, 0, None
+    def __init__(self, kernels=None, nonfinite: str = "raise", names=None, wgrad: str | None = None,
+                 streams: int | None = None, plan=None):
+        self.kernels, self.nonfinite, self.names, self.wgrad, self.streams = kernels, nonfinite, names, wgrad, streams
+        self.plan, self.estimate, self.rows, self.refusal = plan, None, 0, None
         self.batch_shape, self.site_dtypes, self.site_shapes = None, [], None
+
+    @classmethod
+    def of(cls, config, kernels, names, plan=None, refusal: str | None = None) -> "StepState":
+        """The context of a forward of a wrapper with options ``config`` (a ``DFAConfig``) as they are now."""
+        step = cls(kernels, config.nonfinite, names, config.wgrad, config.streams, plan)
+        step.refusal = refusal
+        return step
 
 
 class GuardOnly:
@@ -450,6 +463,40 @@ class GuardOnly:
 
     def at_error_point(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.recorder.guard_error(tensor)
+
+
+class SiteCapture:
+    """The interceptor of a plain BP forward (no rule, no NaN guard) that keeps every site's input and the
+    tensor at the error point, so that BP's Jacobian from each site to the error point can be read by
+    ``torch.autograd.grad`` (``fastdfa.jacobian_init``). A site input that does not require a gradient
+    (nothing below it trains) is made a leaf that does: nothing flows below it anyway."""
+
+    __slots__ = ("recorder", "sites", "inputs", "error")
+
+    def __init__(self, recorder: Recorder, site_modules):
+        self.recorder = recorder
+        self.sites = {id(m) for m in site_modules}
+        self.inputs: dict[int, torch.Tensor] = {}  # id(site module) -> its input in this forward
+        self.error: torch.Tensor | None = None     # the error-point tensor (None: the model's return value)
+
+    def _keep(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if id(module) in self.sites:
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            self.inputs[id(module)] = x
+        return x
+
+    def layer_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if layer not in self.recorder.known:
+            self.recorder.unknown_layer(layer)
+        return layer.plain_forward(self._keep(layer, x))
+
+    def site_input(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self._keep(module, x)
+
+    def at_error_point(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.error = tensor
+        return tensor
 
 
 class Replay:

@@ -8,8 +8,10 @@
    output layer for task B (seeded), and train on B:
      bp   plain backprop;
      dfa  DFA with random feedback (the baseline FWM improves on);
-     fwm  ``fastdfa.init.feedback_weight_matching`` first, then DFA.
-   Weight decay (``--weight-decay``) applies to all three, as FWM's paper uses it.
+     fwm  ``fastdfa.init.feedback_weight_matching`` first, then DFA;
+     jacobian  ``fastdfa.init.jacobian_feedback`` on the first ``JACOBIAN_SAMPLES`` training samples (the
+          feedback set to BP's mean Jacobian path, the pretrained weights kept), then DFA.
+   Weight decay (``--weight-decay``) applies to every method, as FWM's paper uses it.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..init import FWM_METHODS, feedback_weight_matching
+from ..init import FWM_METHODS, feedback_weight_matching, jacobian_feedback
 from ..layers import Linear
 from .data import Dataset
 from .train import TrainConfig, TrainResult, train
 
-FINETUNE_METHODS = ("bp", "dfa", "fwm")
+FINETUNE_METHODS = ("bp", "dfa", "fwm", "jacobian")
+JACOBIAN_SAMPLES = 256  # the training samples the jacobian method measures BP's mean path on (n_e backwards)
 
 
 def new_head(model: nn.Module, n_classes: int, seed: int) -> nn.Module:
@@ -64,11 +67,23 @@ def finetune_runs(pretrained: nn.Module, config: TrainConfig, data: Dataset, met
         for method in methods:
             model = new_head(pretrained, data.n_classes, seed)
             run_config = replace(config, method="bp" if method == "bp" else "dfa", seed=seed)
-            prepare = (lambda dfa: feedback_weight_matching(dfa, method=fwm_method)) if method == "fwm" else None
+            prepare = _preparation(method, fwm_method, data)
             if log is not None:
                 log(f"-- fine-tune {method}, seed {seed}")
             results[method].append(train(run_config, data, progress=progress, log=log, model=model, prepare=prepare))
     return results
+
+
+def _preparation(method: str, fwm_method: str, data: Dataset):
+    """What runs on the built wrapper before the first step (``train(prepare=...)``), per method."""
+    if method == "fwm":
+        return lambda dfa: feedback_weight_matching(dfa, method=fwm_method)
+    if method == "jacobian":
+        def measured(dfa):
+            device = next(dfa.model.parameters()).device
+            return jacobian_feedback(dfa, data.x_train[:JACOBIAN_SAMPLES].to(device))
+        return measured
+    return None
 
 
 def summary(results: dict[str, list[TrainResult]]) -> dict[str, dict]:

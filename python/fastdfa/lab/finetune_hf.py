@@ -14,6 +14,8 @@ of similar length, padded per batch with the attention mask:
     bp   mode "bp": plain backprop;
     dfa  mode "dfa" with random feedback;
     fwm  ``fastdfa.init.feedback_weight_matching`` (its encoder form, ``fastdfa.matching``), then "dfa".
+    jacobian  ``fastdfa.init.jacobian_feedback``: every weight kept, each site's feedback set to BP's mean
+         Jacobian path to the error on ``JACOBIAN_SAMPLES`` training texts (``jacobian_batch``), then "dfa".
 
 ``--head NAME`` leaves that module (e.g. ``classifier``) unconverted: it trains by BP and DFA's error is
 taken at its input (384 wide on MiniLM) instead of at the logits. ``--error-rank K`` compresses the error to
@@ -50,7 +52,7 @@ from torch import nn
 
 from ..dfa import DFA
 from ..engine.error_point import find_module
-from ..init import ATTENTION_FEEDBACK, FWM_METHODS, feedback_weight_matching
+from ..init import ATTENTION_FEEDBACK, FWM_METHODS, feedback_weight_matching, jacobian_feedback
 from ..matching import encoder_layout, encoder_weight_alignment
 from ..metrics import alignment_summary, gradient_alignment, weight_alignment
 from ..prepare import prepare
@@ -64,6 +66,8 @@ DEFAULT_LR = 5e-5          # the BP fine-tune of MiniLM on the reviews that reac
 IMAGE_DEFAULTS = {"epochs": 10, "batch_size": 128}   # finetune's defaults for the image models
 HF_DEFAULTS = {"epochs": 1, "batch_size": 32}
 ALIGNMENT_SAMPLES = 32      # the fixed training texts --log-alignment measures GA on (alignment_batch)
+JACOBIAN_SAMPLES = 32       # the training texts method jacobian measures BP's mean path on (jacobian_batch):
+#                             n_e backward passes of them, 384 with --head classifier
 LENGTH_GROUP = 50           # batches per length-sorted group
 EVAL_BATCH = 64
 VAL_FRACTION = 0.1          # --val-fraction's default: the share of each class held out for an --lr sweep
@@ -297,6 +301,14 @@ def alignment_batch(n: int, size: int = ALIGNMENT_SAMPLES) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:size].tolist()
 
 
+def jacobian_batch(n: int, size: int = JACOBIAN_SAMPLES) -> list[int]:
+    """The training texts method jacobian measures on: a seeded draw (seed 1) disjoint from
+    ``alignment_batch``, so the GA it reports after is not measured on the texts it was fitted to."""
+    held = set(alignment_batch(n))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(1)).tolist()
+    return [i for i in order if i not in held][:size]
+
+
 def measure_alignment(dfa: DFA, x: tuple, y: torch.Tensor) -> dict:
     """WA (the encoder form's, ``fastdfa.matching.encoder_weight_alignment``, when the model is an encoder)
     and GA (``fastdfa.metrics.gradient_alignment``) per layer; leaves the model as it was."""
@@ -360,6 +372,19 @@ def finetune_run(config: HFConfig, data: TokenizedTask, progress: bool = False, 
             report.ga_before, report.ga_after = ga_before.get(report.layer), ga_after.get(report.layer)
         if log is not None:
             log(matching_summary(prepared))
+    elif config.method == "jacobian":
+        ga_before = gradient_alignment(dfa, x_align, y_align)
+        chosen = jacobian_batch(len(data.train_ids))
+        start = time.perf_counter()
+        fits = jacobian_feedback(dfa, pad_batch([data.train_ids[i] for i in chosen], pad, device))
+        seconds = time.perf_counter() - start
+        ga_after = gradient_alignment(dfa, x_align, y_align)
+        prepared = [{"layer": name, "fit": fit} for name, fit in fits.items()]
+        prepared.append({"texts": len(chosen), "seconds": round(seconds, 1), "ga_before": ga_before,
+                         "ga_after": ga_after})
+        if log is not None:
+            log(f"jacobian: {len(fits)} sites set to BP's mean path on {len(chosen)} texts in {seconds:.0f} s; GA "
+                f"{_mean(ga_before.values()):.4f} -> {_mean(ga_after.values()):.4f} (mean over layers)")
     opt = _optimizer(config, dfa)
     # the record names the model directory without this machine's absolute path (record_path)
     result = TrainResult(config={**asdict(config), "model_dir": record_path(config.model_dir), "group_by_length": True},
