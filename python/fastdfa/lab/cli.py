@@ -604,7 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="task A, same forms as --data; SPEC:CLASSES keeps those classes (digits:0-4); required "
                            "except with --model minilm (default: none)")
     p_ft.add_argument("--method", default="bp,dfa,fwm",
-                      help="comma-separated fine-tuning rules among bp, dfa, fwm")
+                      help=f"comma-separated fine-tuning rules among {', '.join(FINETUNE_METHODS)} (jacobian: "
+                           "fastdfa.init.jacobian_feedback, the pretrained weights kept)")
     p_ft.add_argument("--seeds", type=_int_list, default="0,1,2", help="comma-separated fine-tuning seeds")
     p_ft.add_argument("--pretrain-epochs", type=POSITIVE_INT, default=10, help="BP epochs on --pretrain-data")
     p_ft.add_argument("--fwm-method", choices=FWM_METHODS, default="lstsq",
