@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from rules import assert_rule_gives_bp_gradients
 from torch import nn
 
 import fastdfa
@@ -139,21 +140,10 @@ def test_soft_align_fa_sets_the_angle_and_norm(angle):
                                      for c in cosines.values())
 
 
-def _assert_rule_gives_bp_gradients(dfa, model, x, t, rtol, atol):
-    """One backward with the wrapper's rule, one with BP: the parameter gradients are equal."""
-    F.cross_entropy(dfa(x), t).backward()
-    rule_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    with fastdfa.backprop(dfa):
-        F.cross_entropy(dfa(x), t).backward()
-    for g, b in zip(rule_grads, [p.grad for p in model.parameters()]):
-        torch.testing.assert_close(g, b, rtol=rtol, atol=atol)
-
-
 def test_soft_align_fa_angle_zero_gives_bp_gradients():
     dfa, model = _wrapped_mlp(mode="fa")
     soft_align(dfa, 0)
-    _assert_rule_gives_bp_gradients(dfa, model, torch.randn(6, 10, dtype=DT), torch.randint(0, 4, (6,)),
+    assert_rule_gives_bp_gradients(dfa, model, torch.randn(6, 10, dtype=DT), torch.randint(0, 4, (6,)),
                                     rtol=1e-12, atol=1e-14)
 
 
@@ -171,7 +161,7 @@ def test_soft_align_dfa_angle_zero_on_a_linear_network_is_bp():
     x, t = torch.randn(8, 7, dtype=DT), torch.randint(0, 4, (8,))
     ga = gradient_alignment(dfa, x, t)
     assert len(ga) == 5 and all(v == pytest.approx(1, abs=1e-10) for v in ga.values())
-    _assert_rule_gives_bp_gradients(dfa, model, x, t, rtol=1e-10, atol=1e-12)
+    assert_rule_gives_bp_gradients(dfa, model, x, t, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("angle", [20, 45, 90])
