@@ -156,12 +156,13 @@ def test_batches_of_similar_length_cover_every_text_once():
 
 # ----------------------------------------------------------------------------- training
 
-@pytest.mark.parametrize("method", ["bp", "dfa", "fwm"])
+@pytest.mark.parametrize("method", ["bp", "dfa", "fwm", "jacobian"])
 def test_the_driver_learns_a_separable_task(tiny_model_dir, reviews_cache, method):
     """Each rule through the whole pipeline (tokenizer, batches of similar length, padding masks, labels,
     FWM's encoder form) on stand-in reviews that one word separates, 96 texts, AdamW 1e-2, batch 8, 6 epochs.
     Measured, seeds 0-4: test accuracy 1.0 after epochs 5 and 6 for every rule and seed (0.67, the majority,
-    after epoch 1; with shuffled labels BP stays at 0.67). Asserted for seed 0: at least 0.9."""
+    after epoch 1; with shuffled labels BP stays at 0.67; jacobian, added later, seed 0 only). Asserted for seed 0:
+    at least 0.9."""
     task = data_mod.load_text_task("reviews")
     tokens = finetune_hf.tokenize_task(finetune_hf.load_tokenizer(tiny_model_dir), task, 16)
     assert tokens.train_ids[0][0] == 2 and tokens.train_ids[0][-1] == 3  # [CLS] ... [SEP]
@@ -169,7 +170,7 @@ def test_the_driver_learns_a_separable_task(tiny_model_dir, reviews_cache, metho
                                   max_len=16)
     result = finetune_hf.finetune_run(config, tokens, log=None)
     assert result.test_accuracy >= 0.9, [e.test_accuracy for e in result.epochs]
-    assert (result.prepared is not None) == (method == "fwm")
+    assert (result.prepared is not None) == (method in ("fwm", "jacobian"))
 
 
 def test_finetune_command_on_a_tiny_bert(tiny_model_dir, reviews_cache, tmp_path, capsys):
@@ -321,6 +322,30 @@ def test_fwm_method_choices_are_the_librarys(tiny_model_dir, reviews_cache):
     for method in fastdfa.init.FWM_METHODS:
         run = finetune_hf.finetune_run(_tiny_config(tiny_model_dir, method="fwm", fwm_method=method), tokens, log=None)
         assert run.config["fwm_method"] == method and any(r.rank is not None for r in run.prepared)
+
+
+def test_the_jacobian_method_measures_on_texts_apart_from_the_ga_batch(tiny_model_dir, reviews_cache):
+    """method jacobian: jacobian_feedback on jacobian_batch's texts (none of them in the GA batch), GA before and
+    after it on the GA batch, as an identical wrapper measures them here; the weights are the pretrained ones."""
+    tokens = _tiny_tokens(tiny_model_dir)
+    n = len(tokens.train_ids)
+    chosen, fixed = finetune_hf.jacobian_batch(n), finetune_hf.alignment_batch(n)
+    assert len(chosen) == min(finetune_hf.JACOBIAN_SAMPLES, n - len(fixed)) and not set(chosen) & set(fixed)
+    run = finetune_hf.finetune_run(_tiny_config(tiny_model_dir, method="jacobian"), tokens, log=None)
+
+    dfa = fastdfa.prepare(finetune_hf.load_classifier(tiny_model_dir, 2, seed=0), mode="dfa", seed=0,
+                          feedback="uniform", feedback_layout="per-feature")
+    x = finetune_hf.pad_batch([tokens.train_ids[i] for i in fixed], tokens.pad_id)
+    y = tokens.task.y_train[fixed]
+    dfa.build(x)
+    before = fastdfa.metrics.gradient_alignment(dfa, x, y)
+    fits = fastdfa.init.jacobian_feedback(dfa, finetune_hf.pad_batch([tokens.train_ids[i] for i in chosen],
+                                                                      tokens.pad_id))
+    after = fastdfa.metrics.gradient_alignment(dfa, x, y)
+    *sites, info = run.prepared
+    assert {r["layer"]: r["fit"] for r in sites} == fits and info["texts"] == len(chosen)
+    assert info["ga_before"] == pytest.approx(before, abs=1e-9) and info["ga_after"] == pytest.approx(after, abs=1e-9)
+    assert statistics.fmean(after.values()) > statistics.fmean(before.values()) + 0.1
 
 
 def test_fwm_report_has_ga_before_and_after_matching(tiny_model_dir, reviews_cache):
