@@ -1,5 +1,6 @@
-"""docs/usage.md agrees with the code: its option table is DFAConfig's fields with their defaults, and the
-Hugging Face Trainer example runs as written."""
+"""docs/usage.md agrees with the code: its option table is DFAConfig's fields with their defaults, every
+command-line flag is documented, the documented signatures are the code's, and the Hugging Face Trainer
+example runs as written."""
 
 import ast
 import dataclasses
@@ -43,6 +44,35 @@ def test_the_documented_signature_is_the_wrappers():
     params = inspect.signature(fastdfa.DFA.__init__).parameters
     assert list(params) == ["self", "model", "config", "sites", "example_input", "options"]
     assert "fastdfa.DFA(model, config=None, *, sites=None, example_input=None, **options)" in open(USAGE).read()
+
+
+def test_the_documented_prepare_signature_is_the_codes():
+    params = inspect.signature(fastdfa.prepare).parameters
+    assert list(params) == ["model", "config", "targets", "exclude", "sites", "example_input", "options"]
+    text = " ".join(open(USAGE).read().split())
+    assert ('fastdfa.prepare(model, config=None, *, targets="all-linear", exclude=(), sites=None, '
+            'example_input=None, **options)') in text
+
+
+def _cli_flags() -> dict[str, list[str]]:
+    """subcommand -> its long flags (help aside), from the CLI's own parser."""
+    import argparse
+
+    from fastdfa.lab.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return {name: [next(o for o in a.option_strings if o.startswith("--")) for a in parser._actions
+                   if any(o.startswith("--") for o in a.option_strings) and a.dest != "help"]
+            for name, parser in sub.choices.items()}
+
+
+def test_every_command_line_flag_is_documented():
+    text = open(USAGE).read()
+    flags = _cli_flags()
+    assert len(flags["train"]) > 20 and "--feedback-layout" in flags["train"]  # the reader sees the parser
+    missing = {name: [f for f in found if not re.search(re.escape(f) + r"(?![\w-])", text)]
+               for name, found in flags.items()}
+    assert not any(missing.values()), f"flags with no mention in docs/usage.md: {missing}"
 
 
 def test_the_hugging_face_trainer_example_runs(tmp_path, monkeypatch):
