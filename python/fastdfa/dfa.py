@@ -88,8 +88,7 @@ class DFA(PretrainedMixin, WrapperViews, WrapperOptions, nn.Module):
         self._config = config
         self.module_names = names
         self.conversion = None  # what fastdfa.prepare converted (saved by save_pretrained)
-        self.feedback = FeedbackStore()
-        self.feedback.fa_layers = layers
+        self.feedback = FeedbackStore(layers, grape_pass.PerturbationStream(config.seed))
         fusable = {m for m in candidates if isinstance(m, fused.FUSABLE) and m not in set(user_sites)}
         self._recorder = Recorder(model, names, candidates, user_sites, layers, fusable, config.batch_dims)
         self._recorder.guard_error = self._guard_error
@@ -100,7 +99,6 @@ class DFA(PretrainedMixin, WrapperViews, WrapperOptions, nn.Module):
         self._guard = ForwardGuard(model)
         self._router = ErrorRouter(model, self.feedback, config.batch_dims, self._align)
         self._recorder.rollbacks = self._router.rollbacks
-        self.perturbations = self.feedback.perturbations = grape_pass.PerturbationStream(config.seed)
         self.kernels: KernelBackend | None = None  # resolved on the first DFA forward
         self.last_alignment: torch.Tensor | None = None  # per site: mean column cos(F, J_hat^T) before the last step
         self._fusion: tuple[str | None, dict] = ("no training forward has run yet", {})

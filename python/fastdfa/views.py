@@ -26,6 +26,12 @@ class WrapperViews:
             self._point.describe()
 
     @property
+    def perturbations(self):
+        """GrAPE's perturbation stream (``engine.grape_pass.PerturbationStream``), held by the feedback store,
+        which saves it in the state_dict."""
+        return self.feedback.perturbations
+
+    @property
     def skipped_steps(self) -> int:
         return self._router.skipped_steps
 

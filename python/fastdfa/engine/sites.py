@@ -88,12 +88,12 @@ class FeedbackStore(nn.Module):
     and ``n_out``.
     """
 
-    def __init__(self):
+    def __init__(self, fa_layers=(), perturbations=None):
         super().__init__()
         self.register_buffer("flat", None, persistent=False)
         # error_rank=k: P [k, n_out], fixed and seeded; sites get F_l (P e) (``error_projection``)
         self.register_buffer("error_projection", None, persistent=False)
-        self.fa_layers: list[nn.Module] = []  # plain list: not submodules, the model owns them
+        self.fa_layers: list[nn.Module] = list(fa_layers)  # plain list: not submodules, the model owns them
         self.unseeded: set[int] = set()  # FA layers whose feedback_weight was on the meta device when seeded
         self.sites: list[Site] | None = None
         self.layout: list[tuple[int, int, tuple[int, ...], bool]] = []
@@ -104,7 +104,9 @@ class FeedbackStore(nn.Module):
         self.n_out: int | None = None
         self.pending: dict[str, torch.Tensor] = {}  # loaded before the build, used by it
         self.pending_names: list[str] | None = None
-        self.perturbations = None  # GrAPE's PerturbationStream (set by the wrapper): saved in _extra_state
+        # GrAPE's PerturbationStream: owned here (saved in _extra_state); the wrapper reads it through its
+        # ``perturbations`` view
+        self.perturbations = perturbations
         # The index, in a larger model, of this store's first site: site i draws its feedback from
         # seeded_generator(seed, "site", seed_offset + i). 0 for a whole model; a pipeline stage
         # (fastdfa.distributed) that holds sites k, k+1, ... of the model sets k before the build, so a
