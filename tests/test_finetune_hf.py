@@ -348,6 +348,25 @@ def test_the_jacobian_method_measures_on_texts_apart_from_the_ga_batch(tiny_mode
     assert statistics.fmean(after.values()) > statistics.fmean(before.values()) + 0.1
 
 
+@pytest.mark.parametrize("every", [0, 1])
+def test_jacobian_every_steps_keeps_the_feedback_on_the_moving_weights(tiny_model_dir, reviews_cache, every):
+    """--jacobian-every-steps 1: after the last step the feedback is the one jacobian_feedback measures on the
+    final weights (measuring again changes nothing); with 0 (once, before training) it is not. The count of
+    re-measurements is recorded."""
+    tokens = _tiny_tokens(tiny_model_dir)
+    run = finetune_hf.finetune_run(_tiny_config(tiny_model_dir, method="jacobian", lr=1e-2, jacobian_every=every),
+                                   tokens, log=None)
+    steps = -(-len(tokens.train_ids) // 16)
+    assert run.prepared[-1]["remeasured"] == steps * every
+    dfa = run.model
+    final = dfa.feedback.flat.clone()
+    x = finetune_hf.pad_batch([tokens.train_ids[i] for i in finetune_hf.jacobian_batch(len(tokens.train_ids))],
+                              tokens.pad_id)
+    fastdfa.init.jacobian_feedback(dfa, x)
+    same = torch.allclose(dfa.feedback.flat, final, rtol=1e-5, atol=1e-7)
+    assert same == bool(every), float((dfa.feedback.flat - final).abs().max())
+
+
 def test_fwm_report_has_ga_before_and_after_matching(tiny_model_dir, reviews_cache):
     """Each report's ga_before / ga_after is fastdfa.metrics.gradient_alignment on the fixed alignment batch,
     measured here on an identical wrapper (same seeded model and feedback) right before and after

@@ -403,7 +403,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         _write_json(args.json, {"machine": machine_info(), **payload})
         _plot(args, runs)
         return 0
-    given = [flag for flag, value in (("--head", args.head), ("--val-fraction", args.val_fraction))
+    given = [flag for flag, value in (("--head", args.head), ("--val-fraction", args.val_fraction),
+                                      ("--jacobian-every-steps", args.jacobian_every_steps or None))
              if value is not None]
     if given:
         raise ValueError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --model minilm only "
@@ -616,7 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(p_ft)
     add_hf_arguments(p_ft)
     # finetune_hf's own numeric options; --max-len's upper bound (BERT's 512 positions) is checked with the model
-    _retype(p_ft, max_len=Number(int, 2), align_every_steps=COUNT, timing_rounds=COUNT, lr=RATES,
+    _retype(p_ft, max_len=Number(int, 2), align_every_steps=COUNT, jacobian_every_steps=COUNT, timing_rounds=COUNT,
+            lr=RATES,
             val_fraction=Number(float, 0, 0.5, open_low=True, valid="a fraction in (0, 0.5]"))
     p_ft.set_defaults(func=cmd_finetune)
     p_bench = add_parser("bench", help="time DFA, FA, GrAPE and the baselines against BP over a grid of models")

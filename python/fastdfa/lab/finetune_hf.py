@@ -106,6 +106,9 @@ def add_hf_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fwm-weights", choices=("match", "keep"), default="match",
                    help="fwm: weight matching (match, the paper's FWM) or feedback matching only (keep the "
                         "pretrained weights)")
+    g.add_argument("--jacobian-every-steps", type=int, default=0, metavar="N",
+                   help="jacobian: measure BP's mean path again every N steps on the same texts (the feedback "
+                        "follows the weights; 2 backward passes at 2 classes; 0: once, before training)")
     g.add_argument("--align-every-steps", type=int, default=0, metavar="N",
                    help="with --log-alignment: also measure WA and GA every N steps (the curve over fine-tuning "
                         "that --plot draws; 0: once per epoch only)")
@@ -143,6 +146,7 @@ class HFConfig:
     error_rank: int | None = None     # k: the error compressed to P e, P fixed and seeded (k, n_e)
     log_alignment: bool = False
     align_every: int = 0              # with log_alignment: WA / GA every this many steps too (0: per epoch only)
+    jacobian_every: int = 0           # method jacobian: re-measure the feedback every this many steps (0: once)
     device: str = "cpu"
     backend: str | None = None
 
@@ -161,6 +165,8 @@ class HFConfig:
             raise ValueError(f"--max-len must be in 2..512 (BERT's positions), got {self.max_len}")
         if self.align_every < 0:
             raise ValueError(f"--align-every-steps must be >= 0, got {self.align_every}")
+        if self.jacobian_every < 0:
+            raise ValueError(f"--jacobian-every-steps must be >= 0 (0: measure once), got {self.jacobian_every}")
         if self.fwm_method not in FWM_METHODS:
             raise ValueError(f"--fwm-method must be one of {FWM_METHODS}, got {self.fwm_method!r}")
         if self.error_rank is not None and (isinstance(self.error_rank, bool) or not isinstance(self.error_rank, int)
@@ -362,7 +368,7 @@ def finetune_run(config: HFConfig, data: TokenizedTask, progress: bool = False, 
     x_align = pad_batch([data.train_ids[i] for i in fixed], pad, device)
     y_align = task.y_train[fixed].to(device)
     dfa.build(x_align)
-    prepared = None
+    prepared = x_jac = None
     if config.method == "fwm":
         ga_before = gradient_alignment(dfa, x_align, y_align)  # the random feedback, the pretrained weights
         prepared = feedback_weight_matching(dfa, method=config.fwm_method, attention_feedback=config.attention_feedback,
@@ -375,13 +381,14 @@ def finetune_run(config: HFConfig, data: TokenizedTask, progress: bool = False, 
     elif config.method == "jacobian":
         ga_before = gradient_alignment(dfa, x_align, y_align)
         chosen = jacobian_batch(len(data.train_ids))
+        x_jac = pad_batch([data.train_ids[i] for i in chosen], pad, device)
         start = time.perf_counter()
-        fits = jacobian_feedback(dfa, pad_batch([data.train_ids[i] for i in chosen], pad, device))
+        fits = jacobian_feedback(dfa, x_jac)
         seconds = time.perf_counter() - start
         ga_after = gradient_alignment(dfa, x_align, y_align)
         prepared = [{"layer": name, "fit": fit} for name, fit in fits.items()]
         prepared.append({"texts": len(chosen), "seconds": round(seconds, 1), "ga_before": ga_before,
-                         "ga_after": ga_after})
+                         "ga_after": ga_after, "remeasured": 0, "remeasure_seconds": 0.0})
         if log is not None:
             log(f"jacobian: {len(fits)} sites set to BP's mean path on {len(chosen)} texts in {seconds:.0f} s; GA "
                 f"{_mean(ga_before.values()):.4f} -> {_mean(ga_after.values()):.4f} (mean over layers)")
@@ -419,6 +426,13 @@ def finetune_run(config: HFConfig, data: TokenizedTask, progress: bool = False, 
             step_ms.append((time.perf_counter() - t0) * 1e3)
             losses.append(float(loss.detach()))
             global_step += 1
+            if x_jac is not None and config.jacobian_every and global_step % config.jacobian_every == 0:
+                # outside the timed step, inside the epoch's seconds: the cost is in the wall time
+                t1 = time.perf_counter()
+                jacobian_feedback(dfa, x_jac)  # in eval mode; every module's training flag put back
+                prepared[-1]["remeasured"] += 1
+                prepared[-1]["remeasure_seconds"] = round(prepared[-1]["remeasure_seconds"] +
+                                                          time.perf_counter() - t1, 1)
             if log_alignment and config.align_every and global_step % config.align_every == 0:
                 result.alignment_steps.append({"step": global_step, **measure_alignment(dfa, x_align, y_align)})
             if progress and len(losses) % 10 == 0:
@@ -527,6 +541,9 @@ def finetune_pretrained(args: argparse.Namespace) -> tuple[dict, dict]:
         raise ValueError("--plot draws the alignment records: add --log-alignment")
     if args.timing_rounds < 0:
         raise ValueError(f"--timing-rounds must be >= 0, got {args.timing_rounds}")
+    if args.jacobian_every_steps and "jacobian" not in methods:
+        raise ValueError(f"--jacobian-every-steps {args.jacobian_every_steps} re-measures the feedback of --method "
+                         f"jacobian, which --method {args.method} does not run")
     rates = learning_rates(args.lr)
     if len(set(rates)) != len(rates):
         raise ValueError(f"--lr lists a rate more than once: {','.join(f'{r:g}' for r in rates)}")
@@ -540,7 +557,8 @@ def finetune_pretrained(args: argparse.Namespace) -> tuple[dict, dict]:
                     weight_decay=args.weight_decay, max_len=args.max_len, train_samples=args.train_samples,
                     feedback=args.feedback, fwm_method=args.fwm_method, attention_feedback=args.attention_feedback,
                     fwm_weights=args.fwm_weights, log_alignment=args.log_alignment,
-                    align_every=args.align_every_steps, device=args.device, backend=args.backend,
+                    align_every=args.align_every_steps, jacobian_every=args.jacobian_every_steps,
+                    device=args.device, backend=args.backend,
                     head=args.head, error_rank=args.error_rank)
     for m in methods:
         for rate in rates:
