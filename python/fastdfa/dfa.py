@@ -31,7 +31,7 @@ from torch import nn
 from .backends import BackendUnavailableError, KernelBackend, backend_for
 from .config import DFAConfig, WrapperOptions
 from .engine import error_point, fused, grape_pass
-from .engine.guard import ForwardGuard, Snapshot
+from .engine.guard import ForwardGuard, Snapshot, evaluating, split_call
 from .engine.output import ErrorGuard, ErrorRouter, NonFiniteErrorSignal, OutputNode
 from .engine.recording import FAForward, GuardOnly, Recorder, Recording, StepState, discover
 from .engine.sites import FeedbackStore, Site, check_state_dict
@@ -119,17 +119,12 @@ class DFA(PretrainedMixin, WrapperViews, WrapperOptions, nn.Module):
         return tensor if policy == "ignore" else ErrorGuard.apply(self._router, policy, tensor)
 
     def build(self, example_input) -> None:
-        """Build the feedback now from one no-grad forward of ``example_input`` in eval mode
-        (eval, so BatchNorm statistics and dropout RNG are left alone)."""
-        was_training = [(m, m.training) for m in self.modules()]
-        args = example_input if isinstance(example_input, tuple) else (example_input,)
-        try:
-            self.eval()
-            with torch.no_grad():
-                self._forward_rule(args, {})
-        finally:
-            for m, t in was_training:
-                m.training = t
+        """Build the feedback now from one no-grad forward of ``example_input`` (a tuple of positional
+        inputs, a dict of keyword inputs, or one input) in eval mode (eval, so BatchNorm statistics and
+        dropout RNG are left alone)."""
+        args, kwargs = split_call(example_input)
+        with evaluating(self), torch.no_grad():
+            self._forward_rule(args, kwargs)
 
     # ----------------------------------------------------------- forward
     def forward(self, *args, **kwargs):

@@ -32,21 +32,15 @@ import torch
 
 from .dfa import DFA
 from .engine import error_point
+from .engine.error_point import error_tensor
+from .engine.guard import evaluating, split_call
 from .engine.recording import SiteCapture
 
 JACOBIAN_MODES = ("dfa", "grape")  # the modes whose site feedback F_s this sets
 
 
-def _call_args(example_input) -> tuple[tuple, dict]:
-    if isinstance(example_input, dict):
-        return (), dict(example_input)
-    return (example_input if isinstance(example_input, tuple) else (example_input,)), {}
-
-
 def _bp_forward(dfa: DFA, args: tuple, kwargs: dict) -> tuple[torch.Tensor, SiteCapture]:
     """One plain BP forward of the model that keeps every site's input and the error-point tensor."""
-    from .metrics import error_tensor  # the logits of a ModelOutput
-
     recorder = dfa._recorder
     capture = SiteCapture(recorder, [site.module for site in dfa.feedback.sites])
     token = recorder.begin(capture)
@@ -67,35 +61,29 @@ def mean_site_jacobians(dfa: DFA, example_input, directions: torch.Tensor | None
     gradient of ``sum_n z_n . d_i``); nothing of the model, its ``.grad``s or its training flags is
     changed."""
     store = dfa.feedback
-    args, kwargs = _call_args(example_input)
-    flags = [(m, m.training) for m in dfa.modules()]
-    try:
-        dfa.eval()
-        with torch.enable_grad():
-            z, capture = _bp_forward(dfa, args, kwargs)
-            n_e = store.n_out
-            z = z.reshape(-1, n_e)
-            if directions is not None:
-                directions = directions.to(dtype=z.dtype, device=z.device)
-            inputs = [capture.inputs.get(id(site.module)) for site in store.sites]
-            missing = [site.name for site, x in zip(store.sites, inputs) if x is None]
-            if missing:
-                raise RuntimeError(f"site(s) {missing} did not run in the forward of example_input; every site "
-                                   "must run to measure its Jacobian")
-            sums: list[list[torch.Tensor]] = [[] for _ in store.sites]  # per site, per error column
-            reached: list[torch.Tensor | None] = [None] * len(store.sites)  # per-feature sites: positions
-            r = n_e if directions is None else directions.shape[0]
-            for i in range(r):
-                along = z[:, i].sum() if directions is None else (z @ directions[i]).sum()
-                grads = torch.autograd.grad(along, inputs, retain_graph=i < r - 1, allow_unused=True)
-                for j, (site, g) in enumerate(zip(store.sites, grads)):
-                    total, hit = _site_sum(site, g, z.shape[0])
-                    sums[j].append(total)
-                    if hit is not None:
-                        reached[j] = hit if reached[j] is None else reached[j] | hit
-    finally:
-        for m, t in flags:
-            m.training = t
+    args, kwargs = split_call(example_input)
+    with evaluating(dfa), torch.enable_grad():
+        z, capture = _bp_forward(dfa, args, kwargs)
+        n_e = store.n_out
+        z = z.reshape(-1, n_e)
+        if directions is not None:
+            directions = directions.to(dtype=z.dtype, device=z.device)
+        inputs = [capture.inputs.get(id(site.module)) for site in store.sites]
+        missing = [site.name for site, x in zip(store.sites, inputs) if x is None]
+        if missing:
+            raise RuntimeError(f"site(s) {missing} did not run in the forward of example_input; every site "
+                               "must run to measure its Jacobian")
+        sums: list[list[torch.Tensor]] = [[] for _ in store.sites]  # per site, per error column
+        reached: list[torch.Tensor | None] = [None] * len(store.sites)  # per-feature sites: positions
+        r = n_e if directions is None else directions.shape[0]
+        for i in range(r):
+            along = z[:, i].sum() if directions is None else (z @ directions[i]).sum()
+            grads = torch.autograd.grad(along, inputs, retain_graph=i < r - 1, allow_unused=True)
+            for j, (site, g) in enumerate(zip(store.sites, grads)):
+                total, hit = _site_sum(site, g, z.shape[0])
+                sums[j].append(total)
+                if hit is not None:
+                    reached[j] = hit if reached[j] is None else reached[j] | hit
     out = {}
     for site, total, hit in zip(store.sites, sums, reached):
         # per feature: the mean over the positions that reach the error (at least one)
@@ -144,40 +132,27 @@ def jacobian_feedback(dfa: DFA, example_input) -> dict[str, float | None]:
         raise ValueError(f"jacobian_feedback needs one error row per sample (batch_dims=1), this wrapper has "
                          f"batch_dims={dfa.dfa_config.batch_dims}: each token's error reaches every other token's "
                          "site there, which one broadcast feedback per site does not fit")
-    if not dfa.built:  # build's no-grad forward in eval mode, with keyword inputs too
-        args, kwargs = _call_args(example_input)
-        flags = [(m, m.training) for m in dfa.modules()]
-        try:
-            dfa.eval()
-            dfa(*args, **kwargs)
-        finally:
-            for m, t in flags:
-                m.training = t
+    if not dfa.built:
+        dfa.build(example_input)
     store = dfa.feedback
     if not store.sites:
         raise ValueError("the wrapper has no feedback site: nothing to set")
     p = store.error_projection
+    p = None if p is None else p.detach().double().cpu()
+    compressed = p is not None and p.shape[0] < store.n_out  # k < n_e: k backward passes along P's rows
+    targets = mean_site_jacobians(dfa, example_input, directions=p if compressed else None)
+    gram = p @ p.t() if compressed else None
     fits, values = {}, []
-    if p is not None and p.shape[0] < store.n_out:
-        # k < n_e: F = (M P^T)(P P^T)^-1, the least squares of F P = M from k backward passes, not n_e
-        pd = p.double().cpu()
-        targets = mean_site_jacobians(dfa, example_input, directions=p)
-        gram = pd @ pd.t()
-        solved = {name: torch.linalg.solve(gram, mp.t()).t() for name, mp in targets.items()}
-    else:
-        targets = mean_site_jacobians(dfa, example_input)
-        solved = None
     for site in store.sites:
-        m = targets[site.name]
-        if solved is not None:
-            f, fit = solved[site.name], None  # M itself was not measured: no residual to report
-        elif p is None:
+        m = targets[site.name]  # M_s, or M_s P^T when compressed
+        if p is None:
             f, fit = m, 0.0
+        elif compressed:  # F = (M P^T)(P P^T)^-1; M itself was not measured: no residual to report
+            f, fit = torch.linalg.solve(gram, m.t()).t(), None
         else:  # k >= n_e: F P = M is solvable; the least-norm solution
-            pd = p.double().cpu()
-            f = torch.linalg.lstsq(pd.t(), m.t(), driver="gelsd").solution.t()  # min ||P^T F^T - M^T||
+            f = torch.linalg.lstsq(p.t(), m.t(), driver="gelsd").solution.t()  # min ||P^T F^T - M^T||
             norm = float(m.norm())
-            fit = float((f @ pd - m).norm()) / norm if norm > 0 else 0.0
+            fit = float((f @ p - m).norm()) / norm if norm > 0 else 0.0
         if not torch.isfinite(f).all():
             raise FloatingPointError(f"site {site.name!r}: the measured Jacobian holds NaN or inf; nothing was set")
         values.append(f)

@@ -64,6 +64,7 @@ from torch import nn
 from .activations import CAPTURE
 from .dfa import DFA, Site
 from .engine.error_point import error_tensor
+from .engine.guard import evaluating
 from .grape import rule_mode
 from .layers import FASTDFA_LAYERS, Conv1D, Linear
 from .plots import plot_alignment_records
@@ -122,6 +123,7 @@ def error_space_feedback(dfa: DFA, site: Site) -> torch.Tensor:
     return f if p is None else f @ p.detach().double().cpu()
 
 
+@torch.no_grad()
 def weight_alignment(dfa: DFA) -> dict[str, float]:
     """WA per dense fastdfa layer where it is defined (see the module docstring); under ``error_rank`` with
     each site's feedback in the error's coordinates, ``G = F P`` (``error_space_feedback``)."""
@@ -175,17 +177,13 @@ def gradient_alignment(dfa: DFA, x, target, loss_fn: Callable = F.cross_entropy)
     if mode == "bp":
         raise ValueError("dfa.mode is 'bp': its gradient alignment with BP is 1 by definition; set the mode "
                          "whose alignment you want ('dfa' or 'fa')")
-    training = [(m, m.training) for m in dfa.modules()]
     try:
-        dfa.eval()
-        with dfa.using_backend("torch"):  # the torch route for this measurement
+        with evaluating(dfa), dfa.using_backend("torch"):  # the torch route for this measurement
             # GrAPE's update rule is DFA's (its feedback step happens apart from the deltas).
             rule = _deltas(dfa, rule_mode(mode), x, target, loss_fn)
             exact = _deltas(dfa, "bp", x, target, loss_fn)
     finally:
         dfa.mode = mode
-        for m, t in training:
-            m.training = t
     out = {}
     for m in dfa.model.modules():
         if not isinstance(m, FASTDFA_LAYERS) or id(m) not in rule or id(m) not in exact:

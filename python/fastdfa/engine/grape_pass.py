@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from ..activations import activate
 from ..feedback import seeded_generator
 from ..layers import Linear
+from .guard import evaluating
 
 try:  # torch >= 2.3: choose the math SDPA backend (flash / memory-efficient attention have no forward AD)
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -261,14 +262,9 @@ def dual_forward(model, recorder, inj: DualPass):
     """The context of a dual pass: ``model`` in eval mode (restored after), no autograd graph, one
     forward-AD level, the math SDPA backend and no MHA fast path (the others have no forward AD), and
     every site module's input through ``inj``. A forward of ``model`` inside it is the dual pass."""
-    training = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad(), fwAD.dual_level(), _math_attention(), no_mha_fast_path(), recorder.intercepting(inj):
-            yield inj
-    finally:
-        for m, t in training:
-            m.training = t
+    with evaluating(model), torch.no_grad(), fwAD.dual_level(), _math_attention(), no_mha_fast_path(), \
+            recorder.intercepting(inj):
+        yield inj
 
 
 def estimate_from_tangents(inj: DualPass, sites, t_all: torch.Tensor, n: int) -> GrapeEstimate:

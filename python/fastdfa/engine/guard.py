@@ -14,10 +14,34 @@ lookup per step.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 MAX_SIGNATURES = 64  # e.g. one per padded sequence length; past that the oldest is forgotten
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """``module`` and every submodule in eval mode inside the block, each one's own training flag put back
+    after it (a model may hold a frozen part in eval mode on purpose: ``module.train()`` would not restore
+    that)."""
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        yield module
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def split_call(example_input) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of an example input as the wrapper's ``build`` and the initialisations take it: a
+    tuple of positional arguments, a dict of keyword arguments, or one positional argument."""
+    if isinstance(example_input, dict):
+        return (), dict(example_input)
+    return (example_input if isinstance(example_input, tuple) else (example_input,)), {}
 
 
 def signature(args: tuple, kwargs: dict) -> tuple:

@@ -315,11 +315,12 @@ def jacobian_batch(n: int, size: int = JACOBIAN_SAMPLES) -> list[int]:
     return [i for i in order if i not in held][:size]
 
 
-def measure_alignment(dfa: DFA, x: tuple, y: torch.Tensor) -> dict:
+def measure_alignment(dfa: DFA, x: tuple, y: torch.Tensor, gradient: dict | None = None) -> dict:
     """WA (the encoder form's, ``fastdfa.matching.encoder_weight_alignment``, when the model is an encoder)
-    and GA (``fastdfa.metrics.gradient_alignment``) per layer; leaves the model as it was."""
+    and GA (``fastdfa.metrics.gradient_alignment``) per layer; leaves the model as it was. ``gradient``: GA
+    on ``x``, ``y`` already measured on the model as it is now (not measured again)."""
     weight = encoder_weight_alignment(dfa) if encoder_layout(dfa) is not None else weight_alignment(dfa)
-    return {"weight": weight, "gradient": gradient_alignment(dfa, x, y)}
+    return {"weight": weight, "gradient": gradient_alignment(dfa, x, y) if gradient is None else gradient}
 
 
 def _mean(values) -> float:
@@ -368,7 +369,7 @@ def finetune_run(config: HFConfig, data: TokenizedTask, progress: bool = False, 
     x_align = pad_batch([data.train_ids[i] for i in fixed], pad, device)
     y_align = task.y_train[fixed].to(device)
     dfa.build(x_align)
-    prepared = x_jac = None
+    prepared = x_jac = ga_after = None  # ga_after: GA right after the preparation (fwm, jacobian)
     if config.method == "fwm":
         ga_before = gradient_alignment(dfa, x_align, y_align)  # the random feedback, the pretrained weights
         prepared = feedback_weight_matching(dfa, method=config.fwm_method, attention_feedback=config.attention_feedback,
@@ -398,11 +399,11 @@ def finetune_run(config: HFConfig, data: TokenizedTask, progress: bool = False, 
                          dataset=task.name, test_accuracy=0.0, prepared=prepared)
     log_alignment = config.log_alignment and config.method != "bp"
     if log_alignment:
-        result.initial_alignment = measure_alignment(dfa, x_align, y_align)
+        result.initial_alignment = measure_alignment(dfa, x_align, y_align, gradient=ga_after)
         if config.align_every:
             result.alignment_steps.append({"step": 0, **result.initial_alignment})
     gen = torch.Generator().manual_seed(config.seed)
-    global_step = 0
+    global_step, remeasure_s = 0, 0.0
     lengths = [len(s) for s in data.train_ids]
     for epoch in range(1, config.epochs + 1):
         dfa.train()
@@ -430,9 +431,9 @@ def finetune_run(config: HFConfig, data: TokenizedTask, progress: bool = False, 
                 # outside the timed step, inside the epoch's seconds: the cost is in the wall time
                 t1 = time.perf_counter()
                 jacobian_feedback(dfa, x_jac)  # in eval mode; every module's training flag put back
+                remeasure_s += time.perf_counter() - t1
                 prepared[-1]["remeasured"] += 1
-                prepared[-1]["remeasure_seconds"] = round(prepared[-1]["remeasure_seconds"] +
-                                                          time.perf_counter() - t1, 1)
+                prepared[-1]["remeasure_seconds"] = round(remeasure_s, 1)
             if log_alignment and config.align_every and global_step % config.align_every == 0:
                 result.alignment_steps.append({"step": global_step, **measure_alignment(dfa, x_align, y_align)})
             if progress and len(losses) % 10 == 0:
